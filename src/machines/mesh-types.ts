@@ -1,0 +1,70 @@
+// The vocabulary every layer shares: who a node is, what it gossips, and the plan an election yields.
+// Pure types (and tiny pure helpers): no I/O, no clock. src/io and src/actors import these, never the reverse.
+
+/** An iroh endpoint id (hex of the node's public key). Branded so that plain strings do not slip in. */
+export type EndpointId = string & { readonly __endpointId: true };
+export const asEndpointId = (s: string): EndpointId => s as EndpointId;
+
+/** What a node is willing to be. `auto` may host or work; `worker` never hosts; `client` holds no model. */
+export type RolePreference = 'auto' | 'host' | 'worker' | 'client';
+
+/** Identity of a GGUF model: two nodes serve together only when the fingerprints match. */
+export interface ModelIdentity {
+  readonly name: string;
+  readonly bytes: number;
+  /** Hash of the GGUF header and the file size (src/io/gguf). */
+  readonly fingerprint: string;
+}
+
+/** The mesh protocol version carried in hello and gossip; a mismatch is refused. */
+export const PROTOCOL_VERSION = 1;
+
+/**
+ * One node's announcement of itself: the only facts an election may use.
+ * `epoch` is fixed for one run of the node (chosen by the composition root), `seq` rises with every change;
+ * a merge keeps the announcement with the greatest (epoch, seq).
+ */
+export interface Announcement {
+  readonly id: EndpointId;
+  readonly epoch: number;
+  readonly seq: number;
+  readonly name: string;
+  readonly role: RolePreference;
+  readonly vramBytes: number;
+  readonly model: ModelIdentity | null;
+  readonly version: number;
+  /** Whether this node currently serves (its rpc-server is up, and llama-server if it hosts). */
+  readonly serving: boolean;
+  /** Peers this node holds a direct (not relayed) connection to, sorted. Only mutual edges count. */
+  readonly connectedTo: readonly EndpointId[];
+}
+
+/** What a node knows: its own id and the latest announcement of every node it has heard of. */
+export interface View {
+  readonly self: EndpointId;
+  readonly announcements: Readonly<Record<string, Announcement>>;
+}
+
+/** One stage of a plan: a node whose rpc-server takes a share of the layers. */
+export interface PlanStage {
+  readonly id: EndpointId;
+  /** Share of the layers, 0..1; the shares of a plan sum to 1. */
+  readonly share: number;
+}
+
+export type Plan =
+  | {
+      readonly kind: 'ready';
+      /** Hash of host, stages, split and model: equal ids mean nothing to restart. */
+      readonly id: string;
+      readonly host: EndpointId;
+      /** In `--rpc` order: remote workers first, the host's own rpc-server last. */
+      readonly stages: readonly PlanStage[];
+      readonly model: ModelIdentity;
+    }
+  | {
+      readonly kind: 'waiting';
+      readonly id: string;
+      /** Why nothing can start, for people: "need 12.1 GB of VRAM, the mesh has 8.0 GB". */
+      readonly reason: string;
+    };
