@@ -35,6 +35,8 @@ export interface Announcement {
   readonly version: number;
   /** Whether this node currently serves (its rpc-server is up, and llama-server if it hosts). */
   readonly serving: boolean;
+  /** Where this node can be dialed ("ip:port" strings); used to connect, never by the election. */
+  readonly addrs: readonly string[];
   /** Peers this node holds a direct (not relayed) connection to, sorted. Only mutual edges count. */
   readonly connectedTo: readonly EndpointId[];
 }

@@ -1,0 +1,67 @@
+// The control-stream messages between two peers, as the machines see them (already decoded and validated).
+// src/io/messages.ts validates raw msgpack values into these; src/io/frame-codec.ts frames them.
+import type { Announcement, EndpointId, ModelIdentity, RolePreference } from './mesh-types.ts';
+
+/** First message each side sends on the control stream. */
+export interface HelloMessage {
+  readonly type: 'hello';
+  readonly version: number;
+  readonly id: EndpointId;
+  readonly role: RolePreference;
+  readonly vramBytes: number;
+  readonly model: ModelIdentity | null;
+  /** HMAC of the mesh secret over (protocol, sender id, receiver id): proves the secret without sending it. */
+  readonly proof: Uint8Array;
+}
+
+/** The announcements the sender knows (its own first). */
+export interface GossipMessage {
+  readonly type: 'gossip';
+  readonly announcements: readonly Announcement[];
+}
+
+export interface HeartbeatMessage {
+  readonly type: 'heartbeat';
+  readonly n: number;
+}
+
+export interface HeartbeatAckMessage {
+  readonly type: 'heartbeat-ack';
+  readonly n: number;
+}
+
+/** Sent before a graceful close, so peers drop the sender at once instead of waiting for heartbeats. */
+export interface LeavingMessage {
+  readonly type: 'leaving';
+  readonly reason: string;
+}
+
+/** Hand-off: a worker tells the host of `planId` that its rpc-server is free for it. */
+export interface RpcReadyMessage {
+  readonly type: 'rpc-ready';
+  readonly planId: string;
+}
+
+export type MeshMessage =
+  | HelloMessage
+  | GossipMessage
+  | HeartbeatMessage
+  | HeartbeatAckMessage
+  | LeavingMessage
+  | RpcReadyMessage;
+
+export type MeshMessageType = MeshMessage['type'];
+
+/**
+ * The contract between the node machine and the network actor (src/actors/mesh-network.actor.ts).
+ * The network reports admitted peers (hello verified) and messages; the node commands dials and sends.
+ */
+export type NetworkEvent =
+  | { readonly type: 'net.peer.connected'; readonly id: EndpointId; readonly direct: boolean }
+  | { readonly type: 'net.peer.disconnected'; readonly id: EndpointId; readonly reason: string }
+  | { readonly type: 'net.message'; readonly from: EndpointId; readonly message: MeshMessage };
+
+export type NetworkCommand =
+  | { readonly type: 'net.dial'; readonly id: EndpointId; readonly addrs: readonly string[] }
+  | { readonly type: 'net.send'; readonly to: EndpointId; readonly message: MeshMessage }
+  | { readonly type: 'net.close'; readonly id: EndpointId; readonly reason: string };
