@@ -1,0 +1,78 @@
+// Admission: the hello proves that its sender holds the mesh secret without sending it, and carries the
+// protocol version. QUIC/TLS already authenticates both endpoint ids, so binding both ids into the proof
+// makes a hello useless to replay towards anyone else.
+import { createHmac, timingSafeEqual } from 'node:crypto';
+import { PROTOCOL_VERSION, type EndpointId, type ModelIdentity, type RolePreference } from '../machines/mesh-types.ts';
+import type { HelloMessage } from '../machines/protocol.ts';
+
+/** Domain separation: a proof for this protocol can never be mistaken for another HMAC of the same secret. */
+export const HELLO_PROOF_CONTEXT = 'mesh-inference/1 hello';
+export const HELLO_PROOF_BYTES = 32;
+
+/** HMAC-SHA256(secret, context 0x00 sender 0x00 receiver): ids are hex, the zero bytes keep fields apart. */
+export function helloProof(secret: Uint8Array, sender: EndpointId, receiver: EndpointId): Uint8Array {
+  const mac = createHmac('sha256', secret);
+  mac.update(HELLO_PROOF_CONTEXT, 'utf8');
+  mac.update(ZERO);
+  mac.update(sender, 'utf8');
+  mac.update(ZERO);
+  mac.update(receiver, 'utf8');
+  return new Uint8Array(mac.digest());
+}
+const ZERO = new Uint8Array([0]);
+
+/** Constant time in the proof's content (the length is public: it is fixed by the protocol). */
+export function verifyHelloProof(secret: Uint8Array, sender: EndpointId, receiver: EndpointId, proof: Uint8Array): boolean {
+  if (!(proof instanceof Uint8Array) || proof.length !== HELLO_PROOF_BYTES) return false;
+  return timingSafeEqual(helloProof(secret, sender, receiver), proof);
+}
+
+/** The local facts a hello carries besides the proof (the network layer fills in ids and proof). */
+export interface HelloFacts {
+  readonly role: RolePreference;
+  readonly vramBytes: number;
+  readonly model: ModelIdentity | null;
+}
+
+export function makeHello(facts: HelloFacts, secret: Uint8Array, self: EndpointId, remote: EndpointId, version = PROTOCOL_VERSION): HelloMessage {
+  return {
+    type: 'hello',
+    version,
+    id: self,
+    role: facts.role,
+    vramBytes: facts.vramBytes,
+    model: facts.model,
+    proof: helloProof(secret, self, remote),
+  };
+}
+
+export type HelloRefusalCode = 'HELLO_VERSION' | 'HELLO_ID' | 'HELLO_PROOF';
+
+export type HelloCheck = { readonly ok: true } | { readonly ok: false; readonly code: HelloRefusalCode; readonly reason: string };
+
+/**
+ * Decides whether to admit a peer from its hello. `remote` is the id the QUIC handshake authenticated,
+ * `self` ours. The reason is written for the people reading either side's log (it travels in `leaving`).
+ */
+export function checkHello(hello: HelloMessage, secret: Uint8Array, self: EndpointId, remote: EndpointId): HelloCheck {
+  if (hello.version !== PROTOCOL_VERSION) {
+    return {
+      ok: false,
+      code: 'HELLO_VERSION',
+      reason: `incompatible protocol version: peer ${short(remote)} speaks ${hello.version}, node ${short(self)} speaks ${PROTOCOL_VERSION}`,
+    };
+  }
+  if (hello.id !== remote) {
+    return { ok: false, code: 'HELLO_ID', reason: `hello claims id ${short(hello.id)} but the connection is from ${short(remote)}` };
+  }
+  if (!verifyHelloProof(secret, remote, self, hello.proof)) {
+    return {
+      ok: false,
+      code: 'HELLO_PROOF',
+      reason: `wrong mesh secret: the hello of ${short(remote)} does not prove the secret that ${short(self)} holds (invite token of another mesh?)`,
+    };
+  }
+  return { ok: true };
+}
+
+const short = (id: string): string => (typeof id === 'string' ? id.slice(0, 10) : String(id));
