@@ -1,0 +1,439 @@
+// Writes GGUF files: a header encoder, and a generator of random-weight llama models with a real
+// tokenizer, deterministic by seed and streamed to disk, for tests, benchmarks and the demo.
+import { open, rename, rm } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
+import {
+  GGML_TYPES,
+  GGUF_DEFAULT_ALIGNMENT,
+  GgmlType,
+  GgufError,
+  GgufValueType,
+  alignUp,
+  ggmlTensorBytes,
+  readGgufHeader,
+  type GgufHeader,
+  type GgufScalar,
+  type GgufValue,
+} from './gguf-reader.ts';
+
+/** One row of the tensor table: `offset` is relative to the start of the data section. */
+export interface GgufTensorEntry {
+  readonly name: string;
+  readonly type: number;
+  readonly dims: readonly number[];
+  readonly offset: number;
+}
+
+/** Serialises a byte sequence without knowing its length in advance. */
+class Encoder {
+  private readonly parts: Buffer[] = [];
+  length = 0;
+  private push(b: Buffer): void {
+    this.parts.push(b);
+    this.length += b.length;
+  }
+  u32(v: number): void {
+    const b = Buffer.alloc(4);
+    b.writeUInt32LE(v);
+    this.push(b);
+  }
+  u64(v: number | bigint): void {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64LE(BigInt(v));
+    this.push(b);
+  }
+  string(s: string): void {
+    const bytes = Buffer.from(s, 'utf8');
+    this.u64(bytes.length);
+    this.push(bytes);
+  }
+  scalar(type: GgufValueType, v: GgufScalar, key: string): void {
+    const bad = (): never => {
+      throw new GgufError('bad-value', `metadata ${key}: value ${String(v)} does not fit type ${GgufValueType[type]}`);
+    };
+    const num = (): number => (typeof v === 'number' ? v : typeof v === 'bigint' ? Number(v) : bad());
+    let b: Buffer;
+    switch (type) {
+      case GgufValueType.UINT8: b = Buffer.alloc(1); b.writeUInt8(num()); break;
+      case GgufValueType.INT8: b = Buffer.alloc(1); b.writeInt8(num()); break;
+      case GgufValueType.UINT16: b = Buffer.alloc(2); b.writeUInt16LE(num()); break;
+      case GgufValueType.INT16: b = Buffer.alloc(2); b.writeInt16LE(num()); break;
+      case GgufValueType.UINT32: b = Buffer.alloc(4); b.writeUInt32LE(num()); break;
+      case GgufValueType.INT32: b = Buffer.alloc(4); b.writeInt32LE(num()); break;
+      case GgufValueType.FLOAT32: b = Buffer.alloc(4); b.writeFloatLE(num()); break;
+      case GgufValueType.FLOAT64: b = Buffer.alloc(8); b.writeDoubleLE(num()); break;
+      case GgufValueType.UINT64: b = Buffer.alloc(8); b.writeBigUInt64LE(BigInt(typeof v === 'boolean' || typeof v === 'string' ? bad() : v)); break;
+      case GgufValueType.INT64: b = Buffer.alloc(8); b.writeBigInt64LE(BigInt(typeof v === 'boolean' || typeof v === 'string' ? bad() : v)); break;
+      case GgufValueType.BOOL: b = Buffer.from([typeof v === 'boolean' ? (v ? 1 : 0) : bad()]); break;
+      case GgufValueType.STRING: this.string(typeof v === 'string' ? v : bad()); return;
+      default: throw new GgufError('bad-value', `metadata ${key}: cannot write value type ${type as number}`);
+    }
+    this.push(b);
+  }
+  value(v: GgufValue, key: string): void {
+    if (v.type === GgufValueType.ARRAY) {
+      this.u32(v.itemType);
+      this.u64(v.value.length);
+      for (const item of v.value) {
+        if (v.itemType === GgufValueType.ARRAY) {
+          this.u32(GgufValueType.ARRAY);
+          this.value(item as GgufValue, key);
+        } else {
+          this.scalar(v.itemType, item as GgufScalar, key);
+        }
+      }
+      return;
+    }
+    this.scalar(v.type, v.value, key);
+  }
+  concat(): Buffer {
+    return Buffer.concat(this.parts, this.length);
+  }
+}
+
+/**
+ * Encodes magic, version 3, metadata and tensor table. The caller pads to the alignment
+ * (`general.alignment`, default 32) before the tensor data.
+ */
+export function encodeGgufHeader(
+  metadata: Iterable<readonly [string, GgufValue]>,
+  tensors: readonly GgufTensorEntry[],
+): Buffer {
+  const kv = [...metadata];
+  const e = new Encoder();
+  e.u32(0x46554747);
+  e.u32(3);
+  e.u64(tensors.length);
+  e.u64(kv.length);
+  for (const [key, value] of kv) {
+    e.string(key);
+    e.u32(value.type);
+    e.value(value, key);
+  }
+  for (const t of tensors) {
+    e.string(t.name);
+    e.u32(t.dims.length);
+    for (const d of t.dims) e.u64(d);
+    e.u32(t.type);
+    e.u64(t.offset);
+  }
+  return e.concat();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random-weight llama models
+
+export type WeightType = 'f32' | 'f16' | 'q8_0';
+const WEIGHT_TYPES: Record<WeightType, { ggml: number; fileType: number }> = {
+  f32: { ggml: GgmlType.F32, fileType: 0 }, // LLAMA_FTYPE_ALL_F32
+  f16: { ggml: GgmlType.F16, fileType: 1 }, // LLAMA_FTYPE_MOSTLY_F16
+  q8_0: { ggml: GgmlType.Q8_0, fileType: 7 }, // LLAMA_FTYPE_MOSTLY_Q8_0
+};
+
+/** The vocab-only GGUF of the pinned llama.cpp source: a real 32000-token SentencePiece tokenizer. */
+export const DEFAULT_VOCAB_PATH = fileURLToPath(
+  new URL('../../native/build/llama.cpp/models/ggml-vocab-llama-spm.gguf', import.meta.url),
+);
+
+export interface LlamaModelSpec {
+  /** Transformer blocks. */
+  readonly layers: number;
+  /** Width of the residual stream (n_embd). */
+  readonly embd: number;
+  /** Hidden width of the feed-forward block. */
+  readonly ff: number;
+  /** Attention heads; default: embd / 64 when embd >= 128, else embd / 16. */
+  readonly heads?: number;
+  /** Key/value heads (GQA); default: heads. */
+  readonly kvHeads?: number;
+  /** Trained context length announced in the metadata; default 2048. */
+  readonly contextLength?: number;
+  /** Type of the weight matrices (token embedding, attention, ffn, output); norms are always F32. */
+  readonly type: WeightType;
+  readonly seed: number;
+  /** Standard deviation of the normal weights; default 0.05. */
+  readonly std?: number;
+  /** `general.name`; default derived from the shape and seed. */
+  readonly name?: string;
+  /** A GGUF whose `tokenizer.*` metadata is copied; default DEFAULT_VOCAB_PATH. */
+  readonly vocabPath?: string;
+}
+
+/** What the generator will write, computed before writing a byte. */
+export interface LlamaModelPlan {
+  readonly metadata: ReadonlyMap<string, GgufValue>;
+  readonly tensors: readonly GgufTensorEntry[];
+  readonly header: Buffer;
+  readonly dataOffset: number;
+  /** Size of the file that will be written. */
+  readonly fileBytes: number;
+  readonly vocabSize: number;
+  /** Token ids whose output.weight rows are zeroed (byte, control, unknown and unused tokens). */
+  readonly silencedTokens: ReadonlySet<number>;
+}
+
+// llama.cpp token types (gguf-py TokenType).
+const TOKEN_TYPE_NORMAL = 1;
+const TOKEN_TYPE_USER_DEFINED = 4;
+
+function positiveInt(v: number | undefined, what: string): number {
+  if (v === undefined || !Number.isInteger(v) || v <= 0) {
+    throw new GgufError('bad-value', `${what} must be a positive integer, got ${String(v)}`);
+  }
+  return v;
+}
+
+/** Validates the spec and lays out metadata, tensors and offsets. Reads only the vocab's header. */
+export async function planLlamaModel(spec: LlamaModelSpec): Promise<LlamaModelPlan> {
+  const layers = positiveInt(spec.layers, 'layers');
+  const embd = positiveInt(spec.embd, 'embd');
+  const ff = positiveInt(spec.ff, 'ff');
+  const heads = positiveInt(spec.heads ?? (embd >= 128 ? embd / 64 : embd / 16), 'heads');
+  const kvHeads = positiveInt(spec.kvHeads ?? heads, 'kvHeads');
+  const contextLength = positiveInt(spec.contextLength ?? 2048, 'contextLength');
+  const wt = WEIGHT_TYPES[spec.type];
+  if (!wt) throw new GgufError('bad-value', `type must be one of ${Object.keys(WEIGHT_TYPES).join(', ')}, got ${String(spec.type)}`);
+  if (!Number.isInteger(spec.seed) || spec.seed < 0 || spec.seed > 0xffffffff) {
+    throw new GgufError('bad-value', `seed must be an integer in 0..2^32-1, got ${String(spec.seed)}`);
+  }
+  const std = spec.std ?? 0.05;
+  if (!(std > 0 && std < 10)) throw new GgufError('bad-value', `std must be in (0, 10), got ${std}`);
+  if (embd % heads !== 0) throw new GgufError('bad-value', `embd ${embd} is not a multiple of heads ${heads}`);
+  if (heads % kvHeads !== 0) throw new GgufError('bad-value', `heads ${heads} is not a multiple of kvHeads ${kvHeads}`);
+  const headDim = embd / heads;
+  if (headDim % 2 !== 0) throw new GgufError('bad-value', `head dimension ${headDim} must be even (RoPE rotates pairs)`);
+  const block = GGML_TYPES[wt.ggml]!.blockSize;
+  if (embd % block !== 0 || ff % block !== 0) {
+    throw new GgufError('bad-value', `${spec.type} needs embd and ff to be multiples of ${block}, got ${embd} and ${ff}`);
+  }
+
+  const vocab = await readGgufHeader(spec.vocabPath ?? DEFAULT_VOCAB_PATH);
+  const tokens = vocab.metadata.get('tokenizer.ggml.tokens');
+  if (!tokens || tokens.type !== GgufValueType.ARRAY || tokens.itemType !== GgufValueType.STRING) {
+    throw new GgufError('bad-value', `vocab file has no tokenizer.ggml.tokens string array`, spec.vocabPath ?? DEFAULT_VOCAB_PATH);
+  }
+  const vocabSize = tokens.value.length;
+  const silencedTokens = new Set<number>();
+  const tokenTypes = vocab.metadata.get('tokenizer.ggml.token_type');
+  if (tokenTypes?.type === GgufValueType.ARRAY) {
+    tokenTypes.value.forEach((t, id) => {
+      if (t !== TOKEN_TYPE_NORMAL && t !== TOKEN_TYPE_USER_DEFINED) silencedTokens.add(id);
+    });
+  }
+
+  const u32 = (value: number): GgufValue => ({ type: GgufValueType.UINT32, value });
+  const f32 = (value: number): GgufValue => ({ type: GgufValueType.FLOAT32, value });
+  const str = (value: string): GgufValue => ({ type: GgufValueType.STRING, value });
+  const name = spec.name ?? `random-llama-${layers}x${embd}-ff${ff}-${spec.type}-seed${spec.seed}`;
+  const metadata = new Map<string, GgufValue>([
+    ['general.architecture', str('llama')],
+    ['general.name', str(name)],
+    ['general.file_type', u32(wt.fileType)],
+    ['llama.context_length', u32(contextLength)],
+    ['llama.embedding_length', u32(embd)],
+    ['llama.block_count', u32(layers)],
+    ['llama.feed_forward_length', u32(ff)],
+    ['llama.attention.head_count', u32(heads)],
+    ['llama.attention.head_count_kv', u32(kvHeads)],
+    ['llama.attention.layer_norm_rms_epsilon', f32(1e-5)],
+    ['llama.rope.dimension_count', u32(headDim)],
+    ['llama.rope.freq_base', f32(10000)],
+    ['llama.vocab_size', u32(vocabSize)],
+  ]);
+  for (const [k, v] of vocab.metadata) if (k.startsWith('tokenizer.')) metadata.set(k, v);
+
+  const kvDim = headDim * kvHeads;
+  const shapes: { name: string; type: number; dims: number[] }[] = [
+    { name: 'token_embd.weight', type: wt.ggml, dims: [embd, vocabSize] },
+  ];
+  for (let i = 0; i < layers; i++) {
+    shapes.push(
+      { name: `blk.${i}.attn_norm.weight`, type: GgmlType.F32, dims: [embd] },
+      { name: `blk.${i}.attn_q.weight`, type: wt.ggml, dims: [embd, embd] },
+      { name: `blk.${i}.attn_k.weight`, type: wt.ggml, dims: [embd, kvDim] },
+      { name: `blk.${i}.attn_v.weight`, type: wt.ggml, dims: [embd, kvDim] },
+      { name: `blk.${i}.attn_output.weight`, type: wt.ggml, dims: [embd, embd] },
+      { name: `blk.${i}.ffn_norm.weight`, type: GgmlType.F32, dims: [embd] },
+      { name: `blk.${i}.ffn_gate.weight`, type: wt.ggml, dims: [embd, ff] },
+      { name: `blk.${i}.ffn_up.weight`, type: wt.ggml, dims: [embd, ff] },
+      { name: `blk.${i}.ffn_down.weight`, type: wt.ggml, dims: [ff, embd] },
+    );
+  }
+  shapes.push(
+    { name: 'output_norm.weight', type: GgmlType.F32, dims: [embd] },
+    { name: 'output.weight', type: wt.ggml, dims: [embd, vocabSize] },
+  );
+
+  let offset = 0;
+  const tensors: GgufTensorEntry[] = shapes.map((s) => {
+    const entry = { ...s, offset };
+    offset = alignUp(offset + ggmlTensorBytes(s.type, s.dims), GGUF_DEFAULT_ALIGNMENT);
+    return entry;
+  });
+  const header = encodeGgufHeader(metadata, tensors);
+  const dataOffset = alignUp(header.length, GGUF_DEFAULT_ALIGNMENT);
+  const last = tensors[tensors.length - 1]!;
+  const fileBytes = dataOffset + last.offset + ggmlTensorBytes(last.type, last.dims);
+  return { metadata, tensors, header, dataOffset, fileBytes, vocabSize, silencedTokens };
+}
+
+export interface GenerateProgress {
+  readonly bytesWritten: number;
+  readonly totalBytes: number;
+  readonly tensor: string;
+}
+
+/**
+ * Writes a random-weight llama GGUF to `out` and returns its header as the reader sees it.
+ * Memory stays at about one chunk (~1 MiB of weights) whatever the model's size; the file appears
+ * under its name only once complete.
+ */
+export async function generateLlamaGguf(
+  out: string,
+  spec: LlamaModelSpec,
+  onProgress?: (p: GenerateProgress) => void,
+): Promise<GgufHeader> {
+  const plan = await planLlamaModel(spec);
+  const std = spec.std ?? 0.05;
+  const tmp = `${out}.partial-${process.pid}`;
+  const fh = await open(tmp, 'w');
+  try {
+    let pos = 0;
+    const write = async (b: Buffer): Promise<void> => {
+      await fh.write(b, 0, b.length, pos);
+      pos += b.length;
+    };
+    await write(plan.header);
+    await write(Buffer.alloc(plan.dataOffset - plan.header.length));
+    for (const t of plan.tensors) {
+      await write(Buffer.alloc(plan.dataOffset + t.offset - pos)); // alignment padding
+      const rng = normalSource(tensorSeed(spec.seed, t.name), std);
+      const ne0 = t.dims[0]!;
+      const rows = t.dims.slice(1).reduce((a, b) => a * b, 1);
+      const isNorm = t.dims.length === 1;
+      const rowsPerChunk = Math.max(1, Math.floor((256 * 1024) / ne0));
+      const values = new Float32Array(ne0 * rowsPerChunk);
+      for (let r0 = 0; r0 < rows; r0 += rowsPerChunk) {
+        const n = Math.min(rowsPerChunk, rows - r0);
+        const chunk = values.subarray(0, n * ne0);
+        if (isNorm) chunk.fill(1);
+        else for (let i = 0; i < chunk.length; i++) chunk[i] = rng();
+        if (t.name === 'output.weight') {
+          // Random logits for byte/control tokens make llama-server emit invalid UTF-8 (HTTP 500).
+          for (let r = 0; r < n; r++) if (plan.silencedTokens.has(r0 + r)) chunk.fill(0, r * ne0, (r + 1) * ne0);
+        }
+        await write(encodeValues(t.type, chunk, ne0));
+        onProgress?.({ bytesWritten: pos, totalBytes: plan.fileBytes, tensor: t.name });
+      }
+    }
+    if (pos !== plan.fileBytes) throw new Error(`internal: wrote ${pos} bytes, planned ${plan.fileBytes}`);
+    await fh.close();
+    await rename(tmp, out);
+  } catch (e) {
+    await fh.close().catch(() => {});
+    await rm(tmp, { force: true });
+    throw e;
+  }
+  return readGgufHeader(out);
+}
+
+/** A 32-bit seed per tensor (FNV-1a of seed and name), so each tensor's values do not depend on the others. */
+function tensorSeed(seed: number, name: string): number {
+  let h = 0x811c9dc5;
+  const s = `${seed}:${name}`;
+  for (let i = 0; i < s.length; i++) {
+    h ^= s.charCodeAt(i);
+    h = Math.imul(h, 0x01000193);
+  }
+  return h >>> 0;
+}
+
+/** Normal(0, std) samples from sfc32 through Box-Muller: fast, seedable, and the same on every run. */
+export function normalSource(seed: number, std: number): () => number {
+  let a = 0x9e3779b9, b = 0x243f6a88, c = 0xb7e15162, d = seed >>> 0;
+  const next = (): number => {
+    const t = (((a + b) | 0) + d) | 0;
+    d = (d + 1) | 0;
+    a = b ^ (b >>> 9);
+    b = (c + (c << 3)) | 0;
+    c = (c << 21) | (c >>> 11);
+    c = (c + t) | 0;
+    return (t >>> 0) / 4294967296;
+  };
+  for (let i = 0; i < 12; i++) next(); // sfc32 needs a few rounds to mix a small seed
+  let spare: number | null = null;
+  return () => {
+    if (spare !== null) {
+      const s = spare;
+      spare = null;
+      return s;
+    }
+    const u1 = 1 - next(); // (0, 1]: log stays finite
+    const u2 = next();
+    const r = Math.sqrt(-2 * Math.log(u1)) * std;
+    spare = r * Math.sin(2 * Math.PI * u2);
+    return r * Math.cos(2 * Math.PI * u2);
+  };
+}
+
+const f32Scratch = new Float32Array(1);
+const u32Scratch = new Uint32Array(f32Scratch.buffer);
+
+/** IEEE binary16 bits of a float, rounded to nearest even (as ggml's FP32_TO_FP16 does on CPU). */
+export function f32ToF16Bits(x: number): number {
+  f32Scratch[0] = x;
+  const bits = u32Scratch[0]!;
+  const sign = (bits >>> 16) & 0x8000;
+  const exp = (bits >>> 23) & 0xff;
+  let mant = bits & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
+  const e = exp - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    mant |= 0x800000;
+    const shift = 14 - e;
+    let half = mant >>> shift;
+    const rem = mant & ((1 << shift) - 1);
+    const halfway = 1 << (shift - 1);
+    if (rem > halfway || (rem === halfway && half & 1)) half++;
+    return sign | half;
+  }
+  let half = (e << 10) | (mant >>> 13);
+  const rem = mant & 0x1fff;
+  if (rem > 0x1000 || (rem === 0x1000 && half & 1)) half++; // may carry into the exponent: still correct
+  return sign | half;
+}
+
+/** Encodes whole rows of `ne0` values as the given ggml type. */
+function encodeValues(type: number, v: Float32Array, ne0: number): Buffer {
+  switch (type) {
+    case GgmlType.F32:
+      return Buffer.from(v.buffer, v.byteOffset, v.byteLength); // little-endian hosts only
+    case GgmlType.F16: {
+      const b = Buffer.allocUnsafe(v.length * 2);
+      for (let i = 0; i < v.length; i++) b.writeUInt16LE(f32ToF16Bits(v[i]!), i * 2);
+      return b;
+    }
+    case GgmlType.Q8_0: {
+      // block_q8_0: f16 scale d, then 32 int8; x ~= d * q (ggml quantize_row_q8_0_ref).
+      if (ne0 % 32 !== 0) throw new Error(`internal: Q8_0 row of ${ne0}`);
+      const blocks = v.length / 32;
+      const b = Buffer.allocUnsafe(blocks * 34);
+      for (let k = 0; k < blocks; k++) {
+        let amax = 0;
+        for (let j = 0; j < 32; j++) amax = Math.max(amax, Math.abs(v[k * 32 + j]!));
+        const d = amax / 127;
+        const id = d ? 1 / d : 0;
+        b.writeUInt16LE(f32ToF16Bits(d), k * 34);
+        for (let j = 0; j < 32; j++) {
+          const x = v[k * 32 + j]! * id;
+          b.writeInt8(Math.sign(x) * Math.round(Math.abs(x)), k * 34 + 2 + j); // roundf: halves away from zero
+        }
+      }
+      return b;
+    }
+    default:
+      throw new Error(`internal: no encoder for ggml type ${type}`);
+  }
+}
