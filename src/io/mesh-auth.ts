@@ -52,14 +52,21 @@ export type HelloCheck = { readonly ok: true } | { readonly ok: false; readonly 
 
 /**
  * Decides whether to admit a peer from its hello. `remote` is the id the QUIC handshake authenticated,
- * `self` ours. The reason is written for the people reading either side's log (it travels in `leaving`).
+ * `self` ours, `version` the protocol version we speak. The reason is written for the people reading either side's log (it travels in `leaving`).
  */
-export function checkHello(hello: HelloMessage, secret: Uint8Array, self: EndpointId, remote: EndpointId): HelloCheck {
-  if (hello.version !== PROTOCOL_VERSION) {
+export function checkHello(
+  hello: HelloMessage,
+  secret: Uint8Array,
+  self: EndpointId,
+  remote: EndpointId,
+  version: number = PROTOCOL_VERSION,
+): HelloCheck {
+  // One version at a time for now; a range goes here once there is a second version to stay compatible with.
+  if (hello.version !== version) {
     return {
       ok: false,
       code: 'HELLO_VERSION',
-      reason: `incompatible protocol version: peer ${short(remote)} speaks ${hello.version}, node ${short(self)} speaks ${PROTOCOL_VERSION}`,
+      reason: `incompatible protocol version: peer ${short(remote)} speaks ${hello.version}, node ${short(self)} speaks ${version}`,
     };
   }
   if (hello.id !== remote) {
