@@ -1,0 +1,231 @@
+// Validates decoded msgpack values into the MeshMessage union, field by field, at the wire boundary:
+// whatever a peer sends, the machines only ever see well-typed messages; anything else is a typed error.
+import { asEndpointId, type Announcement, type EndpointId, type ModelIdentity, type RolePreference } from '../machines/mesh-types.ts';
+import type { MeshMessage, MeshMessageType } from '../machines/protocol.ts';
+
+/** Stable codes a caller can act on (all of them mean: close this peer with the message as the reason). */
+export type WireErrorCode = 'frame-too-large' | 'malformed-msgpack' | 'truncated-frame' | 'unknown-message' | 'bad-field';
+
+/** Base of every error the wire codec reports. */
+export class WireError extends Error {
+  override readonly name: string = 'WireError';
+  constructor(
+    readonly code: WireErrorCode,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** The value has no known `type` tag (or is not a map at all). */
+export class UnknownMessageError extends WireError {
+  override readonly name = 'UnknownMessageError';
+  constructor(readonly messageType: string) {
+    super('unknown-message', `unknown message type ${messageType}`);
+  }
+}
+
+/** A known message with a missing, mistyped or out-of-range field; `field` is its path, e.g. `announcements[2].vramBytes`. */
+export class BadFieldError extends WireError {
+  override readonly name = 'BadFieldError';
+  constructor(
+    readonly messageType: MeshMessageType,
+    readonly field: string,
+    readonly problem: string,
+  ) {
+    super('bad-field', `${messageType}: field ${field} ${problem}`);
+  }
+}
+
+/** Bounds that keep one peer from making us hold absurd amounts of state; generous for any real mesh. */
+export const LIMITS = {
+  shortString: 256,
+  reason: 1024,
+  announcements: 1024,
+  addrs: 64,
+  connectedTo: 1024,
+  proofBytes: 256,
+} as const;
+
+const MESSAGE_TYPES: readonly MeshMessageType[] = ['hello', 'gossip', 'heartbeat', 'heartbeat-ack', 'leaving', 'rpc-ready'];
+const ROLES: readonly RolePreference[] = ['auto', 'host', 'worker', 'client'];
+// iroh endpoint ids are ed25519 public keys written as lowercase hex.
+const ENDPOINT_ID = /^[0-9a-f]{64}$/;
+
+export type ParseResult = { readonly ok: true; readonly message: MeshMessage } | { readonly ok: false; readonly error: WireError };
+
+/** Never throws: the validated message, or the typed error saying what was wrong. */
+export function parseMessage(value: unknown): ParseResult {
+  try {
+    return { ok: true, message: validateMessage(value) };
+  } catch (error) {
+    if (error instanceof WireError) return { ok: false, error };
+    // Validation only throws WireErrors; anything else is a bug here, still reported, never a crash.
+    return { ok: false, error: new WireError('bad-field', `validation failed: ${String(error)}`) };
+  }
+}
+
+/**
+ * Validates `value` into a MeshMessage, or throws UnknownMessageError / BadFieldError. Fields that are
+ * not part of the message are dropped (a newer peer may send more), so the result holds only known fields.
+ */
+export function validateMessage(value: unknown): MeshMessage {
+  if (!isRecord(value)) throw new UnknownMessageError(`(not a map: ${describe(value)})`);
+  const type = value['type'];
+  if (typeof type !== 'string' || !(MESSAGE_TYPES as readonly string[]).includes(type)) {
+    throw new UnknownMessageError(typeof type === 'string' ? JSON.stringify(type.slice(0, 64)) : `(type is ${describe(type)})`);
+  }
+  const f = new Fields(type as MeshMessageType);
+  switch (type as MeshMessageType) {
+    case 'hello':
+      return {
+        type: 'hello',
+        version: f.count(value, 'version'),
+        id: f.endpointId(value, 'id'),
+        role: f.role(value, 'role'),
+        vramBytes: f.count(value, 'vramBytes'),
+        model: f.model(value, 'model'),
+        proof: f.bytes(value, 'proof', LIMITS.proofBytes),
+      };
+    case 'gossip':
+      return {
+        type: 'gossip',
+        announcements: f.array(value, 'announcements', LIMITS.announcements, (item, path) =>
+          f.announcement(f.record(item, path), path),
+        ),
+      };
+    case 'heartbeat':
+      return { type: 'heartbeat', n: f.count(value, 'n') };
+    case 'heartbeat-ack':
+      return { type: 'heartbeat-ack', n: f.count(value, 'n') };
+    case 'leaving':
+      return { type: 'leaving', reason: f.string(value, 'reason', LIMITS.reason) };
+    case 'rpc-ready':
+      return { type: 'rpc-ready', planId: f.string(value, 'planId', LIMITS.shortString, true) };
+  }
+}
+
+/** Validates one announcement (also usable on its own, e.g. for announcements from other sources). */
+export function validateAnnouncement(value: unknown, messageType: MeshMessageType = 'gossip', path = 'announcement'): Announcement {
+  const f = new Fields(messageType);
+  return f.announcement(f.record(value, path), path);
+}
+
+// Field readers for one message: each names the path of what it rejects.
+class Fields {
+  constructor(private readonly type: MeshMessageType) {}
+
+  bad(path: string, problem: string): never {
+    throw new BadFieldError(this.type, path, problem);
+  }
+
+  record(value: unknown, path: string): Record<string, unknown> {
+    return isRecord(value) ? value : this.bad(path, `must be a map, got ${describe(value)}`);
+  }
+
+  /** A non-negative safe integer: versions, counters, byte sizes. */
+  count(obj: Record<string, unknown>, key: string, path = key): number {
+    const v = obj[key];
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
+      return this.bad(path, `must be a non-negative integer, got ${describe(v)}`);
+    }
+    return v;
+  }
+
+  string(obj: Record<string, unknown>, key: string, max: number, nonEmpty = false, path = key): string {
+    const v = obj[key];
+    if (typeof v !== 'string') return this.bad(path, `must be a string, got ${describe(v)}`);
+    if (v.length > max) return this.bad(path, `is longer than ${max} characters`);
+    if (nonEmpty && v.length === 0) return this.bad(path, 'must not be empty');
+    return v;
+  }
+
+  boolean(obj: Record<string, unknown>, key: string, path = key): boolean {
+    const v = obj[key];
+    return typeof v === 'boolean' ? v : this.bad(path, `must be a boolean, got ${describe(v)}`);
+  }
+
+  endpointIdValue(v: unknown, path: string): EndpointId {
+    if (typeof v !== 'string' || !ENDPOINT_ID.test(v)) {
+      return this.bad(path, `must be an endpoint id (64 lowercase hex digits), got ${describe(v)}`);
+    }
+    return asEndpointId(v);
+  }
+
+  endpointId(obj: Record<string, unknown>, key: string, path = key): EndpointId {
+    return this.endpointIdValue(obj[key], path);
+  }
+
+  role(obj: Record<string, unknown>, key: string, path = key): RolePreference {
+    const v = obj[key];
+    if (typeof v !== 'string' || !(ROLES as readonly string[]).includes(v)) {
+      return this.bad(path, `must be one of ${ROLES.join(', ')}, got ${describe(v)}`);
+    }
+    return v as RolePreference;
+  }
+
+  /** Bytes arrive as Buffer or Uint8Array; copied so the message never pins the frame's memory. */
+  bytes(obj: Record<string, unknown>, key: string, max: number, path = key): Uint8Array {
+    const v = obj[key];
+    if (!(v instanceof Uint8Array)) return this.bad(path, `must be bytes, got ${describe(v)}`);
+    if (v.length === 0 || v.length > max) return this.bad(path, `must hold 1 to ${max} bytes, got ${v.length}`);
+    return new Uint8Array(v);
+  }
+
+  array<T>(obj: Record<string, unknown>, key: string, max: number, item: (v: unknown, path: string) => T, path = key): T[] {
+    const v = obj[key];
+    if (!Array.isArray(v)) return this.bad(path, `must be an array, got ${describe(v)}`);
+    if (v.length > max) return this.bad(path, `holds more than ${max} items`);
+    return v.map((x, i) => item(x, `${path}[${i}]`));
+  }
+
+  model(obj: Record<string, unknown>, key: string, path = key): ModelIdentity | null {
+    const v = obj[key];
+    if (v === null) return null;
+    const m = this.record(v, path);
+    return {
+      name: this.string(m, 'name', LIMITS.shortString, false, `${path}.name`),
+      bytes: this.count(m, 'bytes', `${path}.bytes`),
+      fingerprint: this.string(m, 'fingerprint', LIMITS.shortString, true, `${path}.fingerprint`),
+    };
+  }
+
+  announcement(a: Record<string, unknown>, path: string): Announcement {
+    const at = (k: string) => `${path}.${k}`;
+    return {
+      id: this.endpointId(a, 'id', at('id')),
+      epoch: this.count(a, 'epoch', at('epoch')),
+      seq: this.count(a, 'seq', at('seq')),
+      name: this.string(a, 'name', LIMITS.shortString, false, at('name')),
+      role: this.role(a, 'role', at('role')),
+      vramBytes: this.count(a, 'vramBytes', at('vramBytes')),
+      model: this.model(a, 'model', at('model')),
+      version: this.count(a, 'version', at('version')),
+      serving: this.boolean(a, 'serving', at('serving')),
+      addrs: this.array(a, 'addrs', LIMITS.addrs, (v, p) => this.string({ v }, 'v', LIMITS.shortString, true, p), at('addrs')),
+      connectedTo: this.array(a, 'connectedTo', LIMITS.connectedTo, (v, p) => this.endpointIdValue(v, p), at('connectedTo')),
+    };
+  }
+}
+
+/** A plain map as msgpackr decodes it (not an array, Date, Set, Buffer or other extension object). */
+function isRecord(v: unknown): v is Record<string, unknown> {
+  if (typeof v !== 'object' || v === null) return false;
+  const proto: unknown = Object.getPrototypeOf(v);
+  return proto === Object.prototype || proto === null;
+}
+
+// A short description of a bad value for error messages: never the whole (possibly huge) value.
+function describe(v: unknown): string {
+  if (v === null) return 'null';
+  if (v === undefined) return 'nothing';
+  if (Array.isArray(v)) return 'an array';
+  if (v instanceof Uint8Array) return `${v.length} bytes`;
+  if (typeof v === 'string') return JSON.stringify(v.length > 40 ? `${v.slice(0, 40)}...` : v);
+  if (typeof v === 'number' || typeof v === 'boolean' || typeof v === 'bigint') return String(v);
+  if (typeof v === 'object') return `a ${(Object.getPrototypeOf(v) as { constructor?: { name?: string } } | null)?.constructor?.name ?? 'map'}`;
+  return typeof v;
+}
+
+/** Alias of validateMessage for callers that validate values decoded elsewhere; throws only WireErrors. */
+export const decodeMeshMessage: (value: unknown) => MeshMessage = validateMessage;
