@@ -8,7 +8,7 @@ const USAGE = `usage: make-model --out FILE [options]
   --layers N      transformer blocks (default 8)
   --embd N        embedding width (default 64)
   --ff N          feed-forward width (default 192)
-  --heads N       attention heads (default embd/64, or embd/16 below 128)
+  --heads N       attention heads (default: heads of 64 dims from embd 128, of 16 below)
   --kv-heads N    key/value heads (default = heads)
   --ctx N         context length in the metadata (default 2048)
   --type T        f32 | f16 | q8_0 for the weight matrices (default f16)

@@ -17,6 +17,8 @@ const MAX_TENSORS = 1_000_000;
 const MAX_KV = 1_000_000;
 const MAX_DIMS = 4; // GGML_MAX_DIMS
 const MAX_HEADER_BYTES = 1024 * 1024 * 1024;
+const MAX_STRING_BYTES = 256 * 1024 * 1024;
+const MAX_ARRAY_ITEMS = 1 << 30;
 
 export type GgufErrorCode =
   | 'not-gguf'
@@ -273,8 +275,12 @@ class Cursor {
   }
   string(what: string): string {
     const len = this.u64n(`${what} (string length)`);
+    if (len > MAX_STRING_BYTES) throw new GgufError('absurd', `${what}: string of ${len} bytes is absurd`);
     if (this.pos + len > this.fileBytes) {
-      throw new GgufError('absurd', `${what}: string of ${len} bytes is longer than the rest of the file`);
+      throw new GgufError(
+        'truncated',
+        `file is truncated (or corrupt): ${what} is a ${len}-byte string at byte ${this.pos}, but the file has ${this.fileBytes}`,
+      );
     }
     this.need(len, what);
     let s: string;
@@ -294,9 +300,13 @@ class Cursor {
         throw new GgufError('bad-value', `${what}: unknown array item type ${itemType}`);
       }
       const count = this.u64n(`${what} (array length)`);
-      // Every item takes at least one byte: a count beyond the file's size is a corrupt header.
+      if (count > MAX_ARRAY_ITEMS) throw new GgufError('absurd', `${what}: array of ${count} items is absurd`);
+      // Every item takes at least one byte: more items than bytes left means the file ends early.
       if (count > this.fileBytes - this.pos) {
-        throw new GgufError('absurd', `${what}: array of ${count} items cannot fit in a ${this.fileBytes}-byte file`);
+        throw new GgufError(
+          'truncated',
+          `file is truncated (or corrupt): ${what} is an array of ${count} items at byte ${this.pos}, but the file has ${this.fileBytes} bytes`,
+        );
       }
       if (itemType === GgufValueType.ARRAY) {
         const items: GgufValue[] = [];

@@ -142,7 +142,7 @@ export interface LlamaModelSpec {
   readonly embd: number;
   /** Hidden width of the feed-forward block. */
   readonly ff: number;
-  /** Attention heads; default: embd / 64 when embd >= 128, else embd / 16. */
+  /** Attention heads; default: heads of 64 dims from embd 128 up, of 16 below, else one head. */
   readonly heads?: number;
   /** Key/value heads (GQA); default: heads. */
   readonly kvHeads?: number;
@@ -183,12 +183,19 @@ function positiveInt(v: number | undefined, what: string): number {
   return v;
 }
 
+/** Heads of 64 dims for wide models, of 16 for tiny ones, one head when neither divides. */
+function defaultHeads(embd: number): number {
+  if (embd >= 128 && embd % 64 === 0) return embd / 64;
+  if (embd % 16 === 0) return embd / 16;
+  return 1;
+}
+
 /** Validates the spec and lays out metadata, tensors and offsets. Reads only the vocab's header. */
 export async function planLlamaModel(spec: LlamaModelSpec): Promise<LlamaModelPlan> {
   const layers = positiveInt(spec.layers, 'layers');
   const embd = positiveInt(spec.embd, 'embd');
   const ff = positiveInt(spec.ff, 'ff');
-  const heads = positiveInt(spec.heads ?? (embd >= 128 ? embd / 64 : embd / 16), 'heads');
+  const heads = positiveInt(spec.heads ?? defaultHeads(embd), 'heads');
   const kvHeads = positiveInt(spec.kvHeads ?? heads, 'kvHeads');
   const contextLength = positiveInt(spec.contextLength ?? 2048, 'contextLength');
   const wt = WEIGHT_TYPES[spec.type];
@@ -411,9 +418,9 @@ function encodeValues(type: number, v: Float32Array, ne0: number): Buffer {
     case GgmlType.F32:
       return Buffer.from(v.buffer, v.byteOffset, v.byteLength); // little-endian hosts only
     case GgmlType.F16: {
-      const b = Buffer.allocUnsafe(v.length * 2);
-      for (let i = 0; i < v.length; i++) b.writeUInt16LE(f32ToF16Bits(v[i]!), i * 2);
-      return b;
+      const h = new Uint16Array(v.length); // little-endian hosts only, as above
+      for (let i = 0; i < v.length; i++) h[i] = f32ToF16Bits(v[i]!);
+      return Buffer.from(h.buffer, h.byteOffset, h.byteLength);
     }
     case GgmlType.Q8_0: {
       // block_q8_0: f16 scale d, then 32 int8; x ~= d * q (ggml quantize_row_q8_0_ref).
