@@ -370,6 +370,28 @@ async function relaysReachable(ms: number): Promise<{ ok: true } | { ok: false; 
   }
 }
 
+async function bindIroh(init: IrohTransportInit, useRelays: boolean): Promise<Endpoint> {
+  const b = Endpoint.builder();
+  if (useRelays) presetN0(b);
+  else presetMinimal(b);
+  b.alpns([ALPN_BYTES]);
+  b.secretKey(toNumberArray(init.secretKey));
+  b.bindAddr(`${init.bindHost ?? '0.0.0.0'}:${init.bindPort ?? 0}`);
+  try {
+    return await b.bind();
+  } catch (err) {
+    throw new TransportError(`could not bind the endpoint on port ${init.bindPort ?? 0}: ${firstLine(err)}`);
+  }
+}
+
+/**
+ * The bare backend without the mesh rules (no verdicts, no kind dispatch): for tests that must behave like
+ * a foreign or broken peer. Relays off.
+ */
+export async function createIrohRawEndpoint(init: IrohTransportInit, log?: Logger): Promise<RawEndpoint> {
+  return new IrohRawEndpoint(await bindIroh(init, false), log ?? pino({ level: 'silent' }));
+}
+
 /**
  * Binds an iroh endpoint and wraps it as a MeshEndpoint.
  * With relays on, we first check that a relay answers at all: iroh's n0 preset offline never gets online
@@ -394,18 +416,7 @@ export async function createIrohEndpoint(
       log.warn({ reason: probe.reason }, 'relays unreachable: continuing with direct connections only');
     }
   }
-  const b = Endpoint.builder();
-  if (useRelays) presetN0(b);
-  else presetMinimal(b);
-  b.alpns([ALPN_BYTES]);
-  b.secretKey(toNumberArray(init.secretKey));
-  b.bindAddr(`${init.bindHost ?? '0.0.0.0'}:${init.bindPort ?? 0}`);
-  let ep: Endpoint;
-  try {
-    ep = await b.bind();
-  } catch (err) {
-    throw new TransportError(`could not bind the endpoint on port ${init.bindPort ?? 0}: ${firstLine(err)}`);
-  }
+  const ep = await bindIroh(init, useRelays);
   if (useRelays) {
     let timer: NodeJS.Timeout | undefined;
     const online = await Promise.race([

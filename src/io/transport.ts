@@ -108,7 +108,7 @@ export interface MeshStream {
   write(chunk: Uint8Array): Promise<void>;
   /** The next bytes, or null once the peer finished its side. Rejects with StreamResetError / ConnectionClosedError. */
   read(): Promise<Uint8Array | null>;
-  /** No more writes from us; the peer's read() returns null after what we wrote. */
+  /** No more writes from us; the peer's read() returns null after what we wrote. Await the last write first. */
   finish(): Promise<void>;
   /** Abort both directions at once: the peer's read and write reject with StreamResetError. Never throws. */
   reset(code?: number): void;
