@@ -1,0 +1,251 @@
+// Test helper: real llama.cpp processes on loopback (ggml-rpc-server, llama-server) on free ports,
+// readiness waits, greedy completions with exact token ids, generated tiny models, and cleanup.
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { generateLlamaGguf, type LlamaModelSpec } from '../../src/io/gguf-writer.ts';
+import { spawnManaged, type ManagedProcess } from '../../src/io/processes.ts';
+import { rpcHello } from '../../src/io/rpc-traffic.ts';
+
+const STOCK_BIN_DIR = fileURLToPath(new URL('../../native/build/llama.cpp/build/bin', import.meta.url));
+
+/** The binaries are not there: the message says how to get them. */
+export class LlamaBinariesMissing extends Error {
+  override readonly name = 'LlamaBinariesMissing';
+}
+
+export interface LlamaBinaries {
+  readonly dir: string;
+  readonly llamaServer: string;
+  readonly rpcServer: string;
+}
+
+/**
+ * Finds llama-server and ggml-rpc-server: $MESH_LLAMA_BIN_DIR, else the stock build in the tree.
+ * Throws LlamaBinariesMissing (never skips): a test that needs them must fail loudly without them.
+ */
+export function llamaBinaries(): LlamaBinaries {
+  const dir = process.env.MESH_LLAMA_BIN_DIR || STOCK_BIN_DIR;
+  const llamaServer = join(dir, 'llama-server');
+  const rpcServer = join(dir, 'ggml-rpc-server');
+  const missing = [llamaServer, rpcServer].filter((f) => !existsSync(f));
+  if (missing.length > 0) {
+    throw new LlamaBinariesMissing(
+      `llama.cpp binaries not found (${missing.join(', ')}). Build them with \`npm run build:native\`, ` +
+        `or point MESH_LLAMA_BIN_DIR at a directory holding llama-server and ggml-rpc-server.`,
+    );
+  }
+  return { dir, llamaServer, rpcServer };
+}
+
+/** A TCP port that was free a moment ago (callers check that their server really got it). */
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const addr = s.address();
+      const port = typeof addr === 'object' && addr ? addr.port : 0;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function exitedEarly(p: ManagedProcess, what: string): Error {
+  const info = p.exitInfo();
+  return new Error(
+    `${what} exited (code ${info?.code}, signal ${info?.signal}) before it was ready; last output:\n` +
+      p.tail().slice(-30).join('\n'),
+  );
+}
+
+export interface RpcServerHandle {
+  readonly process: ManagedProcess;
+  readonly port: number;
+  /** "127.0.0.1:PORT", as `--rpc` wants it. */
+  readonly address: string;
+  stop(): Promise<void>;
+}
+
+export interface RpcServerOptions {
+  /** CPU threads (-t); default 1, so that split and solo runs compute alike on a 2-core machine. */
+  readonly threads?: number;
+  readonly extraArgs?: readonly string[];
+  readonly env?: Readonly<Record<string, string>>;
+  readonly readyTimeoutMs?: number;
+}
+
+/** Starts a ggml-rpc-server on 127.0.0.1 and waits until it answers HELLO. */
+export async function startRpcServer(opts: RpcServerOptions = {}): Promise<RpcServerHandle> {
+  const bins = llamaBinaries();
+  const deadline = Date.now() + (opts.readyTimeoutMs ?? 20_000);
+  for (let attempt = 0; ; attempt++) {
+    const port = await freePort();
+    const proc = spawnManaged({
+      name: `rpc-server:${port}`,
+      file: bins.rpcServer,
+      // A numeric host: "localhost" is refused ("Invalid host address") with exit status 0.
+      args: ['-H', '127.0.0.1', '-p', String(port), '-t', String(opts.threads ?? 1), ...(opts.extraArgs ?? [])],
+      // Keep traffic on TCP where a counting proxy can see it, even on a host with RDMA.
+      env: { GGML_RPC_NO_RDMA: '1', ...opts.env },
+    });
+    const handle: RpcServerHandle = {
+      process: proc,
+      port,
+      address: `127.0.0.1:${port}`,
+      stop: async () => void (await proc.stop(3_000)),
+    };
+    for (;;) {
+      if (proc.exitInfo()) break;
+      try {
+        await rpcHello(handle.address, 1_000);
+        return handle;
+      } catch {
+        if (Date.now() > deadline) {
+          await handle.stop();
+          throw new Error(`rpc-server on port ${port} did not answer HELLO in time; output:\n${proc.tail().join('\n')}`);
+        }
+        await sleep(50);
+      }
+    }
+    // It exits (status 0) when the port was taken between freePort() and bind: try another port.
+    await proc.exited;
+    if (attempt >= 3 || Date.now() > deadline) throw exitedEarly(proc, 'ggml-rpc-server');
+  }
+}
+
+export interface LlamaServerHandle {
+  readonly process: ManagedProcess;
+  readonly port: number;
+  /** "http://127.0.0.1:PORT". */
+  readonly url: string;
+  stop(): Promise<void>;
+}
+
+export interface LlamaServerOptions {
+  readonly model: string;
+  /** rpc-server addresses for `--rpc`, in order; the last one gets the output layer. */
+  readonly rpc?: readonly string[];
+  /** `--tensor-split`, one share per device in `--rpc` order. */
+  readonly tensorSplit?: readonly number[];
+  /** CPU threads (-t, -tb); default 1. */
+  readonly threads?: number;
+  /** Context size (-c); default 512. */
+  readonly ctx?: number;
+  readonly extraArgs?: readonly string[];
+  readonly env?: Readonly<Record<string, string>>;
+  readonly readyTimeoutMs?: number;
+}
+
+/**
+ * Starts llama-server on a free loopback port and waits for `/health` to say ok. Defaults chosen
+ * for exact comparisons: flash attention off, one slot, no prompt cache in RAM, all layers offloaded
+ * (to the rpc-servers when there are any).
+ */
+export async function startLlamaServer(opts: LlamaServerOptions): Promise<LlamaServerHandle> {
+  const bins = llamaBinaries();
+  const threads = String(opts.threads ?? 1);
+  const deadline = Date.now() + (opts.readyTimeoutMs ?? 60_000);
+  for (let attempt = 0; ; attempt++) {
+    const port = await freePort();
+    const args = [
+      '-m', opts.model,
+      '--host', '127.0.0.1', '--port', String(port),
+      '-c', String(opts.ctx ?? 512),
+      '-t', threads, '-tb', threads,
+      '-fa', 'off',
+      '-np', '1',
+      '--cache-ram', '0',
+      '-ngl', '999',
+      ...(opts.rpc && opts.rpc.length > 0 ? ['--rpc', opts.rpc.join(',')] : []),
+      ...(opts.tensorSplit ? ['--tensor-split', opts.tensorSplit.join(',')] : []),
+      ...(opts.extraArgs ?? []),
+    ];
+    const proc = spawnManaged({ name: `llama-server:${port}`, file: bins.llamaServer, args, env: opts.env });
+    const handle: LlamaServerHandle = {
+      process: proc,
+      port,
+      url: `http://127.0.0.1:${port}`,
+      stop: async () => void (await proc.stop(3_000)),
+    };
+    for (;;) {
+      if (proc.exitInfo()) break;
+      try {
+        const res = await fetch(`${handle.url}/health`, { signal: AbortSignal.timeout(2_000) });
+        if (res.status === 200) return handle;
+      } catch {
+        // Not listening yet.
+      }
+      if (Date.now() > deadline) {
+        await handle.stop();
+        throw new Error(`llama-server did not become healthy in time; last output:\n${proc.tail().slice(-30).join('\n')}`);
+      }
+      await sleep(100);
+    }
+    await proc.exited;
+    const portTaken = proc.tail().some((l) => /address already in use|couldn't bind/i.test(l));
+    if (!portTaken || attempt >= 3) throw exitedEarly(proc, 'llama-server');
+  }
+}
+
+export interface Completion {
+  /** Generated token ids, exactly as sampled (llama-server's `return_tokens`). */
+  readonly tokens: readonly number[];
+  readonly content: string;
+  readonly raw: Record<string, unknown>;
+}
+
+/** A greedy completion of exactly `nPredict` tokens (unless an end-of-generation token comes first). */
+export async function greedyCompletion(
+  server: { readonly url: string },
+  prompt: string,
+  nPredict: number,
+  extra: Record<string, unknown> = {},
+): Promise<Completion> {
+  const res = await fetch(`${server.url}/completion`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({
+      prompt,
+      n_predict: nPredict,
+      temperature: 0,
+      top_k: 1,
+      seed: 1,
+      cache_prompt: false,
+      return_tokens: true,
+      stream: false,
+      ...extra,
+    }),
+    signal: AbortSignal.timeout(120_000),
+  });
+  const text = await res.text();
+  if (!res.ok) throw new Error(`llama-server /completion answered ${res.status}: ${text.slice(0, 500)}`);
+  const raw = JSON.parse(text) as Record<string, unknown>;
+  const tokens = raw.tokens;
+  if (!Array.isArray(tokens) || !tokens.every((t) => Number.isInteger(t))) {
+    throw new Error(`llama-server /completion gave no token ids: ${text.slice(0, 500)}`);
+  }
+  return { tokens: tokens as number[], content: String(raw.content ?? ''), raw };
+}
+
+/** The tiny model of FIELD-FACTS: 8 layers, width 64, ff 192 (a few MB, loads in well under a second). */
+export const TINY_MODEL: LlamaModelSpec = { layers: 8, embd: 64, ff: 192, type: 'f16', seed: 1 };
+
+export interface TempModel {
+  readonly path: string;
+  readonly dir: string;
+  remove(): Promise<void>;
+}
+
+/** Generates a model into a fresh temporary directory; `remove()` deletes it. */
+export async function makeTempModel(spec: LlamaModelSpec = TINY_MODEL): Promise<TempModel> {
+  const dir = await mkdtemp(join(tmpdir(), 'mesh-model-'));
+  const path = join(dir, 'model.gguf');
+  await generateLlamaGguf(path, spec);
+  return { path, dir, remove: () => rm(dir, { recursive: true, force: true }) };
+}
