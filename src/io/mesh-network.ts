@@ -150,10 +150,16 @@ export class MeshNetwork {
     this.sessionFor(conn).reported = true;
   }
 
+  /** Queues a message to an admitted peer (dropped otherwise). Sending `leaving` closes the connection after it. */
   send(to: EndpointId, message: MeshMessage): void {
     const s = this.sessions.get(to);
     if (!s || s.state !== 'admitted') {
       this.log.debug({ peer: short(to), type: message.type }, 'send to a peer that is not connected: dropped');
+      return;
+    }
+    if (message.type === 'leaving') {
+      // The peer drops us when it reads it; closing after it makes the end the same on both sides.
+      void this.close(to, message.reason);
       return;
     }
     this.write(s, message);
