@@ -1,0 +1,141 @@
+// The network layer over the in-memory transport: fast, deterministic checks of the paths that real sockets
+// make slow or flaky to reach (hello timeout, a peer that never reads, a restarted peer), and the actor.
+import { afterEach, describe, expect, it } from 'vitest';
+import { pino, type Logger } from 'pino';
+import { assign, createActor, sendTo, setup } from 'xstate';
+import { MemoryNetwork } from '../src/io/memory-transport.ts';
+import { MeshNetwork, type MeshNetworkInit } from '../src/io/mesh-network.ts';
+import { encodeFrame } from '../src/io/frame-codec.ts';
+import { makeHello } from '../src/io/mesh-auth.ts';
+import { createMeshSecret } from '../src/io/invite-token.ts';
+import { createMeshNetworkLogic } from '../src/actors/mesh-network.actor.ts';
+import type { NetworkCommand, NetworkEvent } from '../src/machines/protocol.ts';
+import { until } from './harness/proc.ts';
+
+type Log = { level: number; msg: string; [k: string]: unknown };
+const cleanups: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+function logSink(): { logs: Log[]; logger: Logger } {
+  const logs: Log[] = [];
+  return { logs, logger: pino({ level: 'debug' }, { write: (l: string) => void logs.push(JSON.parse(l)) }) };
+}
+
+function node(world: MemoryNetwork, secret: Uint8Array, opts: Partial<MeshNetworkInit> & { id?: string } = {}) {
+  const { id, ...init } = opts;
+  const endpoint = world.createEndpoint(id ? { id } : {});
+  const { logs, logger } = logSink();
+  const net = new MeshNetwork({ secret, hello: { role: 'auto', vramBytes: 1, model: null }, closeLingerMs: 50, ...init }, { endpoint, logger });
+  const events: NetworkEvent[] = [];
+  net.start((e) => events.push(e));
+  cleanups.push(async () => {
+    await net.stop();
+    await endpoint.close();
+  });
+  return { id: endpoint.id, endpoint, net, events, logs };
+}
+
+const waitEvent = (events: NetworkEvent[], pred: (e: NetworkEvent) => boolean, ms = 3_000) => until(() => events.find(pred), ms, 'a network event');
+
+describe('mesh network over the memory transport', () => {
+  it('closes a connection that never sends a hello, and says why', async () => {
+    const world = new MemoryNetwork();
+    const a = node(world, createMeshSecret(), { helloTimeoutMs: 100 });
+    const mute = world.createEndpoint();
+    cleanups.push(() => mute.close());
+    const conn = await mute.dial(a.id, []);
+    await conn.openStream('control');
+    const info = await conn.closed;
+    expect(info.reason).toMatch(/no valid hello within 100 ms/);
+    expect(a.logs.some((l) => l.level === 40 && l.msg === 'closing peer: no valid hello within 100 ms')).toBe(true);
+    expect(a.events).toEqual([]); // never admitted, never reported
+  });
+
+  it('closes a peer that stops reading once its queue passes the cap, and reports it', async () => {
+    const world = new MemoryNetwork({ streamWindow: 4 * 1024 });
+    const secret = createMeshSecret();
+    const a = node(world, secret, { maxQueuedBytes: 64 * 1024 });
+    // A peer that says a valid hello, then never reads again.
+    const stuck = world.createEndpoint();
+    cleanups.push(() => stuck.close());
+    const conn = await stuck.dial(a.id, []);
+    const stream = await conn.openStream('control');
+    await stream.write(encodeFrame(makeHello({ role: 'auto', vramBytes: 0, model: null }, secret, stuck.id, a.id)));
+    await waitEvent(a.events, (e) => e.type === 'net.peer.connected');
+    const big = { type: 'rpc-ready' as const, planId: 'x'.repeat(200) };
+    for (let i = 0; i < 1000; i++) a.net.execute({ type: 'net.send', to: stuck.id, message: big });
+    const ev = await waitEvent(a.events, (e) => e.type === 'net.peer.disconnected');
+    expect(ev).toMatchObject({ id: stuck.id, reason: expect.stringMatching(/peer is not reading: over 65536 bytes queued/) });
+    expect(a.net.peers()).toEqual([]);
+  });
+
+  it('a restarted peer (same id, new connection) replaces the old session', async () => {
+    const world = new MemoryNetwork({ idleTimeoutMs: 60_000 });
+    const secret = createMeshSecret();
+    const a = node(world, secret);
+    const bId = 'b'.repeat(64);
+    const b1 = node(world, secret, { id: bId });
+    b1.net.execute({ type: 'net.dial', id: a.id, addrs: [] });
+    await waitEvent(a.events, (e) => e.type === 'net.peer.connected');
+    world.kill(bId); // SIGKILL: a hears nothing
+    const b2 = node(world, secret, { id: bId });
+    b2.net.execute({ type: 'net.dial', id: a.id, addrs: [] });
+    await waitEvent(b2.events, (e) => e.type === 'net.peer.connected');
+    await until(() => (a.events.filter((e) => e.type === 'net.peer.connected').length === 2 ? true : undefined), 3_000, 'second connect');
+    expect(a.events.filter((e) => e.type !== 'net.message').map((e) => [e.type, 'reason' in e ? e.reason : ''])).toEqual([
+      ['net.peer.connected', ''],
+      ['net.peer.disconnected', expect.stringMatching(/replaced by a newer connection/)],
+      ['net.peer.connected', ''],
+    ]);
+    expect(a.net.peers()).toEqual([bId]);
+  });
+
+  it('dial of a connected peer answers net.peer.connected again; sending leaving closes', async () => {
+    const world = new MemoryNetwork();
+    const secret = createMeshSecret();
+    const a = node(world, secret);
+    const b = node(world, secret);
+    a.net.execute({ type: 'net.dial', id: b.id, addrs: [] });
+    await waitEvent(a.events, (e) => e.type === 'net.peer.connected');
+    a.net.execute({ type: 'net.dial', id: b.id, addrs: [] });
+    await until(() => (a.events.filter((e) => e.type === 'net.peer.connected').length === 2 ? true : undefined), 1_000, 'connected again');
+    a.net.execute({ type: 'net.send', to: b.id, message: { type: 'leaving', reason: 'bye' } });
+    const ev = await waitEvent(b.events, (e) => e.type === 'net.peer.disconnected');
+    expect(ev).toEqual({ type: 'net.peer.disconnected', id: a.id, reason: 'left: bye' });
+    await waitEvent(a.events, (e) => e.type === 'net.peer.disconnected');
+    expect(a.net.peers()).toEqual([]);
+  });
+
+  it('the actor forwards commands and events, and says leaving to every peer when it stops', async () => {
+    const world = new MemoryNetwork();
+    const secret = createMeshSecret();
+    const b = node(world, secret);
+    const endpoint = world.createEndpoint();
+    cleanups.push(() => endpoint.close());
+    const { logger } = logSink();
+    const parent = setup({
+      types: { context: {} as { seen: NetworkEvent[] }, events: {} as NetworkEvent | { type: 'cmd'; command: NetworkCommand } },
+      actors: { network: createMeshNetworkLogic({ secret, hello: { role: 'auto', vramBytes: 0, model: null }, closeLingerMs: 50 }, { endpoint, logger }) },
+    }).createMachine({
+      context: { seen: [] },
+      invoke: { id: 'network', src: 'network', input: { self: endpoint.id } },
+      on: {
+        cmd: { actions: sendTo('network', ({ event }) => event.command) },
+        'net.peer.connected': { actions: assign({ seen: ({ context, event }) => [...context.seen, event] }) },
+        'net.peer.disconnected': { actions: assign({ seen: ({ context, event }) => [...context.seen, event] }) },
+        'net.message': { actions: assign({ seen: ({ context, event }) => [...context.seen, event] }) },
+      },
+    });
+    const actor = createActor(parent).start();
+    actor.send({ type: 'cmd', command: { type: 'net.dial', id: b.id, addrs: [] } });
+    await until(() => actor.getSnapshot().context.seen.find((e) => e.type === 'net.peer.connected'), 3_000, 'connected');
+    await until(() => actor.getSnapshot().context.seen.find((e) => e.type === 'net.message' && e.message.type === 'hello'), 3_000, 'hello');
+    actor.send({ type: 'cmd', command: { type: 'net.send', to: b.id, message: { type: 'heartbeat', n: 5 } } });
+    await waitEvent(b.events, (e) => e.type === 'net.message' && e.message.type === 'heartbeat');
+    actor.stop();
+    const ev = await waitEvent(b.events, (e) => e.type === 'net.peer.disconnected');
+    expect(ev).toEqual({ type: 'net.peer.disconnected', id: endpoint.id, reason: 'left: node stopping' });
+  });
+});
