@@ -3,9 +3,10 @@
 # bundle (no network but, at most, one `npm pack`), with our patches from native/patches applied.
 # Plain bash + cmake so that it also runs where there is no Node.js (the borrowed GPU machine).
 #
-# usage: native/build.sh [--variant mesh|stock] [--targets "a b c"] [--force] [--print-bin-dir]
-#   --variant stock   the same release without our patches (tests use its ggml-rpc-server to check
-#                     that patched and stock binaries interoperate); default: mesh (patched)
+# usage: native/build.sh [--variant mesh|stock] [--targets "a b c"] [--force] [--check] [--print-bin-dir]
+#   --variant stock   the same release without our patches (tests use it to check that patched and
+#                     stock binaries interoperate); default: mesh (patched)
+#   --check           build nothing: say whether the cached build is reusable, and if not, why (exit 3)
 # environment:
 #   MESH_LLAMA_SKIP_BUILD=1   do nothing (e.g. `npm install` on a machine that brings its own binaries)
 #   MESH_LLAMA_BIN_DIR=DIR    binaries of the user's own: nothing is built, src/io/llama-binaries.ts uses DIR
@@ -17,6 +18,9 @@
 #   MESH_LLAMA_BUILD_ROOT     where source trees and build trees go (default: native/build)
 #   MESH_LLAMA_BUNDLE=FILE    use this gitRelease.bundle instead of looking for the npm package
 set -euo pipefail
+# Everything runs inside main(), which bash parses whole before running: editing or updating this file
+# while a build is running cannot change what that build does next.
+main() {
 
 NATIVE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(cd "$NATIVE_DIR/.." && pwd)"
@@ -26,6 +30,7 @@ REPO_DIR="$(cd "$NATIVE_DIR/.." && pwd)"
 VARIANT=mesh
 FORCE=0
 PRINT_BIN_DIR=0
+CHECK=0
 TARGETS="${MESH_LLAMA_TARGETS:-}"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,14 +39,15 @@ while [ $# -gt 0 ]; do
     --targets) TARGETS="${2:-}"; shift 2 ;;
     --targets=*) TARGETS="${1#*=}"; shift ;;
     --force) FORCE=1; shift ;;
+    --check) CHECK=1; shift ;;
     --print-bin-dir) PRINT_BIN_DIR=1; shift ;;
-    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "native/build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
 case "$VARIANT" in
   mesh) PATCH_DIR="$NATIVE_DIR/patches"; TARGETS="${TARGETS:-llama-server ggml-rpc-server llama-bench}" ;;
-  stock) PATCH_DIR=""; TARGETS="${TARGETS:-ggml-rpc-server}" ;;
+  stock) PATCH_DIR=""; TARGETS="${TARGETS:-ggml-rpc-server llama-server}" ;;
   *) echo "native/build.sh: --variant must be 'mesh' or 'stock', not '$VARIANT'" >&2; exit 2 ;;
 esac
 
@@ -169,10 +175,8 @@ compiler_identity() {
 patch_files() { if [ -n "$PATCH_DIR" ] && [ -d "$PATCH_DIR" ]; then find "$PATCH_DIR" -maxdepth 1 -name '*.patch' | LC_ALL=C sort; fi; }
 patches_identity() { local p; for p in $(patch_files); do basename "$p"; cat "$p"; done; }
 
-mkdir -p "$VARIANT_DIR"
 CPU_FILE="$VARIANT_DIR/cpu.txt"
-cpu_identity >"$CPU_FILE.new"; mv "$CPU_FILE.new" "$CPU_FILE"
-CPU_KEY="$(hash_stdin <"$CPU_FILE")"
+CPU_KEY="$(cpu_identity | hash_stdin)"
 COMPILER_KEY="$(compiler_identity | hash_stdin)"
 PATCH_KEY="$(patches_identity | hash_stdin)"
 OPTIONS_KEY="$(printf '%s\n' "$BACKEND" "$TARGETS" "${CMAKE_ARGS[@]}" | hash_stdin)"
@@ -180,10 +184,42 @@ BUILD_KEY="$(printf 'source=%s\npatches=%s\noptions=%s\ncompiler=%s\ncpu=%s\n' \
   "$LLAMA_COMMIT" "$PATCH_KEY" "$OPTIONS_KEY" "$COMPILER_KEY" "$CPU_KEY" | hash_stdin)"
 
 all_targets_present() { local t; for t in $TARGETS; do [ -x "$BIN_DIR/$t" ] || return 1; done; }
+if [ "$CHECK" = 1 ]; then
+  reasons=()
+  differs() { [ "$(cat "$VARIANT_DIR/$1" 2>/dev/null || true)" != "$2" ]; }
+  differs cpu.key "$CPU_KEY" && reasons+=("cpu")
+  differs compiler.key "$COMPILER_KEY" && reasons+=("compiler")
+  differs options.key "$OPTIONS_KEY" && reasons+=("options")
+  differs patches.applied "$PATCH_KEY" && reasons+=("patches")
+  all_targets_present || reasons+=("binaries-missing")
+  differs build.key "$BUILD_KEY" && [ ${#reasons[@]} -eq 0 ] && reasons+=("unfinished")
+  if [ ${#reasons[@]} -eq 0 ]; then echo "up-to-date $BIN_DIR"; exit 0; fi
+  echo "stale: ${reasons[*]}"; exit 3
+fi
 if [ "$FORCE" = 0 ] && [ -f "$VARIANT_DIR/build.key" ] && [ "$(cat "$VARIANT_DIR/build.key")" = "$BUILD_KEY" ] && all_targets_present; then
   step "up to date: $BIN_DIR ($VARIANT, $BACKEND, key ${BUILD_KEY:0:12})"
   exit 0
 fi
+mkdir -p "$VARIANT_DIR"
+# One build per tree at a time (`npm install` in a second shell, tests that build on demand): wait for
+# the other one, or take over its lock if its process is gone.
+LOCK="$VARIANT_DIR/.lock"
+waited=0
+until mkdir "$LOCK" 2>/dev/null; do
+  holder="$(cat "$LOCK/pid" 2>/dev/null || true)"
+  if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null; then rm -rf "$LOCK"; continue; fi
+  [ "$waited" = 0 ] && step "      another build of $VARIANT is running (pid ${holder:-?}); waiting for it"
+  waited=$((waited + 1))
+  [ "$waited" -gt 3600 ] && die "gave up waiting for the build holding $LOCK (pid ${holder:-?})"
+  sleep 1
+done
+echo $$ >"$LOCK/pid"
+trap 'rm -rf "$LOCK"' EXIT
+if [ "$waited" != 0 ] && [ "$FORCE" = 0 ] && [ "$(cat "$VARIANT_DIR/build.key" 2>/dev/null || true)" = "$BUILD_KEY" ] && all_targets_present; then
+  step "up to date (built by the other run): $BIN_DIR"
+  exit 0
+fi
+cpu_identity >"$CPU_FILE.new"; mv "$CPU_FILE.new" "$CPU_FILE"
 step "      $BACKEND backend${CUDA_WHY:+ ($CUDA_WHY)}, $GENERATOR, $MESH_LLAMA_JOBS jobs, compiler $CXX_BIN, key ${BUILD_KEY:0:12}"
 
 # ---------------------------------------------------------------------------------------------
@@ -340,3 +376,6 @@ all_targets_present || die "the build finished but $BIN_DIR lacks one of: $TARGE
 } >"$BIN_DIR/mesh-build.txt"
 echo "$BUILD_KEY" >"$VARIANT_DIR/build.key"
 step "done: $BIN_DIR"
+}
+
+main "$@"
