@@ -1,0 +1,535 @@
+// The root of one mesh node: joining -> electing -> starting -> serving; a mesh change re-elects, and only a
+// plan that differs from the running one goes stopping (kill) -> starting (fresh start). Pure: time only
+// through XState delays, the world only through actor slots.
+//
+// It owns (one owner each): the `network` actor (slot, see below), the `election` machine, one `peer` machine
+// per remote peer (spawned, systemId `peer:<id>`, stopped and dropped when the peer leaves), the `rpcServer`
+// machine (every node that is a stage of its plan) and the `llamaServer` machine (process only on the host).
+//
+// Slot `network` (fromCallback, src/actors/mesh-network.actor.ts): input { self: EndpointId }; receives every
+// NetworkCommand of protocol.ts and sends back NetworkEvents. Expected behaviour: `net.dial` of a peer that is
+// already connected answers `net.peer.connected` again; `net.send` to a peer without a connection is dropped
+// (the peer machines notice through heartbeats); messages on one connection arrive in order.
+// Slots `rpcServer`, `llamaServer`, `election`, `peer` default to the machines of this folder; the composition
+// root provides their own process slots (`rpcServerMachine.provide(...)`) and passes them in here.
+//
+// Hand-off (ARCHITECTURE.md): `rpcTunnelPolicy` in the context names the only host whose rpc tunnels this
+// node's rpc-server accepts (null: none). The tunnel layer watches it and closes tunnels of any other host at
+// once. A worker tells its plan's host `rpc-ready {planId}` only after a fresh rpc-server came up under that
+// policy; a host starts llama-server only when every remote stage said rpc-ready for the plan it runs.
+import { assign, enqueueActions, not, raise, sendTo, setup, type ActorRefFrom, type AnyActorRef } from 'xstate';
+import { electionMachine, SETTLE_MS, type ElectionEvent, type ElectionPlannedEvent } from './election.machine.ts';
+import { emptyView, mergeAnnouncements, mutuallyConnected, setSelf } from './gossip.ts';
+import { llamaServerMachine, type LlamaServerCommand, type LlamaServerNotice } from './llama-server.machine.ts';
+import type { Announcement, EndpointId, Plan, View } from './mesh-types.ts';
+import { needsRpcServer, remoteWorkers, roleIn, sameIds, withId, withoutId, type NodeRole } from './node-plan.ts';
+import { peerMachine, type PeerNotice } from './peer.machine.ts';
+import { unprovidedCallback } from './process-slot.ts';
+import type { MeshMessage, NetworkCommand, NetworkEvent } from './protocol.ts';
+import { rpcServerMachine, type RpcServerCommand, type RpcServerNotice } from './rpc-server.machine.ts';
+
+export interface BootstrapPeer {
+  readonly id: EndpointId;
+  readonly addrs: readonly string[];
+}
+
+export interface NodeInput {
+  /** This node's announcement as it starts (its epoch chosen by the composition root, not serving yet). */
+  readonly self: Announcement;
+  /** Where to join: the inviting node from the token. Empty for the first node of a mesh. */
+  readonly bootstrap?: readonly BootstrapPeer[];
+}
+
+/** The one host whose rpc tunnels this node's rpc-server may accept, for which plan. */
+export interface RpcTunnelPolicy {
+  readonly host: EndpointId;
+  readonly planId: string;
+}
+
+/** Where a child process stands, as the node last heard from its lifecycle machine. */
+export type ProcessState = 'down' | 'starting' | 'ready' | 'stopping';
+
+export type NodeEvent =
+  | NetworkEvent
+  | ElectionPlannedEvent
+  | PeerNotice
+  | RpcServerNotice
+  | LlamaServerNotice
+  | { readonly type: 'node.stop'; readonly reason: string }
+  // Raised internally: the mesh facts changed (gossip, links, a crash), so the election will settle anew.
+  | { readonly type: 'mesh.changed' }
+  // Raised internally: the election sent a plan (already in context.plan).
+  | { readonly type: 'plan.elected' };
+
+type PeerRef = ActorRefFrom<typeof peerMachine>;
+
+export interface NodeContext {
+  readonly self: Announcement;
+  /** The gossip table: what to tell new peers and what to relay. The election machine keeps its own copy. */
+  readonly view: View;
+  readonly bootstrap: readonly BootstrapPeer[];
+  readonly peers: Readonly<Record<string, PeerRef>>;
+  /** Whether the network reported each connection as direct (relayed ones never count as connectedTo). */
+  readonly direct: Readonly<Record<string, boolean>>;
+  /** Peers whose machine is up (connected or suspect), sorted. */
+  readonly links: readonly EndpointId[];
+  /** Peers that said `leaving`, with the epoch they left in: a later epoch is a new run and is dialed again. */
+  readonly departed: Readonly<Record<string, number>>;
+  /** The latest plan the election sent; null before the first. */
+  readonly plan: Plan | null;
+  /** The plan whose processes this node runs or is bringing up; null before the first start. */
+  readonly running: Plan | null;
+  readonly rpc: ProcessState;
+  readonly rpcPort: number | null;
+  readonly llama: ProcessState;
+  readonly llamaPort: number | null;
+  /** How many llama-servers this node has started (the plan's generation counter on a host). */
+  readonly generation: number;
+  /** Host side: which plan id each remote worker last said its rpc-server is ready for. */
+  readonly rpcReady: Readonly<Record<string, string>>;
+  /** Worker side: the plan id this node last told its host about (null: not told, tell again). */
+  readonly rpcReadySent: string | null;
+  /** What the tunnel layer enforces: see the file header. */
+  readonly rpcTunnelPolicy: RpcTunnelPolicy | null;
+  readonly stopReason: string | null;
+}
+
+/** Fallback when the election machine's settle window is overridden without this one. */
+export const ELECTION_QUIET_MS = SETTLE_MS * 2;
+
+export const nodeMachine = setup({
+  types: {
+    input: {} as NodeInput,
+    context: {} as NodeContext,
+    events: {} as NodeEvent,
+  },
+  actors: {
+    network: unprovidedCallback<NetworkCommand, { self: EndpointId }>('network'),
+    election: electionMachine,
+    peer: peerMachine,
+    rpcServer: rpcServerMachine,
+    llamaServer: llamaServerMachine,
+  },
+  delays: {
+    /**
+     * Electing waits this long for a new plan before concluding the plan did not change (the election
+     * machine only speaks when the plan id changes). Must exceed the election's `settle`.
+     */
+    electionQuiet: ELECTION_QUIET_MS,
+    /** With a bootstrap peer, how long joining waits for the first handshake before electing alone. */
+    joinTimeout: 10_000,
+    /** A graceful stop gives its processes this long before the node stops them hard. */
+    leaveTimeout: 10_000,
+  },
+  guards: {
+    hasNoBootstrap: ({ context }) => context.bootstrap.length === 0,
+    hasNoPlanYet: ({ context }) => context.plan === null,
+    planDiffersFromRunning: ({ context }) =>
+      context.running !== null && context.plan !== null && context.plan.id !== context.running.id,
+    planIsUp: ({ context }) => planIsUp(context),
+    shouldStartRpc: ({ context }) => needsRpcServer(runningRole(context)) && context.rpc === 'down',
+    shouldTellHost: ({ context }) =>
+      runningRole(context) === 'worker' &&
+      context.rpc === 'ready' &&
+      context.running?.kind === 'ready' &&
+      context.rpcReadySent !== context.running.id &&
+      context.links.includes(context.running.host),
+    shouldStartLlama: ({ context }) => {
+      const plan = context.running;
+      if (plan === null || plan.kind !== 'ready' || runningRole(context) !== 'host') return false;
+      if (context.rpc !== 'ready' || context.llama !== 'down') return false;
+      return remoteWorkers(plan).every((w) => context.rpcReady[w] === plan.id);
+    },
+    processesDown: ({ context }) => context.rpc === 'down' && context.llama === 'down',
+  },
+  actions: {
+    // ---- peers ----------------------------------------------------------------------------------------
+    spawnBootstrapPeers: enqueueActions(({ context, enqueue }) => {
+      for (const b of context.bootstrap) {
+        if (b.id === context.self.id || context.peers[b.id] !== undefined) continue;
+        enqueue.assign(spawnPeer({ id: b.id, addrs: b.addrs, inbound: false }));
+      }
+    }),
+    dropPeer: enqueueActions(({ context, enqueue }, params: { id: EndpointId }) => {
+      const ref = context.peers[params.id];
+      if (ref !== undefined) enqueue.stopChild(ref);
+      const { [params.id]: _, ...peers } = context.peers;
+      const { [params.id]: __, ...direct } = context.direct;
+      const epoch = context.view.announcements[params.id]?.epoch ?? -1;
+      enqueue.assign({ peers, direct, departed: { ...context.departed, [params.id]: epoch } });
+    }),
+    forwardToPeer: enqueueActions(({ context, event, enqueue }, params: { id: EndpointId }) => {
+      const ref = context.peers[params.id];
+      if (ref !== undefined) enqueue.sendTo(ref, event as NetworkEvent);
+    }),
+    // A connection came up (we dialed, or the peer did): make sure a peer machine watches it, then start the
+    // handshake by telling the peer everything we know.
+    takeConnection: enqueueActions(({ context, enqueue }, params: { id: EndpointId; direct: boolean }) => {
+      if (params.id === context.self.id) return;
+      enqueue.assign({ direct: { ...context.direct, [params.id]: params.direct } });
+      const ref = context.peers[params.id];
+      if (ref === undefined) {
+        const addrs = context.view.announcements[params.id]?.addrs ?? [];
+        enqueue.assign(spawnPeer({ id: params.id, addrs, inbound: true }));
+      } else {
+        enqueue.sendTo(ref, { type: 'net.peer.connected', id: params.id, direct: params.direct } satisfies NetworkEvent);
+      }
+      enqueue.sendTo('network', viewMessage(context, params.id));
+    }),
+    linkUp: enqueueActions(({ context, enqueue }, params: { id: EndpointId }) => {
+      const next = { ...context, links: withId(context.links, params.id) };
+      enqueue.assign({ links: next.links });
+      announceSelf(enqueue, next);
+      // The peer may have missed changes of ours made while it was still handshaking.
+      enqueue.sendTo('network', viewMessage(next, params.id));
+      enqueue.raise({ type: 'mesh.changed' });
+    }),
+    linkDown: enqueueActions(({ context, enqueue }, params: { id: EndpointId }) => {
+      if (!context.links.includes(params.id)) return;
+      const { [params.id]: _, ...rpcReady } = context.rpcReady;
+      const toldHost = context.running?.kind === 'ready' && context.running.host === params.id;
+      const next = {
+        ...context,
+        links: withoutId(context.links, params.id),
+        rpcReady,
+        // A host that lost us must hear rpc-ready again once we are back.
+        rpcReadySent: toldHost ? null : context.rpcReadySent,
+      };
+      enqueue.assign({ links: next.links, rpcReady: next.rpcReady, rpcReadySent: next.rpcReadySent });
+      announceSelf(enqueue, next);
+      enqueue.raise({ type: 'mesh.changed' });
+    }),
+
+    // ---- messages -------------------------------------------------------------------------------------
+    takeMessage: enqueueActions(({ context, enqueue }, params: { from: EndpointId; message: MeshMessage }) => {
+      const { from, message } = params;
+      if (message.type === 'rpc-ready') {
+        enqueue.assign({ rpcReady: { ...context.rpcReady, [from]: message.planId } });
+        return;
+      }
+      if (message.type !== 'gossip') return; // hello, heartbeats and leaving belong to the peer machine
+      // Our own announcement only ever comes from us; an echo (or a forgery) must not replace it.
+      const incoming = message.announcements.filter((a) => a.id !== context.self.id);
+      const merged = mergeAnnouncements(context.view, incoming);
+      if (!merged.changed) return;
+      const learned = incoming.filter((a) => merged.view.announcements[a.id] === a);
+      // A worker whose newer announcement says it no longer serves has lost its rpc-server: its old
+      // rpc-ready is void.
+      const rpcReady = { ...context.rpcReady };
+      for (const a of learned) if (!a.serving) delete rpcReady[a.id];
+      enqueue.assign({ view: merged.view, rpcReady });
+      enqueue.sendTo('election', { type: 'gossip.received', announcements: learned } satisfies ElectionEvent);
+      // Relay only to links that will not hear it from its author directly (full mesh: nobody).
+      for (const to of context.links) {
+        if (to === from) continue;
+        const relay = learned.filter((a) => a.id !== to && !mutuallyConnected(merged.view, a.id, to));
+        if (relay.length > 0) {
+          enqueue.sendTo('network', { type: 'net.send', to, message: { type: 'gossip', announcements: relay } } satisfies NetworkCommand);
+        }
+      }
+      // Full mesh: dial every node we learn of, except one that left in this very epoch.
+      for (const a of learned) {
+        if (context.peers[a.id] !== undefined) continue;
+        const leftIn = context.departed[a.id];
+        if (leftIn !== undefined && a.epoch <= leftIn) continue;
+        enqueue.assign(spawnPeer({ id: a.id, addrs: a.addrs, inbound: false }));
+      }
+      enqueue.raise({ type: 'mesh.changed' });
+    }),
+
+    // ---- own announcement ------------------------------------------------------------------------------
+    refreshSelf: enqueueActions(({ context, enqueue }) => announceSelf(enqueue, context)),
+
+    // ---- plan -----------------------------------------------------------------------------------------
+    takePlan: assign((_, params: { plan: Plan }) => ({ plan: params.plan })),
+    // Entering starting: run the latest plan; the tunnel layer follows the policy at once.
+    adoptPlan: assign(({ context }) => {
+      const running = context.plan;
+      const role = roleIn(running, context.self.id);
+      const rpcTunnelPolicy: RpcTunnelPolicy | null =
+        role === 'worker' && running?.kind === 'ready' ? { host: running.host, planId: running.id } : null;
+      const changed = running?.id !== context.running?.id;
+      return { running, rpcTunnelPolicy, rpcReadySent: changed ? null : context.rpcReadySent };
+    }),
+    startRpc: enqueueActions(({ enqueue }) => {
+      enqueue.assign({ rpc: 'starting' });
+      enqueue.sendTo('rpcServer', { type: 'rpc.start' } satisfies RpcServerCommand);
+    }),
+    tellHostRpcReady: enqueueActions(({ context, enqueue }) => {
+      const plan = context.running;
+      if (plan === null || plan.kind !== 'ready') return;
+      enqueue.assign({ rpcReadySent: plan.id });
+      enqueue.sendTo('network', {
+        type: 'net.send',
+        to: plan.host,
+        message: { type: 'rpc-ready', planId: plan.id },
+      } satisfies NetworkCommand);
+    }),
+    startLlama: enqueueActions(({ context, enqueue }) => {
+      const plan = context.running;
+      if (plan === null || plan.kind !== 'ready' || context.rpcPort === null) return;
+      const generation = context.generation + 1;
+      enqueue.assign({ llama: 'starting', generation });
+      enqueue.sendTo('llamaServer', { type: 'llama.start', plan, generation, ownRpcPort: context.rpcPort } satisfies LlamaServerCommand);
+    }),
+    // Kill what runs; nothing may reach our rpc-server meanwhile.
+    stopProcesses: enqueueActions(({ context, enqueue }) => {
+      enqueue.assign({ rpcTunnelPolicy: null, rpcReadySent: null });
+      if (context.llama !== 'down') {
+        enqueue.assign({ llama: 'stopping' });
+        enqueue.sendTo('llamaServer', { type: 'llama.stop' } satisfies LlamaServerCommand);
+      }
+      if (context.rpc !== 'down') {
+        enqueue.assign({ rpc: 'stopping' });
+        enqueue.sendTo('rpcServer', { type: 'rpc.stop' } satisfies RpcServerCommand);
+      }
+    }),
+    sayLeaving: enqueueActions(({ context, enqueue }) => {
+      for (const to of context.links) {
+        enqueue.sendTo('network', { type: 'net.send', to, message: { type: 'leaving', reason: context.stopReason ?? 'stopping' } } satisfies NetworkCommand);
+      }
+    }),
+    noteStopReason: assign((_, params: { reason: string }) => ({ stopReason: params.reason })),
+
+    // ---- process notices ------------------------------------------------------------------------------
+    rpcUp: assign((_, params: { port: number }) => ({ rpc: 'ready' as const, rpcPort: params.port })),
+    rpcDown: assign({ rpc: 'down' as const, rpcPort: null }),
+    llamaUp: assign((_, params: { port: number }) => ({ llama: 'ready' as const, llamaPort: params.port })),
+    llamaDown: assign({ llama: 'down' as const, llamaPort: null }),
+    raiseMeshChanged: raise({ type: 'mesh.changed' }),
+    raisePlanElected: raise({ type: 'plan.elected' }),
+  },
+}).createMachine({
+  id: 'node',
+  context: ({ input }) => ({
+    self: input.self,
+    view: emptyView(input.self),
+    bootstrap: input.bootstrap ?? [],
+    peers: {},
+    direct: {},
+    links: [],
+    departed: {},
+    plan: null,
+    running: null,
+    rpc: 'down',
+    rpcPort: null,
+    llama: 'down',
+    llamaPort: null,
+    generation: 0,
+    rpcReady: {},
+    rpcReadySent: null,
+    rpcTunnelPolicy: null,
+    stopReason: null,
+  }),
+  invoke: [
+    {
+      id: 'network',
+      systemId: 'network',
+      src: 'network',
+      input: ({ context }) => ({ self: context.self.id }),
+      onError: {
+        target: '.leaving',
+        actions: { type: 'noteStopReason', params: ({ event }) => ({ reason: `network failed: ${String(event.error)}` }) },
+      },
+    },
+    {
+      id: 'election',
+      src: 'election',
+      input: ({ context, self }) => ({ self: context.self, notify: self }),
+      onError: {
+        target: '.leaving',
+        actions: { type: 'noteStopReason', params: ({ event }) => ({ reason: `election failed: ${String(event.error)}` }) },
+      },
+    },
+    {
+      id: 'rpcServer',
+      src: 'rpcServer',
+      input: ({ self }) => ({ notify: self }),
+      onError: {
+        target: '.leaving',
+        actions: { type: 'noteStopReason', params: ({ event }) => ({ reason: `rpc-server machine failed: ${String(event.error)}` }) },
+      },
+    },
+    {
+      id: 'llamaServer',
+      src: 'llamaServer',
+      input: ({ self }) => ({ notify: self }),
+      onError: {
+        target: '.leaving',
+        actions: { type: 'noteStopReason', params: ({ event }) => ({ reason: `llama-server machine failed: ${String(event.error)}` }) },
+      },
+    },
+  ],
+  on: {
+    'net.peer.connected': {
+      actions: { type: 'takeConnection', params: ({ event }) => ({ id: event.id, direct: event.direct }) },
+    },
+    'net.peer.disconnected': { actions: { type: 'forwardToPeer', params: ({ event }) => ({ id: event.id }) } },
+    'net.message': {
+      actions: [
+        { type: 'forwardToPeer', params: ({ event }) => ({ id: event.from }) },
+        { type: 'takeMessage', params: ({ event }) => ({ from: event.from, message: event.message }) },
+      ],
+    },
+    'peer.up': { actions: { type: 'linkUp', params: ({ event }) => ({ id: event.id }) } },
+    'peer.down': { actions: { type: 'linkDown', params: ({ event }) => ({ id: event.id }) } },
+    'peer.left': {
+      actions: [
+        { type: 'linkDown', params: ({ event }) => ({ id: event.id }) },
+        { type: 'dropPeer', params: ({ event }) => ({ id: event.id }) },
+      ],
+    },
+    'election.planned': {
+      actions: [{ type: 'takePlan', params: ({ event }) => ({ plan: event.plan }) }, 'raisePlanElected'],
+    },
+    'rpc.ready': { actions: [{ type: 'rpcUp', params: ({ event }) => ({ port: event.port }) }, 'refreshSelf'] },
+    'rpc.stopped': { actions: ['rpcDown', 'refreshSelf'] },
+    // A crash is a mesh change like any other.
+    'rpc.crashed': { actions: ['rpcDown', 'refreshSelf', 'raiseMeshChanged'] },
+    'llama.ready': { actions: [{ type: 'llamaUp', params: ({ event }) => ({ port: event.port }) }, 'refreshSelf'] },
+    'llama.stopped': { actions: ['llamaDown', 'refreshSelf'] },
+    'llama.crashed': { actions: ['llamaDown', 'refreshSelf', 'raiseMeshChanged'] },
+    'node.stop': {
+      target: '.leaving',
+      actions: { type: 'noteStopReason', params: ({ event }) => ({ reason: event.reason }) },
+    },
+  },
+  initial: 'joining',
+  states: {
+    // Dial the invite's node and wait for the first handshake, so that the first election already sees
+    // the mesh (electing alone first would start processes only to kill them a moment later).
+    joining: {
+      entry: 'spawnBootstrapPeers',
+      always: { guard: 'hasNoBootstrap', target: 'electing' },
+      on: { 'mesh.changed': 'electing' },
+      after: { joinTimeout: 'electing' },
+    },
+    // The election settles the burst of changes. A new plan arrives as `plan.elected`; silence past
+    // `electionQuiet` means the plan did not change.
+    electing: {
+      on: {
+        'plan.elected': [{ guard: 'planDiffersFromRunning', target: 'stopping' }, { target: 'starting' }],
+      },
+      after: {
+        electionQuiet: [
+          { guard: 'hasNoPlanYet' }, // the first plan is on its way: the election always sends it
+          { guard: 'planDiffersFromRunning', target: 'stopping' },
+          { guard: not('hasNoPlanYet'), target: 'starting' },
+        ],
+      },
+    },
+    // Bring up what the plan needs for this node; idempotent, so a mesh change midway costs nothing.
+    starting: {
+      entry: 'adoptPlan',
+      always: [
+        { guard: 'planIsUp', target: 'serving' },
+        { guard: 'shouldStartRpc', actions: 'startRpc' },
+        { guard: 'shouldTellHost', actions: 'tellHostRpcReady' },
+        { guard: 'shouldStartLlama', actions: 'startLlama' },
+      ],
+      on: {
+        'mesh.changed': 'electing',
+        'plan.elected': { guard: 'planDiffersFromRunning', target: 'stopping' },
+      },
+    },
+    serving: {
+      on: {
+        'mesh.changed': 'electing',
+        'plan.elected': { guard: 'planDiffersFromRunning', target: 'stopping' },
+      },
+    },
+    // Kill everything of the old plan, then start the new one from scratch.
+    stopping: {
+      entry: 'stopProcesses',
+      always: { guard: 'processesDown', target: 'starting' },
+    },
+    // A graceful stop: tell the peers, stop the processes, then stop for good.
+    leaving: {
+      entry: ['sayLeaving', 'stopProcesses'],
+      always: { guard: 'processesDown', target: 'stopped' },
+      after: { leaveTimeout: 'stopped' },
+      on: {
+        'node.stop': {},
+        'mesh.changed': {},
+        'plan.elected': {},
+      },
+    },
+    // Final: every child actor stops with the node, and each process slot's cleanup kills its process.
+    stopped: { type: 'final' },
+  },
+});
+
+/** What `enqueueActions` offers that the helpers below use. */
+interface NodeEnqueue {
+  assign(update: Partial<NodeContext>): void;
+  sendTo(target: 'network', event: NetworkCommand): void;
+  sendTo(target: 'election', event: ElectionEvent): void;
+}
+
+/** Spawns the machine that watches one peer (an assigner for `enqueue.assign`). */
+function spawnPeer(params: { id: EndpointId; addrs: readonly string[]; inbound: boolean }) {
+  return ({ context, spawn, self, system }: { context: NodeContext; spawn: (src: 'peer', options: object) => AnyActorRef; self: AnyActorRef; system: { get(id: string): unknown } }) => {
+    const network = system.get('network') as AnyActorRef;
+    const ref = spawn('peer', {
+      id: `peer:${params.id}`,
+      systemId: `peer:${params.id}`,
+      input: { id: params.id, addrs: params.addrs, network, notify: self, inbound: params.inbound },
+    }) as PeerRef;
+    const { [params.id]: _, ...departed } = context.departed;
+    return { peers: { ...context.peers, [params.id]: ref }, departed };
+  };
+}
+
+/** Everything this node knows, its own announcement first: the handshake's gossip. */
+function viewMessage(context: Pick<NodeContext, 'self' | 'view'>, to: EndpointId): NetworkCommand {
+  const others = Object.values(context.view.announcements).filter((a) => a.id !== context.self.id);
+  return { type: 'net.send', to, message: { type: 'gossip', announcements: [context.self, ...others] } };
+}
+
+/**
+ * Recomputes what this node announces (direct links, serving); on a change raises seq and tells the
+ * election and every link.
+ */
+function announceSelf(enqueue: NodeEnqueue, context: NodeContext): void {
+  const connectedTo = context.links.filter((id) => context.direct[id] === true);
+  const serving = isServing(context);
+  if (serving === context.self.serving && sameIds(connectedTo, context.self.connectedTo)) return;
+  const self: Announcement = { ...context.self, seq: context.self.seq + 1, connectedTo, serving };
+  enqueue.assign({ self, view: setSelf(context.view, self) });
+  enqueue.sendTo('election', { type: 'self.changed', announcement: self });
+  for (const to of context.links) {
+    enqueue.sendTo('network', { type: 'net.send', to, message: { type: 'gossip', announcements: [self] } });
+  }
+}
+
+/** The plan's role of this node for the plan it runs. */
+export function runningRole(context: Pick<NodeContext, 'running' | 'self'>): NodeRole {
+  return roleIn(context.running, context.self.id);
+}
+
+/** Whether everything the running plan asks of this node is up. */
+export function planIsUp(context: NodeContext): boolean {
+  if (context.running === null) return false;
+  switch (runningRole(context)) {
+    case 'host':
+      return context.rpc === 'ready' && context.llama === 'ready';
+    case 'worker':
+      return context.rpc === 'ready' && context.rpcReadySent === context.running.id;
+    case 'standby':
+    case 'waiting':
+      return true;
+  }
+}
+
+/** What the node announces as `serving`: its part of the plan is up. */
+function isServing(context: NodeContext): boolean {
+  switch (runningRole(context)) {
+    case 'host':
+      return context.rpc === 'ready' && context.llama === 'ready';
+    case 'worker':
+      return context.rpc === 'ready';
+    default:
+      return false;
+  }
+}
+
