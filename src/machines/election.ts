@@ -56,7 +56,8 @@ export function candidatesFor(view: View, fingerprint: string): Announcement[] {
 export function elect(view: View): Plan {
   const fingerprint = electionFingerprint(view);
   if (fingerprint === null) {
-    return waiting(null, `no node in reach holds a model (${connectedPart(view).length} node(s) connected)`);
+    // No counts of connected nodes in here: a lite client joining must not change this plan's id.
+    return waiting(null, 'no node in reach holds a model: start a node with --model, or join one that has it');
   }
   const candidates = candidatesFor(view, fingerprint);
   const hostable = candidates.filter((a) => a.role !== 'worker');
@@ -104,11 +105,19 @@ export function elect(view: View): Plan {
 
   return {
     kind: 'ready',
-    id: fnv1a64(JSON.stringify(['ready', fingerprint, host.id, stages.map((s) => [s.id, s.share])])),
+    id: readyPlanId(fingerprint, host.id, stages),
     host: host.id,
     stages,
     model: host.model,
   };
+}
+
+/**
+ * The identity of a ready plan: host, stages in order, split and model, and nothing else (not seq, not
+ * `serving`, not addresses), so a change that cannot change what runs never changes the id.
+ */
+export function readyPlanId(fingerprint: string, host: EndpointId, stages: readonly PlanStage[]): string {
+  return fnv1a64(JSON.stringify(['ready', fingerprint, host, stages.map((s) => [s.id, s.share])]));
 }
 
 /** The plan's stage ids in `--rpc` order (remote workers, then the host). */
