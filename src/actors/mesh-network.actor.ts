@@ -38,15 +38,16 @@ function run(
 export function createMeshNetworkLogic(init: MeshNetworkInit, components: MeshNetworkComponents, factory: MeshNetworkFactory = defaultFactory) {
   // The node machine's slot passes { self }: the endpoint already knows who we are; a mismatch is a wiring bug.
   return fromCallback<NetworkCommand, NetworkSlotInput>(({ input, sendBack, receive }) => {
-    if (input?.self !== undefined && input.self !== components.endpoint.id) {
-      components.logger.error({ self: input.self, endpoint: components.endpoint.id }, 'network actor started for another id than its endpoint');
+    const self = (input as NetworkSlotInput | undefined)?.self;
+    if (self !== undefined && self !== components.endpoint.id) {
+      components.logger.error({ self, endpoint: components.endpoint.id }, 'network actor started for another id than its endpoint');
     }
     return run(init, components, sendBack, receive, factory);
   });
 }
 
 /** What the node machine's `network` slot passes (src/machines/node.machine.ts). */
-export type NetworkSlotInput = { readonly self?: EndpointId } | undefined;
+export type NetworkSlotInput = { self: EndpointId };
 
 /** The same logic taking its dependencies as input, for a machine that invokes it with `input`. */
 export const meshNetworkLogic = fromCallback<NetworkCommand, MeshNetworkActorInput>(({ input, sendBack, receive }) =>
