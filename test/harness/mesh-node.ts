@@ -1,0 +1,135 @@
+// A whole mesh node for membership tests, in its own process: the node machine (src/machines) with the real
+// network actor on a real iroh endpoint (loopback, no relays). It runs NO model: the rpc-server and
+// llama-server slots get `noModel*` stand-ins that start nothing. Nodes here hold no model, so their
+// plans wait and nothing would start anyway; the stand-ins make sure of it.
+//
+//   npx tsx test/harness/mesh-node.ts '{"name":"n1","token":"mi1..."}'
+//   stdout: {"ev":"ready","id","addrs","token"}, then {"ev":"state","t","state","links","peers"} on each change
+//   stderr: pino JSON lines
+//   stdin:  {"cmd":"stop","reason":"..."} (graceful: leaving to every peer) | {"cmd":"exit"}
+import { randomBytes } from 'node:crypto';
+import { createInterface } from 'node:readline';
+import { pino, type LevelWithSilent } from 'pino';
+import { createActor, fromCallback } from 'xstate';
+import { createIrohEndpoint } from '../../src/io/iroh-transport.ts';
+import { createMeshId, createMeshSecret, decodeInviteToken, encodeInviteToken } from '../../src/io/invite-token.ts';
+import { createMeshNetworkLogic } from '../../src/actors/mesh-network.actor.ts';
+import { nodeMachine } from '../../src/machines/node.machine.ts';
+import { PROTOCOL_VERSION, type Announcement } from '../../src/machines/mesh-types.ts';
+import type { RpcServerCommand } from '../../src/machines/rpc-server.machine.ts';
+import type { LlamaServerCommand } from '../../src/machines/llama-server.machine.ts';
+
+interface Config {
+  name?: string;
+  token?: string;
+  logLevel?: LevelWithSilent;
+}
+
+const config = JSON.parse(process.argv[2] ?? '{}') as Config;
+const logger = pino({ level: config.logLevel ?? 'info', base: { node: config.name } }, pino.destination({ fd: 2, sync: true }));
+const out = (value: unknown): void => void process.stdout.write(JSON.stringify(value) + '\n');
+
+/** Membership tests only: an rpc-server slot that runs no process and never says ready. */
+const noModelRpcServerLogic = fromCallback<RpcServerCommand>(({ receive, sendBack }) => {
+  receive((cmd) => {
+    if (cmd.type === 'rpc.start') logger.warn('no-model harness: rpc-server not started');
+    else sendBack({ type: 'rpc.stopped' });
+  });
+});
+
+/** Membership tests only: a llama-server slot that runs no process and never says ready. */
+const noModelLlamaServerLogic = fromCallback<LlamaServerCommand>(({ receive, sendBack }) => {
+  receive((cmd) => {
+    if (cmd.type === 'llama.start') logger.warn('no-model harness: llama-server not started');
+    else sendBack({ type: 'llama.stopped', planId: null });
+  });
+});
+
+const invite = config.token ? decodeInviteToken(config.token) : null;
+const secret = invite?.secret ?? createMeshSecret();
+const endpoint = await createIrohEndpoint(
+  { secretKey: new Uint8Array(randomBytes(32)), bindHost: '127.0.0.1', relay: 'none' },
+  { log: logger.child({ component: 'transport' }) },
+);
+const self: Announcement = {
+  id: endpoint.id,
+  epoch: Date.now(),
+  seq: 0,
+  name: config.name ?? endpoint.id.slice(0, 6),
+  role: 'auto',
+  vramBytes: 0,
+  model: null,
+  version: PROTOCOL_VERSION,
+  serving: false,
+  addrs: endpoint.addrs(),
+  connectedTo: [],
+};
+const network = createMeshNetworkLogic(
+  { secret, hello: { role: self.role, vramBytes: self.vramBytes, model: self.model } },
+  { endpoint, logger: logger.child({ component: 'network' }) },
+);
+const machine = nodeMachine.provide({
+  actors: { network, rpcServer: noModelRpcServerLogic as never, llamaServer: noModelLlamaServerLogic as never },
+});
+const actor = createActor(machine, {
+  input: { self, bootstrap: invite ? [{ id: invite.inviter, addrs: invite.addrs }] : [] },
+});
+
+let last = '';
+actor.subscribe({
+  next: (snap) => {
+    const peers: Record<string, unknown> = {};
+    for (const [id, ref] of Object.entries(snap.context.peers)) peers[id] = (ref as { getSnapshot(): { value: unknown } }).getSnapshot().value;
+    const report = { state: snap.value, links: snap.context.links, peers };
+    const key = JSON.stringify(report);
+    if (key !== last) {
+      last = key;
+      out({ ev: 'state', t: Date.now(), ...report });
+    }
+  },
+  error: (err) => logger.error({ err: String(err) }, 'node machine failed'),
+});
+actor.start();
+// Peer machines change state on their own timers: poll their states too (cheap, and only for the test's eyes).
+const poll = setInterval(() => {
+  const snap = actor.getSnapshot();
+  const peers: Record<string, unknown> = {};
+  for (const [id, ref] of Object.entries(snap.context.peers)) peers[id] = (ref as { getSnapshot(): { value: unknown } }).getSnapshot().value;
+  const report = { state: snap.value, links: snap.context.links, peers };
+  const key = JSON.stringify(report);
+  if (key !== last) {
+    last = key;
+    out({ ev: 'state', t: Date.now(), ...report });
+  }
+}, 100);
+
+const token = encodeInviteToken({ meshId: invite?.meshId ?? createMeshId(), secret, inviter: endpoint.id, addrs: endpoint.addrs() });
+out({ ev: 'ready', id: endpoint.id, addrs: endpoint.addrs(), token });
+
+let exiting = false;
+async function exit(reason: string): Promise<void> {
+  if (exiting) return;
+  exiting = true;
+  actor.send({ type: 'node.stop', reason });
+  await Promise.race([
+    new Promise<void>((r) => actor.subscribe({ complete: () => r() })),
+    new Promise<void>((r) => setTimeout(r, 3_000)),
+  ]);
+  actor.stop();
+  clearInterval(poll);
+  await new Promise((r) => setTimeout(r, 300)); // the network's leaving frames
+  await endpoint.close();
+  process.exit(0);
+}
+
+createInterface({ input: process.stdin })
+  .on('line', (line) => {
+    try {
+      const msg = JSON.parse(line) as { cmd: string; reason?: string };
+      if (msg.cmd === 'stop' || msg.cmd === 'exit') void exit(msg.reason ?? 'harness exit');
+    } catch {
+      logger.error({ line }, 'harness: not JSON');
+    }
+  })
+  .on('close', () => void exit('stdin closed'));
+process.on('SIGTERM', () => void exit('SIGTERM'));
