@@ -1,7 +1,7 @@
 // Membership with real processes: five nodes (test/harness/mesh-node.ts: the node machine + the real network
 // actor on iroh loopback, no model and no llama processes) form a full mesh from one token; a SIGKILLed and
 // a SIGSTOPped node are detected by heartbeats within the bound and the rest re-converge; the stopped one
-// comes back when continued. Detection times are printed for the benchmark, not asserted tightly.
+// comes back when continued; a graceful leave is seen at once. Detection times are printed for the benchmark, not asserted tightly.
 import { afterAll, describe, expect, it } from 'vitest';
 import { HarnessProc, until } from './harness/proc.ts';
 
@@ -97,5 +97,23 @@ describe('mesh membership (5 processes, real iroh on loopback, no model)', () =>
     // SIGCONT: the frozen node returns and the four re-converge (redial with backoff, at most 16 s apart).
     frozen.p.kill('SIGCONT');
     await converged(rest4, 45_000, 'four after the stopped node returned');
+
+    // A graceful leave is announced (`leaving`) and seen at once, well inside the heartbeat bound.
+    const leaver = nodes[2]!;
+    const stay = [nodes[0]!, nodes[1]!, nodes[3]!];
+    const t2 = Date.now();
+    leaver.p.send({ cmd: 'stop', reason: 'operator stop' });
+    const leaveTimes = await Promise.all(
+      stay.map(async (n) => {
+        await until(() => (linksOf(n.p).includes(leaver.id) ? undefined : true), 10_000, 'leave seen');
+        return Date.now() - t2;
+      }),
+    );
+    console.log(`graceful leave seen after ${leaveTimes.join(', ')} ms`);
+    for (const t of leaveTimes) expect(t).toBeLessThan(2_500);
+    await converged(stay, 10_000, 'three after the graceful leave');
+    for (const n of stay) {
+      await n.p.waitLog((l) => typeof l.msg === 'string' && l.msg.startsWith('peer is leaving: operator stop'), 5_000, 'leaving logged');
+    }
   }, 240_000);
 });
