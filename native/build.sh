@@ -17,6 +17,7 @@
 #   MESH_LLAMA_TARGETS        targets to build (default: llama-server ggml-rpc-server llama-bench)
 #   MESH_LLAMA_BUILD_ROOT     where source trees and build trees go (default: native/build)
 #   MESH_LLAMA_BUNDLE=FILE    use this gitRelease.bundle instead of looking for the npm package
+#   MESH_LLAMA_CACHE_DIR      where the npm tarball is kept and unpacked (default native/cache)
 set -euo pipefail
 # Everything runs inside main(), which bash parses whole before running: editing or updating this file
 # while a build is running cannot change what that build does next.
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
     --force) FORCE=1; shift ;;
     --check) CHECK=1; shift ;;
     --print-bin-dir) PRINT_BIN_DIR=1; shift ;;
-    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "native/build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,7 +57,7 @@ VARIANT_DIR="$BUILD_ROOT/$VARIANT"
 SRC_DIR="$VARIANT_DIR/src"
 OUT_DIR="$VARIANT_DIR/build"
 BIN_DIR="$OUT_DIR/bin"
-CACHE_DIR="$NATIVE_DIR/cache"
+CACHE_DIR="${MESH_LLAMA_CACHE_DIR:-$NATIVE_DIR/cache}"
 LOG="$VARIANT_DIR/build.log"
 
 if [ "$PRINT_BIN_DIR" = 1 ]; then echo "$BIN_DIR"; exit 0; fi

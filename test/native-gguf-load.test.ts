@@ -1,0 +1,360 @@
+// SET_TENSOR_GGUF end to end: real patched and stock llama.cpp binaries, real processes on loopback, generated
+// models, and a counting proxy in front of every rpc-server. Weights must come from each worker's own GGUF
+// (under 1% of the model crosses the wire) with the same greedy tokens as when every byte is sent.
+import { existsSync } from 'node:fs';
+import { copyFile, mkdtemp, readFile, rm, truncate } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { readGgufHeader, type GgufHeader } from '../src/io/gguf-reader.ts';
+import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf-writer.ts';
+import { buildBinDir, buildDisabled, ensureLlamaBinaries, type LlamaBinaries } from '../src/io/llama-binaries.ts';
+import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../src/io/rpc-traffic.ts';
+import { greedyCompletion } from './helpers/llama.ts';
+import {
+  GGUF_RESULT,
+  MESH_RPC_COMMANDS,
+  RawRpcClient,
+  encodeRpcTensor,
+  runToExit,
+  startNativeLlamaServer,
+  startNativeRpcServer,
+  xxh64,
+  type NativeRpcServer,
+} from './native-support.ts';
+
+const haveMesh = existsSync(join(buildBinDir('mesh'), 'llama-server')) || !!process.env.MESH_LLAMA_BIN_DIR;
+const canRun = haveMesh || !buildDisabled();
+if (!canRun) {
+  console.warn(
+    'native-gguf-load: SKIPPED: no llama.cpp binaries and MESH_LLAMA_SKIP_BUILD=1 forbids building them ' +
+      '(run `npm run build:native`, or set MESH_LLAMA_BIN_DIR)',
+  );
+}
+
+// 4 layers of width 256 (F16): ~40 MB, and every matrix is over the patch's 64 KiB minimum, so only the
+// norms (1 KB each) travel as bytes. The vocab comes from our own source tree, which the build unpacked.
+const SHAPE = { layers: 4, embd: 256, ff: 768, type: 'f16' } as const;
+const PROMPT = 'Once upon a time, in a land far away,';
+const N_PREDICT = 32;
+
+const hold: { dir: string; mesh?: LlamaBinaries; stock?: LlamaBinaries; stockError?: string } = { dir: '' };
+let modelA = '';
+let modelB = '';
+let headerA: GgufHeader;
+const children: { stop(): Promise<void> }[] = [];
+
+async function makeModel(path: string, seed: number): Promise<void> {
+  const spec: LlamaModelSpec = {
+    ...SHAPE,
+    seed,
+    vocabPath: join(buildBinDir('mesh'), '..', '..', 'src', 'models', 'ggml-vocab-llama-spm.gguf'),
+  };
+  await generateLlamaGguf(path, spec);
+}
+
+interface Run {
+  readonly tokens: readonly number[];
+  /** Traffic to each rpc-server from spawn to /health 200 (load and warm-up). */
+  readonly load: RpcTrafficSnapshot[];
+  readonly loadMs: number;
+}
+
+/** llama-server through a counting proxy per rpc-server, all layers on the rpc-servers (split 1:1). */
+async function runThrough(servers: readonly NativeRpcServer[], env: Record<string, string> = {}): Promise<Run> {
+  const proxies: RpcTrafficProxy[] = [];
+  try {
+    for (const s of servers) proxies.push(await startRpcTrafficProxy({ target: s.address, extraCommands: MESH_RPC_COMMANDS }));
+    const llama = await startNativeLlamaServer(hold.mesh!.llamaServer, {
+      model: modelA,
+      rpc: proxies.map((p) => p.address),
+      extraArgs: ['--tensor-split', servers.map(() => '1').join(',')],
+      env,
+    });
+    try {
+      const load = proxies.map((p) => p.snapshot());
+      const { tokens } = await greedyCompletion(llama, PROMPT, N_PREDICT);
+      return { tokens, load, loadMs: llama.loadMs };
+    } finally {
+      await llama.stop();
+    }
+  } finally {
+    for (const p of proxies) await p.close();
+  }
+}
+
+async function rpcServer(bins: LlamaBinaries, args: string[] = []): Promise<NativeRpcServer> {
+  const s = await startNativeRpcServer(bins.rpcServer, args);
+  children.push(s);
+  return s;
+}
+
+const bytesIn = (s: RpcTrafficSnapshot): number => s.totals.bytesToServer;
+const ggufCalls = (s: RpcTrafficSnapshot): number => s.commands.SET_TENSOR_GGUF?.count ?? 0;
+/** What the host keeps for itself: the input layer (token embeddings) stays on its CPU. */
+const offloadedBytes = (h: GgufHeader): number => h.tensors.filter((t) => t.name !== 'token_embd.weight').reduce((a, t) => a + t.bytes, 0);
+
+/** Bytes of one transformer block: what a worker holding at least one layer must have received. */
+const layerBytes = (h: GgufHeader): number => h.tensors.filter((t) => t.name.startsWith('blk.0.')).reduce((a, t) => a + t.bytes, 0);
+
+describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
+  beforeAll(async () => {
+    hold.mesh = await ensureLlamaBinaries({ variant: 'mesh', onLine: (l) => console.log(l) });
+    try {
+      hold.stock = await ensureLlamaBinaries({ variant: 'stock', onLine: (l) => console.log(l) });
+    } catch (e) {
+      hold.stockError = (e as Error).message;
+    }
+    hold.dir = await mkdtemp(join(tmpdir(), 'mesh-native-'));
+    modelA = join(hold.dir, 'a.gguf');
+    modelB = join(hold.dir, 'b.gguf');
+    await makeModel(modelA, 1);
+    await makeModel(modelB, 2); // same shape and names, other weights: "another model file"
+    headerA = await readGgufHeader(modelA);
+  }, 40 * 60_000);
+
+  afterAll(async () => {
+    for (const c of children.splice(0)) await c.stop();
+    if (hold.dir) await rm(hold.dir, { recursive: true, force: true });
+  });
+
+  describe('weights load from each worker\'s own GGUF', () => {
+  let reference: Run; // every byte sent (patched client told not to use the GGUF path)
+
+  it('the build carries the patch and the stock build does not', () => {
+    expect(hold.mesh!.setTensorGguf).toBe(true);
+    expect(hold.mesh!.patches).toContain('set-tensor-gguf/1');
+    if (hold.stock) expect(hold.stock.patches).toEqual([]);
+  });
+
+  it('sends about the whole model when told not to use the GGUF path (the reference)', async () => {
+    const a = await rpcServer(hold.mesh!, ['--gguf', modelA]);
+    const b = await rpcServer(hold.mesh!, ['--gguf', modelA]);
+    reference = await runThrough([a, b], { GGML_RPC_NO_GGUF: '1' });
+    await a.stop();
+    await b.stop();
+    const sent = reference.load.reduce((x, s) => x + bytesIn(s), 0);
+    console.log(`bytes sent: ${sent} for ${offloadedBytes(headerA)} offloaded bytes of a ${headerA.fileBytes}-byte model`);
+    expect(reference.load.map(ggufCalls)).toEqual([0, 0]);
+    expect(sent).toBeGreaterThanOrEqual(offloadedBytes(headerA));
+    expect(sent).toBeLessThan(headerA.fileBytes * 1.05);
+    // a real test of equality needs varied output
+    expect(reference.tokens).toHaveLength(N_PREDICT);
+    expect(new Set(reference.tokens).size).toBeGreaterThanOrEqual(8);
+  }, 180_000);
+
+  it('with --gguf on both workers, under 1% of the model crosses the wire and the tokens are the same', async () => {
+    const a = await rpcServer(hold.mesh!, ['--gguf', modelA]);
+    const b = await rpcServer(hold.mesh!, ['--gguf', modelA]);
+    const run = await runThrough([a, b]);
+    await a.stop();
+    await b.stop();
+    const sent = run.load.reduce((x, s) => x + bytesIn(s), 0);
+    console.log(`bytes sent: ${sent} (${((100 * sent) / headerA.fileBytes).toFixed(3)}% of the model)`);
+    // each worker loaded its share by name, and both received graph computations
+    for (const s of run.load) {
+      expect(ggufCalls(s)).toBeGreaterThan(0);
+      expect(s.commands.SET_TENSOR_GGUF!.roundTrips).toBe(s.commands.SET_TENSOR_GGUF!.count);
+      expect((s.commands.GRAPH_COMPUTE?.count ?? 0) + (s.commands.GRAPH_RECOMPUTE?.count ?? 0)).toBeGreaterThan(0);
+    }
+    expect(sent).toBeLessThan(headerA.fileBytes * 0.01);
+    expect(run.tokens).toEqual(reference.tokens);
+  }, 180_000);
+
+  it('a stock rpc-server still serves the patched llama-server (bytes are sent to it)', async (ctx) => {
+    if (!hold.stock) ctx.skip(`no stock build: ${hold.stockError}`);
+    const stock = await rpcServer(hold.stock!);
+    const patched = await rpcServer(hold.mesh!, ['--gguf', modelA]);
+    const run = await runThrough([stock, patched]);
+    await stock.stop();
+    await patched.stop();
+    const [toStock, toPatched] = run.load as [RpcTrafficSnapshot, RpcTrafficSnapshot];
+    expect(ggufCalls(toStock)).toBe(0); // never sent a command it does not know
+    expect(toStock.commands.SET_TENSOR?.bytesToServer ?? 0).toBeGreaterThanOrEqual(layerBytes(headerA));
+    expect(ggufCalls(toPatched)).toBeGreaterThan(0);
+    expect(bytesIn(toPatched)).toBeLessThan(headerA.fileBytes * 0.01);
+    expect(run.tokens).toEqual(reference.tokens);
+  }, 180_000);
+
+  it('a patched rpc-server with --gguf still serves a stock llama-server', async (ctx) => {
+    if (!hold.stock || !existsSync(hold.stock.llamaServer)) ctx.skip(`no stock llama-server: ${hold.stockError ?? 'not built'}`);
+    const a = await rpcServer(hold.mesh!, ['--gguf', modelA]);
+    const b = await rpcServer(hold.mesh!, ['--gguf', modelA]);
+    const proxies = [
+      await startRpcTrafficProxy({ target: a.address, extraCommands: MESH_RPC_COMMANDS }),
+      await startRpcTrafficProxy({ target: b.address, extraCommands: MESH_RPC_COMMANDS }),
+    ];
+    try {
+      const llama = await startNativeLlamaServer(hold.stock!.llamaServer, {
+        model: modelA,
+        rpc: proxies.map((p) => p.address),
+        extraArgs: ['--tensor-split', '1,1'],
+      });
+      try {
+        const { tokens } = await greedyCompletion(llama, PROMPT, N_PREDICT);
+        expect(tokens).toEqual(reference.tokens);
+      } finally {
+        await llama.stop();
+      }
+      for (const p of proxies) expect(ggufCalls(p.snapshot())).toBe(0);
+    } finally {
+      for (const p of proxies) await p.close();
+      await a.stop();
+      await b.stop();
+    }
+  }, 180_000);
+
+  it('a worker whose GGUF is another model is refused per tensor, gets the bytes, and the tokens are the same', async () => {
+    const other = await rpcServer(hold.mesh!, ['--gguf', modelB]);
+    const same = await rpcServer(hold.mesh!, ['--gguf', modelA]);
+    const run = await runThrough([other, same]);
+    await other.stop();
+    await same.stop();
+    const [toOther, toSame] = run.load as [RpcTrafficSnapshot, RpcTrafficSnapshot];
+    // the client stops asking after a run of refusals, so a wrong file costs a bounded number of round trips
+    expect(ggufCalls(toOther)).toBeGreaterThan(0);
+    expect(ggufCalls(toOther)).toBeLessThanOrEqual(8);
+    expect(toOther.commands.SET_TENSOR?.bytesToServer ?? 0).toBeGreaterThanOrEqual(layerBytes(headerA));
+    expect(bytesIn(toSame)).toBeLessThan(headerA.fileBytes * 0.01);
+    expect(run.tokens).toEqual(reference.tokens);
+  }, 180_000);
+  });
+
+  describe('hand-made requests', () => {
+  let server: NativeRpcServer;
+  let client: RawRpcClient;
+  let base = 0n;
+  let bufPtr = 0n;
+  let bufSize = 0n;
+  // blk.0.attn_q.weight: F16 [256, 256] = 128 KiB
+  const NAME = 'blk.0.attn_q.weight';
+  const BYTES = 256 * 256 * 2;
+  let fileBytes: Buffer;
+  let truncated = '';
+
+  beforeAll(async () => {
+    const info = headerA.tensors.find((t) => t.name === NAME)!;
+    expect(info.bytes).toBe(BYTES);
+    fileBytes = (await readFile(modelA)).subarray(info.absoluteOffset, info.absoluteOffset + BYTES);
+    server = await rpcServer(hold.mesh!, ['--gguf', modelA]);
+    client = await RawRpcClient.connect(server.address);
+    await client.hello();
+    // twice the tensor, so that a request can stay inside the buffer yet outside the GGUF tensor
+    const buf = await client.allocBuffer(2 * BYTES);
+    bufPtr = buf.ptr;
+    bufSize = buf.size;
+    base = await client.bufferBase(buf.ptr);
+    truncated = join(hold.dir, 'truncated.gguf');
+    await copyFile(modelA, truncated);
+  }, 60_000);
+
+  afterAll(() => client?.close());
+
+  const dest = (ne: number[] = [256, 256], type = 1, elementBytes = 2) =>
+    encodeRpcTensor({ type, ne, elementBytes, buffer: bufPtr, data: base, name: 'dest' });
+
+  it('a patched server announces the capability without changing the version a stock client checks', async () => {
+    const c = await RawRpcClient.connect(server.address);
+    try {
+      // a stock client refuses a server whose minor version is newer than its own: it must stay 6.0
+      expect(await c.hello()).toEqual({ major: 6, minor: 0, patch: 0, meshCaps: 0x81 });
+    } finally {
+      c.close();
+    }
+  }, 60_000);
+
+  it('loads a tensor by name when the hash matches, and the destination then holds the file\'s bytes', async () => {
+    expect(await client.setTensorGguf(dest(), NAME, 0, BYTES, xxh64(fileBytes))).toBe(GGUF_RESULT.LOADED);
+    expect((await client.getTensor(dest(), 0, BYTES)).equals(fileBytes)).toBe(true);
+    // a part of it, at an offset
+    expect(await client.setTensorGguf(dest(), NAME, 4096, 8192, xxh64(fileBytes.subarray(4096, 4096 + 8192)))).toBe(GGUF_RESULT.LOADED);
+  });
+
+  it('refuses an unknown name, a type or size that differs, a range outside the tensor, and other content', async () => {
+    const h = xxh64(fileBytes);
+    expect(await client.setTensorGguf(dest(), 'blk.99.attn_q.weight', 0, BYTES, h)).toBe(GGUF_RESULT.UNKNOWN_NAME);
+    expect(await client.setTensorGguf(dest(), '', 0, BYTES, h)).toBe(GGUF_RESULT.UNKNOWN_NAME);
+    // destination shaped [256, 128]: not the GGUF tensor's size
+    expect(await client.setTensorGguf(dest([256, 128]), NAME, 0, BYTES / 2, h)).toBe(GGUF_RESULT.MISMATCH);
+    // same byte count, other type (F32 [128, 256] vs F16 [256, 256])
+    expect(await client.setTensorGguf(dest([128, 256], 0, 4), NAME, 0, BYTES, h)).toBe(GGUF_RESULT.MISMATCH);
+    // inside the destination buffer (it is twice as large) but past the GGUF tensor's end
+    const wide = encodeRpcTensor({ type: 1, ne: [256, 512], elementBytes: 2, buffer: bufPtr, data: base });
+    expect(await client.setTensorGguf(wide, NAME, 0, 2 * BYTES, h)).toBe(GGUF_RESULT.MISMATCH);
+    expect(await client.setTensorGguf(dest(), NAME, BYTES - 16, 32, h)).toBe(GGUF_RESULT.OUT_OF_RANGE);
+    expect(await client.setTensorGguf(dest(), NAME, 8, BYTES, h)).toBe(GGUF_RESULT.OUT_OF_RANGE);
+    // right place, wrong bytes: the hash of other content
+    expect(await client.setTensorGguf(dest(), NAME, 0, BYTES, h ^ 1n)).toBe(GGUF_RESULT.HASH_DIFFERS);
+    // the server is still serving this connection after all refusals
+    expect(await client.setTensorGguf(dest(), NAME, 0, BYTES, h)).toBe(GGUF_RESULT.LOADED);
+  });
+
+  it('closes the connection on a destination outside its buffer (offset or size overflowing), and keeps serving others', async () => {
+    for (const [offset, size] of [[0xffffffffffffff00n, 256n], [0n, 0xffffffffffffffffn], [bufSize, 16n]] as [bigint, bigint][]) {
+      const c = await RawRpcClient.connect(server.address);
+      await c.hello();
+      await expect(c.setTensorGgufRaw(dest(), NAME, offset, size, 0n)).rejects.toThrow(/closed the connection/);
+      c.close();
+    }
+    const c = await RawRpcClient.connect(server.address);
+    try {
+      expect((await c.hello()).meshCaps).toBe(0x81);
+    } finally {
+      c.close();
+    }
+  });
+
+  it('refuses to start on a truncated GGUF, and answers READ_FAILED when the file shrinks under it', async () => {
+    const info = headerA.tensors.find((t) => t.name === 'output.weight')!; // the last tensor in the file
+    await truncate(truncated, info.absoluteOffset + 100);
+    const refused = await runToExit(hold.mesh!.rpcServer, ['-p', '1', '--gguf', truncated]);
+    expect(refused.code).not.toBe(0);
+    expect(refused.output).toMatch(/truncated/);
+
+    // a server started on the whole file, which then loses its tail
+    const shrink = join(hold.dir, 'shrink.gguf');
+    await copyFile(modelA, shrink);
+    const s = await rpcServer(hold.mesh!, ['--gguf', shrink]);
+    const c = await RawRpcClient.connect(s.address);
+    try {
+      await c.hello();
+      const buf = await c.allocBuffer(BYTES);
+      const b = await c.bufferBase(buf.ptr);
+      const t = encodeRpcTensor({ type: 1, ne: [256, 256], elementBytes: 2, buffer: buf.ptr, data: b });
+      const q = headerA.tensors.find((x) => x.name === NAME)!;
+      await truncate(shrink, q.absoluteOffset + 1000);
+      expect(await c.setTensorGguf(t, NAME, 0, BYTES, xxh64(fileBytes))).toBe(GGUF_RESULT.READ_FAILED);
+    } finally {
+      c.close();
+      await s.stop();
+    }
+  });
+
+  it('a server without --gguf announces nothing and answers NO_SOURCE', async () => {
+    const s = await rpcServer(hold.mesh!);
+    const c = await RawRpcClient.connect(s.address);
+    try {
+      expect((await c.hello()).meshCaps).toBe(0);
+      const buf = await c.allocBuffer(BYTES);
+      const b = await c.bufferBase(buf.ptr);
+      const t = encodeRpcTensor({ type: 1, ne: [256, 256], elementBytes: 2, buffer: buf.ptr, data: b });
+      expect(await c.setTensorGguf(t, NAME, 0, BYTES, xxh64(fileBytes))).toBe(GGUF_RESULT.NO_SOURCE);
+    } finally {
+      c.close();
+      await s.stop();
+    }
+  });
+
+  it('a stock server announces nothing', async (ctx) => {
+    if (!hold.stock) ctx.skip(`no stock build: ${hold.stockError ?? 'not built'}`);
+    const s = await rpcServer(hold.stock!);
+    const c = await RawRpcClient.connect(s.address);
+    try {
+      expect(await c.hello()).toEqual({ major: 6, minor: 0, patch: 0, meshCaps: 0 });
+    } finally {
+      c.close();
+      await s.stop();
+    }
+  });
+});
+});
