@@ -1,6 +1,8 @@
 // The network layer over the in-memory transport: fast, deterministic checks of the paths that real sockets
 // make slow or flaky to reach (hello timeout, a peer that never reads, a restarted peer), and the actor.
 import { afterEach, describe, expect, it } from 'vitest';
+import fc from 'fast-check';
+import { Packr } from 'msgpackr';
 import { pino, type Logger } from 'pino';
 import { assign, createActor, sendTo, setup } from 'xstate';
 import { MemoryNetwork } from '../src/io/memory-transport.ts';
@@ -137,5 +139,67 @@ describe('mesh network over the memory transport', () => {
     actor.stop();
     const ev = await waitEvent(b.events, (e) => e.type === 'net.peer.disconnected');
     expect(ev).toEqual({ type: 'net.peer.disconnected', id: endpoint.id, reason: 'left: node stopping' });
+  });
+
+  it('fuzz: whatever a peer writes on its control stream affects only that peer, and every session it opened ends once', async () => {
+    const world = new MemoryNetwork();
+    const secret = createMeshSecret();
+    const target = node(world, secret, { helloTimeoutMs: 200 });
+    const friend = node(world, secret);
+    friend.net.execute({ type: 'net.dial', id: target.id, addrs: [] });
+    await waitEvent(target.events, (e) => e.type === 'net.peer.connected' && e.id === friend.id);
+    await waitEvent(friend.events, (e) => e.type === 'net.peer.connected' && e.id === target.id);
+    const packr = new Packr({ useRecords: false });
+    const frameOf = (v: unknown): Uint8Array => {
+      const body = packr.pack(v);
+      const f = new Uint8Array(4 + body.length);
+      new DataView(f.buffer).setUint32(0, body.length);
+      f.set(body, 4);
+      return f;
+    };
+    const anyFrame = fc.oneof(
+      fc.uint8Array({ minLength: 1, maxLength: 200 }),
+      fc.anything().map(frameOf),
+      fc.record({ type: fc.constantFrom('hello', 'gossip', 'heartbeat', 'heartbeat-ack', 'leaving', 'rpc-ready', 'x'), n: fc.anything(), planId: fc.anything(), reason: fc.anything() }).map(frameOf),
+      fc.constantFrom({ type: 'heartbeat', n: 1 }, { type: 'rpc-ready', planId: 'p' }, { type: 'leaving', reason: 'fuzz' }).map(frameOf),
+    );
+    let attackers = 0;
+    await fc.assert(
+      fc.asyncProperty(fc.boolean(), fc.array(anyFrame, { minLength: 1, maxLength: 5 }), fc.boolean(), async (sayHello, frames, finish) => {
+        const attacker = world.createEndpoint();
+        attackers++;
+        try {
+          const conn = await attacker.dial(target.id, []);
+          const stream = await conn.openStream('control');
+          try {
+            if (sayHello) await stream.write(encodeFrame(makeHello({ role: 'auto', vramBytes: 0, model: null }, secret, attacker.id, target.id)));
+            for (const f of frames) await stream.write(f);
+            if (finish) await stream.finish();
+          } catch {
+            // closed by the target already
+          }
+          // Every run ends: the target closes on a bad frame, at the end of our stream, or after the hello timeout;
+          // a run of only valid frames after a valid hello stays admitted until we hang up.
+          const info = await Promise.race([conn.closed, new Promise<null>((r) => setTimeout(() => r(null), 400))]);
+          if (info === null) conn.close('run over');
+        } finally {
+          await attacker.close();
+        }
+      }),
+      { numRuns: 150 },
+    );
+    // Every attacker session the node heard of has ended, each exactly once.
+    await until(() => (target.net.peers().length === 1 ? true : undefined), 3_000, 'attackers gone');
+    const others = target.events.filter((e) => ('id' in e ? e.id : e.from) !== friend.id);
+    const up = others.filter((e) => e.type === 'net.peer.connected').length;
+    const down = others.filter((e) => e.type === 'net.peer.disconnected').length;
+    expect(up).toBe(down);
+    expect(target.net.peers()).toEqual([friend.id]);
+    expect(target.logs.filter((l) => l.level >= 50)).toEqual([]);
+    // The friend noticed nothing and still talks to the target.
+    friend.net.execute({ type: 'net.send', to: target.id, message: { type: 'heartbeat', n: 4242 } });
+    await waitEvent(target.events, (e) => e.type === 'net.message' && e.message.type === 'heartbeat' && e.message.n === 4242);
+    expect(friend.events.map((e) => e.type)).toEqual(['net.peer.connected', 'net.message']);
+    expect(attackers).toBe(150);
   });
 });
