@@ -40,7 +40,7 @@ const ann = (id: string, s: NodeSpec = {}): Announcement => ({
   seq: s.seq ?? 1,
   name: id,
   role: s.role ?? 'auto',
-  vramBytes: (s.vram ?? 0) * GB,
+  vramBytes: Math.round((s.vram ?? 0) * GB),
   model: s.model === undefined ? MODEL : s.model,
   version: s.version ?? 1,
   serving: s.serving ?? false,
@@ -74,6 +74,13 @@ describe('elect: the rules', () => {
     expect(plan.host).toBe('b');
     expect(plan.stages).toEqual([{ id: 'b', share: 1 }]);
     expect(plan.model).toEqual(MODEL);
+  });
+
+  it('counts exactly 1.1 x the model as enough (no floating-point miss)', () => {
+    const small: ModelIdentity = { name: 'tiny', bytes: 3 * GB, fingerprint: 'fp-tiny' };
+    const view = mesh('a', { a: { vram: 3.3, model: small } });
+    expect(ready(elect(view)).stages).toEqual([{ id: 'a', share: 1 }]);
+    expect(elect(mesh('a', { a: { vram: 3.299, model: small } })).kind).toBe('waiting');
   });
 
   it('splits in proportion to VRAM, host last, with only as many workers as needed', () => {

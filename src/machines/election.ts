@@ -8,6 +8,14 @@ import type { Announcement, EndpointId, ModelIdentity, Plan, PlanStage, View } f
 export const HEADROOM = 1.1;
 
 /**
+ * The VRAM a plan for `modelBytes` must hold: 1.1 x, in integer arithmetic, so that a node with exactly
+ * 1.1 x counts (in floating point 1.1 * 3e9 is 3300000000.0000005) and every node computes the same number.
+ */
+export function requiredBytes(modelBytes: number): number {
+  return Math.ceil((modelBytes * 11) / 10);
+}
+
+/**
  * The model fingerprint this node elects over. A node holding a model elects over its own model: it can
  * only ever serve that one. A lite client (role `client`, or no model) follows the fingerprint that the
  * most candidates in its part hold (ties by the smaller fingerprint string), so it joins the biggest
@@ -73,7 +81,7 @@ export function elect(view: View): Plan {
   // Host: a node that asked to host wins over `auto`; then the most VRAM; then the smaller id.
   const preferred = hostable.some((a) => a.role === 'host') ? hostable.filter((a) => a.role === 'host') : hostable;
   const host = [...preferred].sort(byVramThenId)[0] as Announcement & { model: ModelIdentity };
-  const need = HEADROOM * host.model.bytes;
+  const need = requiredBytes(host.model.bytes);
 
   // Workers: only as many as needed (each stage costs a round trip per token), biggest first, and only
   // among nodes the host itself is directly connected to, since the host's llama-server dials them.

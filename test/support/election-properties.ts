@@ -168,7 +168,8 @@ export function planProblem(view: View, plan: Plan): string | null {
   if (plan.stages.some((s) => !(s.share >= 0))) return 'a negative share';
   const vram = stageNodes.map((a) => a?.vramBytes ?? 0);
   const total = vram.reduce((n, v) => n + v, 0);
-  const need = 1.1 * plan.model.bytes;
+  // 1.1 x in integers: exactly 1.1 x counts as enough.
+  const need = Math.ceil((plan.model.bytes * 11) / 10);
   if (total < need) return `the set holds ${total} bytes, needs ${need}`;
   // Only as many nodes as needed: without its smallest worker the set must fall short.
   if (plan.stages.length > 1 && total - Math.min(...vram.slice(0, -1)) >= need) return 'more workers than needed';
