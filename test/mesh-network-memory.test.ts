@@ -110,6 +110,26 @@ describe('mesh network over the memory transport', () => {
     expect(a.net.peers()).toEqual([]);
   });
 
+  it('a dial right after a close waits for the old connection and connects afresh', async () => {
+    const world = new MemoryNetwork();
+    const secret = createMeshSecret();
+    const a = node(world, secret, { closeLingerMs: 100 });
+    const b = node(world, secret);
+    a.net.execute({ type: 'net.dial', id: b.id, addrs: [] });
+    await waitEvent(a.events, (e) => e.type === 'net.peer.connected');
+    a.net.execute({ type: 'net.close', id: b.id, reason: 'flap' });
+    a.net.execute({ type: 'net.dial', id: b.id, addrs: [] });
+    await until(() => (a.events.filter((e) => e.type === 'net.peer.connected').length === 2 ? true : undefined), 3_000, 'reconnected');
+    expect(a.events.filter((e) => e.type !== 'net.message').map((e) => e.type)).toEqual([
+      'net.peer.connected',
+      'net.peer.disconnected',
+      'net.peer.connected',
+    ]);
+    await until(() => (b.net.peers().length === 1 ? true : undefined), 3_000, 'b sees a again');
+    a.net.execute({ type: 'net.send', to: b.id, message: { type: 'heartbeat', n: 77 } });
+    await waitEvent(b.events, (e) => e.type === 'net.message' && e.message.type === 'heartbeat' && e.message.n === 77);
+  });
+
   it('the actor forwards commands and events, and says leaving to every peer when it stops', async () => {
     const world = new MemoryNetwork();
     const secret = createMeshSecret();

@@ -56,6 +56,9 @@ interface Session {
   queuedBytes: number;
   writing: Promise<void> | null;
   helloTimer: NodeJS.Timeout | null;
+  /** Resolves once the session is closed (teardown ran). */
+  readonly done: Promise<void>;
+  markDone: () => void;
 }
 
 export class MeshNetwork {
@@ -65,6 +68,8 @@ export class MeshNetwork {
   private readonly log: Logger;
   private readonly sessions = new Map<EndpointId, Session>();
   private readonly dialing = new Set<EndpointId>();
+  /** Connections whose session has ended: never adopted again. */
+  private readonly retired = new WeakSet<MeshConnection>();
   private emit: (event: NetworkEvent) => void = () => {};
   private running = false;
   private stopped = false;
@@ -130,11 +135,19 @@ export class MeshNetwork {
     }
     if (this.dialing.has(id)) return;
     this.dialing.add(id);
+    // A session on its way out still holds the transport's connection: let it finish, then dial afresh.
+    if (existing && existing.state === 'closing') await existing.done;
     const log = this.peerLog(id);
     log.debug({ addrs }, 'dialing');
     let conn: MeshConnection;
     try {
       conn = await this.endpoint.dial(id, addrs, { timeoutMs: this.init.dialTimeoutMs });
+      if (this.retired.has(conn)) {
+        // The transport forgets a connection only once its close completes: wait for that and dial afresh.
+        await withDeadline(conn.closed, 2_000);
+        conn = await this.endpoint.dial(id, addrs, { timeoutMs: this.init.dialTimeoutMs });
+        if (this.retired.has(conn)) throw new Error('the previous connection is still closing');
+      }
     } catch (err) {
       this.dialing.delete(id);
       const reason = `dial failed: ${firstLine(err)}`;
@@ -227,6 +240,7 @@ export class MeshNetwork {
       queuedBytes: 0,
       writing: null,
       helloTimer: null,
+      ...doneSignal(),
     };
     if (previous) {
       const wasAdmitted = previous.state === 'admitted';
@@ -267,7 +281,7 @@ export class MeshNetwork {
   }
 
   private onControlStream(stream: MeshStream, conn: MeshConnection): void {
-    if (!this.running) {
+    if (!this.running || this.retired.has(conn)) {
       stream.reset();
       return;
     }
@@ -397,6 +411,8 @@ export class MeshNetwork {
   private teardown(s: Session, reason: string): void {
     if (s.state === 'closed') return;
     s.state = 'closed';
+    s.markDone();
+    this.retired.add(s.conn);
     if (s.helloTimer) clearTimeout(s.helloTimer);
     s.helloTimer = null;
     s.queue = [];
@@ -466,6 +482,12 @@ const short = (id: string): string => id.slice(0, 10);
 function logLeaving(log: Logger, reason: string): void {
   if (reason.startsWith('refused')) log.warn({ reason }, `peer refused the connection: ${reason}`);
   else log.info({ reason }, `peer is leaving: ${reason}`);
+}
+
+function doneSignal(): { done: Promise<void>; markDone: () => void } {
+  let markDone!: () => void;
+  const done = new Promise<void>((r) => (markDone = r));
+  return { done, markDone };
 }
 
 function concat(parts: Uint8Array[]): Uint8Array {
