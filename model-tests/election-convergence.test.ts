@@ -29,7 +29,7 @@ describe('(c) the election converges under churn, delay, reordering and duplicat
     mutant('election breaking VRAM ties by arrival order', { elect: electTiesByArrival }),
     mutant('election preferring the node itself on ties', { elect: electPreferringSelf }),
   ])('catches the planted bug: $name', (impl) => {
-    const result = fc.check(convergence(impl), { numRuns: 400 });
+    const result = fc.check(convergence(impl), { numRuns: 400, endOnFailure: true });
     expect(result.failed, 'no counterexample in 400 runs').toBe(true);
   });
 });

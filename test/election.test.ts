@@ -191,7 +191,7 @@ describe('elect: the rules', () => {
 
 /** Asserts that fast-check finds a counterexample to `property` within `numRuns`. */
 function bites(property: fc.IProperty<unknown>, numRuns: number): void {
-  const result = fc.check(property, { numRuns });
+  const result = fc.check(property, { numRuns, endOnFailure: true }); // no shrinking: finding one is the point
   expect(result.failed, `no counterexample in ${numRuns} runs`).toBe(true);
 }
 
