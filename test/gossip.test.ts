@@ -9,7 +9,16 @@ const ids = nodeIds(4);
 const annArb = fc.constantFrom(...ids).chain((id) => announcementArb(id, ids, 10e9));
 const batchArb = fc.array(annArb, { maxLength: 8 });
 const selfAnn = (connectedTo: string[] = []): Announcement => ({
-  id: asEndpointId('n0'), epoch: 0, seq: 0, name: 'n0', role: 'auto', vramBytes: 0, model: null, version: 1, serving: false, addrs: [],
+  id: asEndpointId('n0'),
+  epoch: 0,
+  seq: 0,
+  name: 'n0',
+  role: 'auto',
+  vramBytes: 0,
+  model: null,
+  version: 1,
+  serving: false,
+  addrs: [],
   connectedTo: connectedTo.map(asEndpointId),
 });
 const base = emptyView(selfAnn());
@@ -19,23 +28,29 @@ const canon = (v: View) => JSON.stringify(Object.keys(v.announcements).sort().ma
 
 describe('mergeAnnouncements is a join', () => {
   it('commutes', () => {
-    fc.assert(fc.property(batchArb, batchArb, (a, b) => {
+    const commutes = fc.property(batchArb, batchArb, (a, b) => {
       expect(canon(merge(merge(base, a), b))).toBe(canon(merge(merge(base, b), a)));
-    }), { numRuns: 500 });
+    });
+    fc.assert(commutes, { numRuns: 500 });
   });
+
   it('associates (batching does not matter)', () => {
-    fc.assert(fc.property(batchArb, batchArb, batchArb, (a, b, c) => {
+    const associates = fc.property(batchArb, batchArb, batchArb, (a, b, c) => {
       expect(canon(merge(merge(merge(base, a), b), c))).toBe(canon(merge(base, [...a, ...b, ...c])));
-    }), { numRuns: 500 });
+    });
+    fc.assert(associates, { numRuns: 500 });
   });
+
   it('is idempotent, and says so: a repeat reports no change and returns the same view', () => {
-    fc.assert(fc.property(batchArb, (a) => {
+    const idempotent = fc.property(batchArb, (a) => {
       const once = merge(base, a);
       const again = mergeAnnouncements(once, a);
       expect(again.changed).toBe(false);
       expect(again.view).toBe(once);
-    }), { numRuns: 500 });
+    });
+    fc.assert(idempotent, { numRuns: 500 });
   });
+
   it('keeps the greatest (epoch, seq); a new epoch wins over any seq of the old one', () => {
     const old = { ...selfAnn(), id: asEndpointId('n1'), epoch: 1, seq: 9, vramBytes: 1 };
     const fresh = { ...old, epoch: 2, seq: 0, vramBytes: 2 };
