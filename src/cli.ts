@@ -1,0 +1,90 @@
+// The composition root of `mesh-inference`: parses the command line, runs the demo when there are no
+// arguments, otherwise starts one node (src/node.ts), prints its invite token and API address, and stops it
+// cleanly on SIGINT / SIGTERM (children included: none is left behind, however the node ends).
+import { parseCliArgsOrExit } from './io/cli-args.ts';
+import { formatBytes } from './io/vram.ts';
+import { killAllSync } from './io/processes.ts';
+import { startNode, type NodeHandle } from './node.ts';
+
+/** Environment knobs for the demo, tests and benchmarks (documented in docs/node.md). */
+export const BIND_HOST_ENV = 'MESH_INFERENCE_BIND_HOST';
+export const THREADS_ENV = 'MESH_INFERENCE_THREADS';
+export const COUNT_RPC_ENV = 'MESH_INFERENCE_COUNT_RPC';
+export const CTX_ENV = 'MESH_INFERENCE_CTX';
+
+async function main(): Promise<void> {
+  const parsed = parseCliArgsOrExit(process.argv.slice(2));
+  if (parsed.kind === 'demo') {
+    const { runDemo } = await import('./demo.ts');
+    await runDemo();
+    return;
+  }
+  const options = parsed.options;
+  const threads = positiveIntEnv(THREADS_ENV);
+  const ctxSize = positiveIntEnv(CTX_ENV);
+  let node: NodeHandle;
+  try {
+    node = await startNode(options, {
+      bindHost: process.env[BIND_HOST_ENV] || undefined,
+      threads,
+      ctxSize,
+      countRpc: process.env[COUNT_RPC_ENV] === '1',
+    });
+  } catch (err) {
+    process.stderr.write(`mesh-inference: ${(err as Error).message.split('\n')[0]}\n`);
+    process.exit(1);
+  }
+
+  const out = (line = '') => process.stdout.write(`${line}\n`);
+  out(`mesh-inference node "${node.name}" (${node.id.slice(0, 10)}), mesh ${node.meshId.slice(0, 8)}`);
+  if (node.model !== null && node.vram !== null) {
+    out(`  model: ${node.model.name} (${formatBytes(node.model.bytes)}); offering ${formatBytes(node.vram.bytes)} (${node.vram.detail})`);
+  } else {
+    out('  lite client: no model here; requests go to the mesh\'s host');
+  }
+  out('  invite token (other nodes join with --join <token>):');
+  out(`    ${node.token}`);
+  out(`  API: ${node.apiUrl}  (OpenAI-compatible: POST /v1/chat/completions, /v1/completions; GET /api/status)`);
+
+  let signals = 0;
+  const onSignal = (sig: NodeJS.Signals) => {
+    signals++;
+    if (signals > 1) {
+      // A second Ctrl-C: no more waiting.
+      process.stderr.write('mesh-inference: stopping now\n');
+      killAllSync('SIGKILL');
+      process.exit(130);
+    }
+    process.stderr.write(`mesh-inference: ${sig}: leaving the mesh and stopping (Ctrl-C again to force)\n`);
+    void node.stop(`${sig}`).then(() => process.exit(0));
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('SIGHUP', onSignal);
+  await node.stopped;
+  process.exit(0);
+}
+
+function positiveIntEnv(name: string): number | undefined {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return undefined;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n <= 0) {
+    process.stderr.write(`mesh-inference: ${name}="${raw}" is not a positive integer\n`);
+    process.exit(2);
+  }
+  return n;
+}
+
+process.on('uncaughtException', (err) => {
+  process.stderr.write(`mesh-inference: internal error: ${err.stack ?? String(err)}\n`);
+  killAllSync('SIGKILL');
+  process.exit(1);
+});
+process.on('unhandledRejection', (err) => {
+  process.stderr.write(`mesh-inference: internal error (unhandled rejection): ${(err as Error)?.stack ?? String(err)}\n`);
+  killAllSync('SIGKILL');
+  process.exit(1);
+});
+
+await main();
