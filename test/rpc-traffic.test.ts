@@ -261,11 +261,16 @@ describe('a real ggml-rpc-server session through the proxy', () => {
       const load = proxy.snapshot();
       const header = await readGgufHeader(model.path);
 
-      // Every weight went to the only device, as bytes (SET_TENSOR_HASH only for tensors over 10 MiB).
+      // Every weight but the token embedding (the host looks tokens up on its CPU) went to the only
+      // device, as bytes (SET_TENSOR_HASH is tried only for tensors over 10 MiB).
       const set = load.commands.SET_TENSOR!;
-      expect(set.bytesToServer).toBeGreaterThanOrEqual(header.tensorBytes);
-      expect(set.bytesToServer).toBeLessThan(header.tensorBytes * 1.1 + 1_000_000);
-      expect(load.commands.HELLO).toMatchObject({ count: 1, roundTrips: 1 });
+      const offloaded = header.tensorBytes - header.tensors.find((t) => t.name === 'token_embd.weight')!.bytes;
+      expect(set.bytesToServer).toBeGreaterThanOrEqual(offloaded);
+      expect(set.bytesToServer).toBeLessThan(offloaded * 1.1 + 1_000_000);
+      // llama-server opens several connections while it loads (devices are probed before the model),
+      // each beginning with HELLO.
+      expect(load.connectionsOpened).toBeGreaterThanOrEqual(1);
+      expect(load.commands.HELLO).toMatchObject({ count: load.connectionsOpened, roundTrips: load.connectionsOpened });
       expect(load.commands.ALLOC_BUFFER!.roundTrips).toBeGreaterThan(0);
       expect(load.rawBytesToServer).toBe(load.totals.bytesToServer);
       expect(load.rawBytesToClient).toBe(load.totals.bytesToClient);

@@ -13,7 +13,8 @@ const USAGE = `usage: make-model --out FILE [options]
   --ctx N         context length in the metadata (default 2048)
   --type T        f32 | f16 | q8_0 for the weight matrices (default f16)
   --seed N        PRNG seed (default 1)
-  --std X         std of the normal weights (default 0.05)
+  --std X         one std for every weight matrix (default: gain / sqrt(fan_in))
+  --gain X        gain of the default std (default 1.6)
   --name S        general.name
   --vocab FILE    GGUF to copy tokenizer.* from (default ${DEFAULT_VOCAB_PATH})
   --dry-run       print the size and exit
@@ -45,6 +46,7 @@ async function main(): Promise<void> {
         type: { type: 'string' },
         seed: { type: 'string' },
         std: { type: 'string' },
+        gain: { type: 'string' },
         name: { type: 'string' },
         vocab: { type: 'string' },
         'dry-run': { type: 'boolean' },
@@ -64,6 +66,8 @@ async function main(): Promise<void> {
   if (type !== 'f32' && type !== 'f16' && type !== 'q8_0') fail(`--type must be f32, f16 or q8_0, got "${args.type}"`);
   const std = args.std === undefined ? undefined : Number(args.std);
   if (std !== undefined && !Number.isFinite(std)) fail(`--std must be a number, got "${args.std}"`);
+  const gain = args.gain === undefined ? undefined : Number(args.gain);
+  if (gain !== undefined && !Number.isFinite(gain)) fail(`--gain must be a number, got "${args.gain}"`);
   const spec: LlamaModelSpec = {
     layers: int(args.layers, 'layers', 8)!,
     embd: int(args.embd, 'embd', 64)!,
@@ -74,6 +78,7 @@ async function main(): Promise<void> {
     type: type as WeightType,
     seed: int(args.seed, 'seed', 1)!,
     std,
+    gain,
     name: args.name,
     vocabPath: args.vocab,
   };

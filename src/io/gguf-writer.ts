@@ -151,8 +151,17 @@ export interface LlamaModelSpec {
   /** Type of the weight matrices (token embedding, attention, ffn, output); norms are always F32. */
   readonly type: WeightType;
   readonly seed: number;
-  /** Standard deviation of the normal weights; default 0.05. */
+  /**
+   * Standard deviation of every weight matrix. Default: `gain / sqrt(fan_in)` per matrix, which keeps
+   * activations near 1 at any width (0.2 at width 64, 0.058 at 768).
+   */
   readonly std?: number;
+  /**
+   * The gain of the default std; default 1.6. Greedy output of a random model falls into a short loop
+   * of a few tokens when the weights are too small (std 0.05 at width 64 gave 5 distinct tokens in 48);
+   * from about 1.6 / sqrt(fan_in) on, the 48 tokens are nearly all distinct.
+   */
+  readonly gain?: number;
   /** `general.name`; default derived from the shape and seed. */
   readonly name?: string;
   /** A GGUF whose `tokenizer.*` metadata is copied; default DEFAULT_VOCAB_PATH. */
@@ -203,8 +212,12 @@ export async function planLlamaModel(spec: LlamaModelSpec): Promise<LlamaModelPl
   if (!Number.isInteger(spec.seed) || spec.seed < 0 || spec.seed > 0xffffffff) {
     throw new GgufError('bad-value', `seed must be an integer in 0..2^32-1, got ${String(spec.seed)}`);
   }
-  const std = spec.std ?? 0.05;
-  if (!(std > 0 && std < 10)) throw new GgufError('bad-value', `std must be in (0, 10), got ${std}`);
+  if (spec.std !== undefined && !(spec.std > 0 && spec.std < 10)) {
+    throw new GgufError('bad-value', `std must be in (0, 10), got ${spec.std}`);
+  }
+  if (spec.gain !== undefined && !(spec.gain > 0 && spec.gain < 100)) {
+    throw new GgufError('bad-value', `gain must be in (0, 100), got ${spec.gain}`);
+  }
   if (embd % heads !== 0) throw new GgufError('bad-value', `embd ${embd} is not a multiple of heads ${heads}`);
   if (heads % kvHeads !== 0) throw new GgufError('bad-value', `heads ${heads} is not a multiple of kvHeads ${kvHeads}`);
   const headDim = embd / heads;
@@ -284,6 +297,9 @@ export async function planLlamaModel(spec: LlamaModelSpec): Promise<LlamaModelPl
   return { metadata, tensors, header, dataOffset, fileBytes, vocabSize, silencedTokens };
 }
 
+/** See LlamaModelSpec.gain. */
+export const DEFAULT_GAIN = 1.6;
+
 export interface GenerateProgress {
   readonly bytesWritten: number;
   readonly totalBytes: number;
@@ -301,7 +317,7 @@ export async function generateLlamaGguf(
   onProgress?: (p: GenerateProgress) => void,
 ): Promise<GgufHeader> {
   const plan = await planLlamaModel(spec);
-  const std = spec.std ?? 0.05;
+  const gain = spec.gain ?? DEFAULT_GAIN;
   const tmp = `${out}.partial-${process.pid}`;
   const fh = await open(tmp, 'w');
   try {
@@ -314,8 +330,8 @@ export async function generateLlamaGguf(
     await write(Buffer.alloc(plan.dataOffset - plan.header.length));
     for (const t of plan.tensors) {
       await write(Buffer.alloc(plan.dataOffset + t.offset - pos)); // alignment padding
-      const rng = normalSource(tensorSeed(spec.seed, t.name), std);
       const ne0 = t.dims[0]!;
+      const rng = normalSource(tensorSeed(spec.seed, t.name), spec.std ?? gain / Math.sqrt(ne0));
       const rows = t.dims.slice(1).reduce((a, b) => a * b, 1);
       const isNorm = t.dims.length === 1;
       const rowsPerChunk = Math.max(1, Math.floor((256 * 1024) / ne0));

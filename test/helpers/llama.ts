@@ -137,6 +137,13 @@ export interface LlamaServerOptions {
   readonly threads?: number;
   /** Context size (-c); default 512. */
   readonly ctx?: number;
+  /**
+   * CPU weight repacking (llama.cpp's extra buffer types); default off (`--no-repack`). The repacked
+   * kernels round differently from the plain CPU kernels an rpc-server runs, so a solo run with them
+   * drifts from a split run after a few dozen tokens (seen at token 39); and on a CPU that announces
+   * AMX to a VM that cannot run it, the AMX repack of Q8_0 dies of SIGILL.
+   */
+  readonly repack?: boolean;
   readonly extraArgs?: readonly string[];
   readonly env?: Readonly<Record<string, string>>;
   readonly readyTimeoutMs?: number;
@@ -144,8 +151,8 @@ export interface LlamaServerOptions {
 
 /**
  * Starts llama-server on a free loopback port and waits for `/health` to say ok. Defaults chosen
- * for exact comparisons: flash attention off, one slot, no prompt cache in RAM, all layers offloaded
- * (to the rpc-servers when there are any).
+ * for exact comparisons: flash attention off, no CPU repacking, one slot, no prompt cache in RAM, all
+ * layers offloaded (to the rpc-servers when there are any).
  */
 export async function startLlamaServer(opts: LlamaServerOptions): Promise<LlamaServerHandle> {
   const bins = llamaBinaries();
@@ -162,6 +169,7 @@ export async function startLlamaServer(opts: LlamaServerOptions): Promise<LlamaS
       '-np', '1',
       '--cache-ram', '0',
       '-ngl', '999',
+      ...(opts.repack ? [] : ['--no-repack']),
       ...(opts.rpc && opts.rpc.length > 0 ? ['--rpc', opts.rpc.join(',')] : []),
       ...(opts.tensorSplit ? ['--tensor-split', opts.tensorSplit.join(',')] : []),
       ...(opts.extraArgs ?? []),
