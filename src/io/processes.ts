@@ -251,6 +251,17 @@ export function spawnManaged(init: SpawnInit): ManagedProcess {
   return handle;
 }
 
+/**
+ * The few output lines that best say why a child ended: its error-looking lines if any (a child's stdout
+ * is block-buffered while stderr is not, so the tail's order cannot be trusted), else its last lines.
+ */
+export function summarizeTail(tail: readonly string[], max = 3, skip: (line: string) => boolean = () => false): string[] {
+  // Backtrace frames ("#2  0x... in ggml_abort ()") say where, not why.
+  const lines = tail.map((l) => l.trim()).filter((l) => l !== '' && !/^#\d+\s+0x/.test(l) && !skip(l));
+  const errors = lines.filter((l) => /error|fail|abort|invalid|unknown|couldn't|cannot|unable|exception|no devices/i.test(l));
+  return (errors.length > 0 ? errors : lines).slice(-max);
+}
+
 async function lineReader(
   stream: NodeJS.ReadableStream,
   name: 'stdout' | 'stderr',

@@ -1,0 +1,358 @@
+// Runs the host's llama-server: on 127.0.0.1 at a free port, every layer on the rpc-servers of the plan
+// (the host's own last), readiness from `/health`, load progress from its output, and a crash reported with
+// its exit status and last log lines.
+//
+// Flags, and why (see llamaServerArgs):
+//   --rpc A,B,...,OWN     the plan's stages in order; the host's own rpc-server last, so it holds the output
+//                         layer and the logits (n_vocab floats per token) never cross the mesh
+//   -dev RPC0,...,RPCn    every layer on the rpc-servers even where the host has a local GPU: one code path,
+//                         and the host's GPU is reached through its own rpc-server like any worker's
+//   -ngl 999              offload every layer (to those devices)
+//   --tensor-split        the plan's shares, one per device in `--rpc` order
+//   -lm none              no mmap (mmap crashes unified-memory machines with less VRAM than the model);
+//                         `--no-mmap` on releases older than `--load-mode`
+//   --cache-ram 0         no prompt cache in host RAM: it copies the KV back from the servers at each request
+//   -fit off              the plan already sized everything; fitting probes every device's memory over RPC
+//                         at start (round trips per device) and might shrink the context behind our back
+//   -fa off               CPU flash attention depends on thread counts, so split output would differ from
+//                         solo output; off keeps "mesh == solo" exact (configurable for GPU meshes)
+//   -c 4096               a bounded KV cache (default: the model's trained context, up to 128k+ tokens)
+//   --metrics             /metrics for the status page and the benchmark; costs nothing per token
+//   (warmup kept)         the empty warm-up decode runs the whole pipeline once before /health says ok, so a
+//                         broken stage fails the start, not the first user's request
+// It runs in llama.cpp's own "router child" mode (env LLAMA_SERVER_ROUTER_PORT): that mode prints load
+// progress as JSON lines on stdout, and exits once its stdin (our watchdog pipe) closes: a second guard
+// against orphans on top of processes.ts.
+import { execFile } from 'node:child_process';
+import type { Logger } from './logger.ts';
+import { spawnManaged, summarizeTail, type ExitInfo, type ManagedProcess } from './processes.ts';
+import { freeLoopbackPort } from './rpc-server-process.ts';
+
+export interface LlamaServerInit {
+  /** Path of `llama-server`. */
+  readonly binary: string;
+  /** The GGUF on this host. */
+  readonly model: string;
+  /** rpc-server addresses ("127.0.0.1:PORT": tunnels to the workers, then the host's own) in plan order. */
+  readonly rpc: readonly string[];
+  /** One share per `rpc` entry (any positive scale); default equal shares. */
+  readonly tensorSplit?: readonly number[];
+  /** Devices each rpc-server exposes (default 1 each); a stage's share is divided among its devices. */
+  readonly devicesPerServer?: readonly number[];
+  /** Context size (-c); default 4096. */
+  readonly ctxSize?: number;
+  /** Default 'off' (see the header). */
+  readonly flashAttention?: 'on' | 'off' | 'auto';
+  /** CPU threads of the host's llama-server (-t); default llama.cpp's. */
+  readonly threads?: number;
+  /** Server slots (-np); default llama.cpp's (auto, with a unified KV cache). */
+  readonly parallel?: number;
+  readonly extraArgs?: readonly string[];
+  /** A fixed port; default a free one. */
+  readonly port?: number;
+  readonly env?: Readonly<Record<string, string>>;
+  readonly logger?: Logger;
+  /** Load progress, as llama-server reports it. */
+  readonly onProgress?: (p: LlamaLoadProgress) => void;
+  /**
+   * Bound on spawn -> HTTP port bound. Connecting to every `--rpc` server happens first, and an rpc-server
+   * busy with another client accepts the connection but never answers: without a bound that hangs forever.
+   */
+  readonly launchTimeoutMs?: number;
+  readonly signal?: AbortSignal;
+}
+
+export interface LlamaLoadProgress {
+  /** `starting`: connecting to the rpc-servers; `loading`: weights; `ready`: /health is ok. */
+  readonly phase: 'starting' | 'loading' | 'ready';
+  /** 0..1 while loading (null when the server does not say). */
+  readonly fraction: number | null;
+}
+
+export interface LlamaServerProcess {
+  readonly port: number;
+  /** "http://127.0.0.1:PORT" */
+  readonly url: string;
+  readonly args: readonly string[];
+  readonly process: ManagedProcess;
+  /** Resolves (never rejects) when it exits. */
+  readonly exited: Promise<ExitInfo>;
+  progress(): LlamaLoadProgress;
+  /** Polls /health until 200; rejects with LlamaServerError if it exits, or on timeout / abort. */
+  waitHealthy(opts?: { timeoutMs?: number; signal?: AbortSignal }): Promise<void>;
+  stop(graceMs?: number): Promise<ExitInfo>;
+}
+
+/** Start failures and crashes: `message` is one line for logs and status; `tail` the last output lines. */
+export class LlamaServerError extends Error {
+  override readonly name = 'LlamaServerError';
+  constructor(
+    message: string,
+    readonly exit: ExitInfo | null = null,
+    readonly tail: readonly string[] = [],
+  ) {
+    super(message);
+  }
+}
+
+const DEFAULT_CTX = 4096;
+const PORT_ATTEMPTS = 4;
+const PROGRESS_PREFIX = 'cmd_child_to_router:state:';
+
+/** Which optional flags this llama-server knows, read once per binary from its `--help`. */
+export interface LlamaServerFlags {
+  readonly loadMode: boolean;
+  readonly fit: boolean;
+  readonly cacheRam: boolean;
+}
+
+const flagCache = new Map<string, Promise<LlamaServerFlags>>();
+
+export function detectLlamaServerFlags(binary: string): Promise<LlamaServerFlags> {
+  let p = flagCache.get(binary);
+  if (p === undefined) {
+    p = new Promise((resolve, reject) => {
+      execFile(binary, ['--help'], { timeout: 30_000, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
+        const text = `${stdout}\n${stderr}`;
+        if (err && !/--port/.test(text)) {
+          reject(new LlamaServerError(`cannot run ${binary} --help: ${err.message.split('\n')[0]}`));
+          return;
+        }
+        const has = (flag: string) => new RegExp(`(^|[\\s,])${flag}([\\s,=]|$)`, 'm').test(text);
+        resolve({ loadMode: has('--load-mode'), fit: has('--fit'), cacheRam: has('--cache-ram') });
+      });
+    });
+    flagCache.set(binary, p);
+    p.catch(() => flagCache.delete(binary));
+  }
+  return p;
+}
+
+/** The command line for `init` on `port` (pure: the tests check it, the header explains it). */
+export function llamaServerArgs(init: LlamaServerInit, port: number, flags: LlamaServerFlags): string[] {
+  if (init.rpc.length === 0) throw new RangeError('llama-server needs at least one rpc-server (the host\'s own, last)');
+  for (const a of init.rpc) {
+    // llama.cpp cannot parse IPv6 `--rpc` entries; every entry we make is a loopback tunnel or server.
+    if (!/^[0-9.]+:\d+$/.test(a) && !/^[a-z0-9.-]+:\d+$/i.test(a)) throw new RangeError(`not a host:port rpc address: ${a}`);
+  }
+  const devices = init.devicesPerServer ?? init.rpc.map(() => 1);
+  if (devices.length !== init.rpc.length || devices.some((n) => !Number.isInteger(n) || n < 1)) {
+    throw new RangeError('devicesPerServer needs one positive count per rpc-server');
+  }
+  const shares = init.tensorSplit ?? init.rpc.map(() => 1);
+  if (shares.length !== init.rpc.length || shares.some((s) => !(s >= 0) || !Number.isFinite(s)) || !shares.some((s) => s > 0)) {
+    throw new RangeError(`tensorSplit needs one non-negative share per rpc-server (${init.rpc.length}), not all zero`);
+  }
+  // RPC devices are numbered across servers in --rpc order: RPC0.. for the first server's devices, and so on.
+  const deviceNames: string[] = [];
+  const split: number[] = [];
+  devices.forEach((n, i) => {
+    for (let d = 0; d < n; d++) {
+      deviceNames.push(`RPC${deviceNames.length}`);
+      split.push(shares[i]! / n);
+    }
+  });
+  return [
+    '-m', init.model,
+    '--host', '127.0.0.1',
+    '--port', String(port),
+    '--rpc', init.rpc.join(','),
+    '-dev', deviceNames.join(','),
+    '-ngl', '999',
+    '--tensor-split', split.map(formatShare).join(','),
+    ...(flags.loadMode ? ['-lm', 'none'] : ['--no-mmap']),
+    ...(flags.cacheRam ? ['--cache-ram', '0'] : []),
+    ...(flags.fit ? ['-fit', 'off'] : []),
+    '-fa', init.flashAttention ?? 'off',
+    '-c', String(init.ctxSize ?? DEFAULT_CTX),
+    '--metrics',
+    ...(init.threads !== undefined ? ['-t', String(init.threads)] : []),
+    ...(init.parallel !== undefined ? ['-np', String(init.parallel)] : []),
+    ...(init.extraArgs ?? []),
+  ];
+}
+
+function formatShare(s: number): string {
+  // Enough digits for any realistic split, without exponents llama.cpp would not parse.
+  return Number(s.toFixed(6)).toString();
+}
+
+/**
+ * Spawns llama-server and resolves once its HTTP port is bound: it may still be loading (/health 503).
+ * Rejects with LlamaServerError when it exits first (status and log tail), or does not get that far in
+ * `launchTimeoutMs`.
+ */
+export async function launchLlamaServer(init: LlamaServerInit): Promise<LlamaServerProcess> {
+  const flags = await detectLlamaServerFlags(init.binary);
+  const attempts = init.port === undefined ? PORT_ATTEMPTS : 1;
+  let last: LlamaServerError | null = null;
+  for (let attempt = 1; attempt <= attempts; attempt++) {
+    init.signal?.throwIfAborted();
+    const port = init.port ?? (await freeLoopbackPort());
+    try {
+      return await launchOnPort(init, port, llamaServerArgs(init, port, flags));
+    } catch (err) {
+      if (!(err instanceof LlamaServerError)) throw err;
+      last = err;
+      const portTaken = err.tail.some((l) => /couldn't bind HTTP server socket/i.test(l));
+      if (!portTaken) break;
+      init.logger?.warn({ port }, 'llama-server port was taken meanwhile; trying another');
+    }
+  }
+  throw last!;
+}
+
+/** launchLlamaServer, then waits for /health to say ok. */
+export async function startLlamaServer(init: LlamaServerInit & { readyTimeoutMs?: number }): Promise<LlamaServerProcess> {
+  const server = await launchLlamaServer(init);
+  try {
+    await server.waitHealthy({ timeoutMs: init.readyTimeoutMs, signal: init.signal });
+  } catch (err) {
+    await server.stop(2_000);
+    throw err;
+  }
+  return server;
+}
+
+async function launchOnPort(init: LlamaServerInit, port: number, args: string[]): Promise<LlamaServerProcess> {
+  const proc = spawnManaged({
+    name: 'llama-server',
+    file: init.binary,
+    args,
+    env: { ...init.env, LLAMA_SERVER_ROUTER_PORT: '0' },
+    logger: init.logger,
+  });
+  const url = `http://127.0.0.1:${port}`;
+  let progress: LlamaLoadProgress = { phase: 'starting', fraction: null };
+  const setProgress = (p: LlamaLoadProgress) => {
+    if (p.phase === progress.phase && p.fraction === progress.fraction) return;
+    progress = p;
+    init.onProgress?.(p);
+  };
+  let bound!: () => void;
+  const boundP = new Promise<void>((r) => (bound = r));
+  proc.onLine((line) => {
+    if (line.startsWith(PROGRESS_PREFIX)) {
+      const p = parseProgressLine(line);
+      if (p !== null && progress.phase !== 'ready') setProgress(p);
+      bound();
+    } else if (/load_model: loading model/.test(line)) {
+      // Printed once the HTTP socket is bound (the server binds before it loads).
+      bound();
+    }
+  });
+
+  const server: LlamaServerProcess = {
+    port,
+    url,
+    args,
+    process: proc,
+    exited: proc.exited,
+    progress: () => progress,
+    async waitHealthy(opts = {}) {
+      await waitForHealth(url, { ...opts, process: proc });
+      setProgress({ phase: 'ready', fraction: 1 });
+    },
+    stop: (graceMs) => proc.stop(graceMs),
+  };
+
+  const timeoutMs = init.launchTimeoutMs ?? 60_000;
+  let timer: NodeJS.Timeout | undefined;
+  const onAbort = () => void proc.stop(1_000);
+  init.signal?.addEventListener('abort', onAbort, { once: true });
+  try {
+    const outcome = await Promise.race([
+      boundP.then(() => 'bound' as const),
+      proc.exited.then(() => 'exited' as const),
+      new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), timeoutMs))),
+    ]);
+    if (outcome === 'bound') {
+      init.logger?.info({ port, pid: proc.pid, rpc: init.rpc }, 'llama-server launched; loading');
+      return server;
+    }
+    if (outcome === 'timeout') {
+      await proc.stop(2_000);
+      throw new LlamaServerError(
+        `llama-server did not get to loading within ${timeoutMs} ms: an rpc-server of ${init.rpc.join(', ')} accepts but does not answer (busy with another client, or stopped)`,
+        proc.exitInfo(),
+        proc.tail(),
+      );
+    }
+    const exit = await proc.exited;
+    init.signal?.throwIfAborted();
+    throw new LlamaServerError(describeExit(exit, 'before its HTTP port was up'), exit, exit.tail);
+  } finally {
+    clearTimeout(timer);
+    init.signal?.removeEventListener('abort', onAbort);
+  }
+}
+
+/** Parses one router-child state line; null for states other than loading / ready. */
+export function parseProgressLine(line: string): LlamaLoadProgress | null {
+  try {
+    const msg = JSON.parse(line.slice(PROGRESS_PREFIX.length)) as { state?: string; payload?: { value?: unknown } };
+    if (msg.state === 'loading') {
+      const v = msg.payload?.value;
+      return { phase: 'loading', fraction: typeof v === 'number' && v >= 0 && v <= 1 ? v : null };
+    }
+    if (msg.state === 'ready') return { phase: 'ready', fraction: 1 };
+  } catch {
+    // Not JSON after all: not a progress line.
+  }
+  return null;
+}
+
+export type HealthState = { readonly kind: 'ok' } | { readonly kind: 'loading' } | { readonly kind: 'down'; readonly reason: string };
+
+/** One GET /health: 200 ok, 503 loading, anything else (or no answer in `timeoutMs`) down. */
+export async function checkHealth(url: string, timeoutMs = 2_000, signal?: AbortSignal): Promise<HealthState> {
+  const s = signal ? AbortSignal.any([signal, AbortSignal.timeout(timeoutMs)]) : AbortSignal.timeout(timeoutMs);
+  try {
+    const res = await fetch(`${url}/health`, { signal: s });
+    await res.arrayBuffer();
+    if (res.status === 200) return { kind: 'ok' };
+    if (res.status === 503) return { kind: 'loading' };
+    return { kind: 'down', reason: `/health answered ${res.status}` };
+  } catch (err) {
+    signal?.throwIfAborted();
+    const cause = (err as { cause?: { code?: string } }).cause?.code;
+    return { kind: 'down', reason: cause ?? (err as Error).message };
+  }
+}
+
+/**
+ * Polls `url`/health until it answers 200. Rejects on timeout (default 10 minutes: big models on slow
+ * disks), on abort, and at once with LlamaServerError when `process` (if given) exits meanwhile.
+ */
+export async function waitForHealth(
+  url: string,
+  opts: { timeoutMs?: number; signal?: AbortSignal; process?: ManagedProcess; intervalMs?: number } = {},
+): Promise<void> {
+  const deadline = Date.now() + (opts.timeoutMs ?? 10 * 60_000);
+  let last: HealthState = { kind: 'down', reason: 'not asked yet' };
+  for (;;) {
+    opts.signal?.throwIfAborted();
+    const exit = opts.process?.exitInfo();
+    if (exit) throw new LlamaServerError(describeExit(exit, 'while loading'), exit, exit.tail);
+    last = await checkHealth(url, 2_000, opts.signal);
+    if (last.kind === 'ok') return;
+    if (Date.now() > deadline) {
+      throw new LlamaServerError(`llama-server at ${url} was not ready in time (last: ${last.kind === 'down' ? last.reason : 'still loading'})`);
+    }
+    const wait = opts.intervalMs ?? 100;
+    await Promise.race([new Promise((r) => setTimeout(r, wait)), opts.process?.exited ?? new Promise(() => undefined)]);
+  }
+}
+
+/** One line on how it ended: status or signal, what that usually means, and its last error lines. */
+export function describeExit(exit: ExitInfo, when: string): string {
+  const how = exit.signal !== null ? `was killed by ${exit.signal}` : `exited with status ${exit.code}`;
+  const why =
+    exit.code === 134 || exit.signal === 'SIGABRT'
+      ? ' (llama.cpp aborted: an rpc-server is unreachable, vanished or refused)'
+      : exit.code === 141 || exit.signal === 'SIGPIPE'
+        ? ' (SIGPIPE: a socket closed under it)'
+        : '';
+  const shown = summarizeTail(exit.tail, 3, (l) => l.startsWith(PROGRESS_PREFIX));
+  return `llama-server ${how} ${when}${why}${shown.length > 0 ? `: ${shown.join(' | ')}` : ''}`;
+}

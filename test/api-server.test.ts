@@ -1,0 +1,290 @@
+// The node's OpenAI API: request checking and errors (app.inject), then real HTTP: an upstream that dies
+// mid-stream ends the stream with an SSE error event (the official openai client throws), a client that
+// goes away aborts the upstream request, and against a real llama-server through rpc-servers: answers,
+// streaming chunk by chunk, and a killed upstream mid-stream.
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { FastifyInstance } from 'fastify';
+import OpenAI from 'openai';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { buildApiServer, type ApiServerInit, type Upstream } from '../src/io/api-server.ts';
+import { startLlamaServer, type LlamaServerProcess } from '../src/io/llama-server-process.ts';
+import { stopAll } from '../src/io/processes.ts';
+import { startRpcServer } from '../src/io/rpc-server-process.ts';
+import { llamaBinaries, makeTempModel, type TempModel } from './helpers/llama.ts';
+
+const apps: FastifyInstance[] = [];
+const upstreams: Server[] = [];
+afterEach(async () => {
+  for (const a of apps.splice(0)) await a.close();
+  for (const s of upstreams.splice(0)) s.closeAllConnections(), s.close();
+});
+
+function app(init: Partial<ApiServerInit> & Pick<ApiServerInit, 'upstream'>): FastifyInstance {
+  const a = buildApiServer({ status: () => ({ state: 'serving' }), ...init });
+  apps.push(a);
+  return a;
+}
+async function listen(a: FastifyInstance): Promise<string> {
+  await a.listen({ host: '127.0.0.1', port: 0 });
+  const addr = a.server.address() as { port: number };
+  return `http://127.0.0.1:${addr.port}`;
+}
+async function upstreamServer(handler: (req: IncomingMessage, res: ServerResponse) => void): Promise<string> {
+  const s = createServer(handler);
+  upstreams.push(s);
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
+  return `http://127.0.0.1:${(s.address() as { port: number }).port}`;
+}
+const never: ApiServerInit['upstream'] = () => Promise.reject(new Error('the resolver must not be asked'));
+const chat = { messages: [{ role: 'user', content: 'hi' }] };
+
+describe('request checking (inject)', () => {
+  it('bad JSON, a wrong content type, a missing field: 400 with an OpenAI error body', async () => {
+    const a = app({ upstream: never });
+    const bad = await a.inject({ method: 'POST', url: '/v1/chat/completions', headers: { 'content-type': 'application/json' }, payload: '{"messages": [' });
+    expect(bad.statusCode).toBe(400);
+    expect(bad.json()).toMatchObject({ error: { type: 'invalid_request_error', code: 'invalid_json' } });
+    expect(bad.json().error.message).toMatch(/^the body is not valid JSON/);
+
+    const text = await a.inject({ method: 'POST', url: '/v1/chat/completions', headers: { 'content-type': 'text/plain' }, payload: JSON.stringify(chat) });
+    expect(text.statusCode).toBe(400);
+    expect(text.json()).toMatchObject({ error: { code: 'unsupported_content_type', message: 'content-type must be application/json (got text/plain)' } });
+
+    const noMessages = await a.inject({ method: 'POST', url: '/v1/chat/completions', payload: { model: 'x' } });
+    expect(noMessages.statusCode).toBe(400);
+    expect(noMessages.json()).toEqual({ error: { message: "missing required field 'messages'", type: 'invalid_request_error', code: 'missing_field', param: 'messages' } });
+
+    const noPrompt = await a.inject({ method: 'POST', url: '/v1/completions', payload: { max_tokens: 3 } });
+    expect(noPrompt.json().error).toMatchObject({ code: 'missing_field', param: 'prompt' });
+
+    const empty = await a.inject({ method: 'POST', url: '/v1/chat/completions', payload: { messages: [] } });
+    expect(empty.json().error).toMatchObject({ code: 'invalid_field', param: 'messages' });
+    const badMsg = await a.inject({ method: 'POST', url: '/v1/chat/completions', payload: { messages: ['hi'] } });
+    expect(badMsg.json().error).toMatchObject({ code: 'invalid_field', param: 'messages[0]' });
+    const badStream = await a.inject({ method: 'POST', url: '/v1/completions', payload: { prompt: 'x', stream: 'yes' } });
+    expect(badStream.json().error).toMatchObject({ param: 'stream' });
+    const arr = await a.inject({ method: 'POST', url: '/v1/chat/completions', payload: '[1]', headers: { 'content-type': 'application/json' } });
+    expect(arr.json().error).toMatchObject({ code: 'invalid_body' });
+    const nothing = await a.inject({ method: 'POST', url: '/v1/chat/completions' });
+    expect(nothing.statusCode).toBe(400);
+    expect(nothing.json().error.type).toBe('invalid_request_error');
+  });
+
+  it('unknown routes: 404 in the same shape', async () => {
+    const r = await app({ upstream: never }).inject({ method: 'GET', url: '/v1/nope' });
+    expect(r.statusCode).toBe(404);
+    expect(r.json()).toMatchObject({ error: { code: 'not_found', message: 'no route GET /v1/nope' } });
+  });
+
+  it('no route: 503 with Retry-After and the reason; a hung or failing resolver is bounded', async () => {
+    const down = app({ upstream: async () => ({ kind: 'unavailable', reason: 'need 12.1 GB of VRAM, the mesh has 8.0 GB', retryAfterS: 30 }) });
+    const r = await down.inject({ method: 'POST', url: '/v1/chat/completions', payload: chat });
+    expect(r.statusCode).toBe(503);
+    expect(r.headers['retry-after']).toBe('30');
+    expect(r.json().error).toMatchObject({ code: 'mesh_unavailable', message: 'need 12.1 GB of VRAM, the mesh has 8.0 GB' });
+    const h = await down.inject({ method: 'GET', url: '/health' });
+    expect(h.statusCode).toBe(503);
+    expect(h.json()).toEqual({ status: 'unavailable', reason: 'need 12.1 GB of VRAM, the mesh has 8.0 GB' });
+
+    let sawAbort = false;
+    const hung = app({
+      resolveTimeoutMs: 300,
+      upstream: ({ signal }) => new Promise<Upstream>(() => signal.addEventListener('abort', () => (sawAbort = true))),
+    });
+    const t = await hung.inject({ method: 'GET', url: '/v1/models' });
+    expect(t.statusCode).toBe(503);
+    expect(t.json().error.message).toMatch(/waited too long/);
+    expect(sawAbort).toBe(true);
+
+    const broken = app({ upstream: async () => { throw new Error('node is stopping'); } });
+    const b = await broken.inject({ method: 'GET', url: '/v1/models' });
+    expect(b.statusCode).toBe(503);
+    expect(b.json().error.message).toBe('no route: node is stopping');
+  });
+
+  it('--api-key protects everything but /health', async () => {
+    const a = app({ apiKey: 's3cret', upstream: async () => ({ kind: 'unavailable', reason: 'r', retryAfterS: 1 }) });
+    const none = await a.inject({ method: 'GET', url: '/api/status' });
+    expect(none.statusCode).toBe(401);
+    expect(none.json().error).toMatchObject({ code: 'invalid_api_key' });
+    expect((await a.inject({ method: 'GET', url: '/v1/models', headers: { authorization: 'Bearer nope' } })).statusCode).toBe(401);
+    expect((await a.inject({ method: 'POST', url: '/v1/chat/completions', payload: chat })).statusCode).toBe(401);
+    expect((await a.inject({ method: 'GET', url: '/health' })).statusCode).toBe(503);
+    const ok = await a.inject({ method: 'GET', url: '/api/status', headers: { authorization: 'Bearer s3cret' } });
+    expect(ok.statusCode).toBe(200);
+    expect(ok.json()).toEqual({ state: 'serving' });
+  });
+});
+
+describe('proxying over real HTTP', () => {
+  it('passes answers and upstream errors through; a dead upstream is 503', async () => {
+    const up = await upstreamServer((req, res) => {
+      let body = '';
+      req.on('data', (c) => (body += c));
+      req.on('end', () => {
+        if (req.url === '/v1/models') return res.writeHead(200, { 'content-type': 'application/json' }).end('{"data":[{"id":"m"}]}');
+        const j = JSON.parse(body);
+        if (j.max_tokens === -5) return res.writeHead(400, { 'content-type': 'application/json' }).end('{"error":{"message":"bad max_tokens","code":400}}');
+        res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ echo: j, path: req.url }));
+      });
+    });
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: up }) }));
+    const r = await fetch(`${base}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...chat, n: 1 }) });
+    expect(await r.json()).toEqual({ echo: { ...chat, n: 1 }, path: '/v1/chat/completions' });
+    expect(await (await fetch(`${base}/v1/models`)).json()).toEqual({ data: [{ id: 'm' }] });
+    const e = await fetch(`${base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"prompt":"x","max_tokens":-5}' });
+    expect(e.status).toBe(400);
+    expect((await e.json()).error.message).toBe('bad max_tokens');
+
+    const dead = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: 'http://127.0.0.1:1' }) }));
+    const d = await fetch(`${dead}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(chat) });
+    expect(d.status).toBe(503);
+    expect(d.headers.get('retry-after')).toBe('5');
+    expect((await d.json()).error.code).toBe('upstream_unavailable');
+  });
+
+  it('an upstream that dies mid-stream: an SSE error event, no [DONE]; the openai client throws', async () => {
+    const up = await upstreamServer((req, res) => {
+      req.resume();
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      res.write('data: {"id":"1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}\n\n');
+      setTimeout(() => res.socket?.destroy(), 50);
+    });
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: up }) }));
+    const raw = await (await fetch(`${base}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...chat, stream: true }) })).text();
+    expect(raw).toContain('"content":"Hel"');
+    expect(raw).toMatch(/event: error\ndata: \{"error":\{"message":"the stream was cut: [^"]+","type":"server_error","code":"stream_interrupted"/);
+    expect(raw).not.toContain('[DONE]');
+
+    const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0 });
+    const got: string[] = [];
+    await expect(
+      (async () => {
+        const stream = await client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'hi' }], stream: true });
+        for await (const c of stream) got.push(c.choices[0]?.delta?.content ?? '');
+      })(),
+    ).rejects.toThrow(/the stream was cut/);
+    expect(got).toEqual(['Hel']);
+  });
+
+  it('an upstream that ends a stream cleanly but without [DONE] is also an error, not a silent truncation', async () => {
+    const up = await upstreamServer((req, res) => {
+      req.resume();
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      res.end('data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n');
+    });
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: up }) }));
+    const raw = await (await fetch(`${base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"prompt":"a","stream":true}' })).text();
+    expect(raw).toMatch(/event: error\ndata: .*without \[DONE\]/);
+  });
+
+  it('a client that goes away aborts the upstream request', async () => {
+    let upstreamClosed!: () => void;
+    const closed = new Promise<void>((r) => (upstreamClosed = r));
+    const up = await upstreamServer((req, res) => {
+      req.resume();
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const t = setInterval(() => res.write('data: {"choices":[{"index":0,"delta":{"content":"."}}]}\n\n'), 20);
+      res.on('close', () => {
+        clearInterval(t);
+        upstreamClosed();
+      });
+    });
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: up }) }));
+    const ctrl = new AbortController();
+    const res = await fetch(`${base}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...chat, stream: true }), signal: ctrl.signal });
+    const reader = res.body!.getReader();
+    await reader.read();
+    ctrl.abort();
+    await expect(Promise.race([closed.then(() => 'closed'), new Promise((r) => setTimeout(() => r('still open'), 10_000))])).resolves.toBe('closed');
+  });
+});
+
+describe('against a real llama-server', () => {
+  let model: TempModel;
+  let llama: LlamaServerProcess;
+  beforeAll(async () => {
+    model = await makeTempModel();
+    const bins = llamaBinaries();
+    const rpc = await startRpcServer({ binary: bins.rpcServer, threads: 1 });
+    llama = await startLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [rpc.address], threads: 1, ctxSize: 4096 });
+  });
+  afterAll(async () => {
+    await stopAll(3000);
+    await model.remove();
+  });
+
+  it('answers chat and completions through the proxy, with the openai client', async () => {
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url }) }));
+    const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0 });
+    const models = await client.models.list();
+    expect(models.data.length).toBeGreaterThan(0);
+    const c = await client.chat.completions.create({ model: 'm', messages: [{ role: 'user', content: 'hi' }], max_tokens: 8, temperature: 0 });
+    expect(c.choices[0]?.message.content?.length).toBeGreaterThan(0);
+    expect(c.usage?.completion_tokens).toBe(8);
+    const p = await client.completions.create({ model: 'm', prompt: 'Once upon a time', max_tokens: 8, temperature: 0 });
+    expect(p.choices[0]?.text.length).toBeGreaterThan(0);
+    expect((await fetch(`${base}/health`)).status).toBe(200);
+  });
+
+  it('streams chunk by chunk: a client that leaves after the first chunk stops the generation', async () => {
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url }) }));
+    const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0 });
+    const stream = await client.completions.create({ model: 'm', prompt: 'Once upon a time', max_tokens: 3000, temperature: 0, stream: true });
+    let chunks = 0;
+    for await (const c of stream) {
+      chunks++;
+      expect(c.choices[0]).toBeDefined();
+      if (chunks === 2) break; // leaves: the SDK aborts its request
+    }
+    // llama-server cancels the task only if the first chunks reached us before it finished all 3000 tokens.
+    const deadline = Date.now() + 20_000;
+    let log = '';
+    while (Date.now() < deadline) {
+      log = llama.process.tail().slice(-60).join('\n');
+      if (/cancel task/.test(log) && /eval time = .* \/\s+\d+ tokens/.test(log)) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(log).toMatch(/cancel task/);
+    const evals = [...log.matchAll(/ {7}eval time = .*? \/\s+(\d+) tokens/g)].map((m) => Number(m[1]));
+    expect(evals.at(-1)).toBeLessThan(3000);
+  });
+
+  it('a full stream ends with [DONE] and the chunks add up', async () => {
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url }) }));
+    const raw = await (await fetch(`${base}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...chat, stream: true, max_tokens: 16, temperature: 0 }) })).text();
+    expect(raw.trimEnd().endsWith('data: [DONE]')).toBe(true);
+    expect(raw).not.toContain('event: error');
+    expect(raw.split('\n').filter((l) => l.startsWith('data: {')).length).toBeGreaterThanOrEqual(16);
+  });
+});
+
+describe('a real llama-server killed mid-stream', () => {
+  it('the client gets the SSE error event, never a hang or a silent end', async () => {
+    const model = await makeTempModel();
+    try {
+      const bins = llamaBinaries();
+      const rpc = await startRpcServer({ binary: bins.rpcServer, threads: 1 });
+      const llama = await startLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [rpc.address], threads: 1, ctxSize: 4096 });
+      const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url }) }));
+      const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0 });
+      const stream = await client.completions.create({ model: 'm', prompt: 'Once upon a time', max_tokens: 3000, temperature: 0, stream: true });
+      let chunks = 0;
+      const outcome = await (async () => {
+        try {
+          for await (const _ of stream) {
+            if (++chunks === 2) process.kill(llama.process.pid, 'SIGKILL');
+          }
+          return 'ended silently';
+        } catch (err) {
+          return (err as Error).message;
+        }
+      })();
+      expect(outcome).toMatch(/the stream was cut/);
+      expect(chunks).toBeGreaterThanOrEqual(2);
+    } finally {
+      await stopAll(3000);
+      await model.remove();
+    }
+  });
+});

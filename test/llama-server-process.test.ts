@@ -1,0 +1,174 @@
+// The host's llama-server, for real: the command line it gets, load progress and readiness, greedy output
+// through two rpc-servers equal to one, and every failure reported with its status and log tail:
+// an unreachable or busy rpc-server at start, a bad model, a taken port, an rpc-server dying under it.
+import { createServer, connect, type Server, type Socket } from 'node:net';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import {
+  checkHealth,
+  detectLlamaServerFlags,
+  launchLlamaServer,
+  LlamaServerError,
+  llamaServerArgs,
+  parseProgressLine,
+  startLlamaServer,
+  type LlamaLoadProgress,
+} from '../src/io/llama-server-process.ts';
+import { stopAll } from '../src/io/processes.ts';
+import { freeLoopbackPort, startRpcServer } from '../src/io/rpc-server-process.ts';
+import { greedyCompletion, llamaBinaries, makeTempModel, type TempModel } from './helpers/llama.ts';
+
+const FLAGS = { loadMode: true, fit: true, cacheRam: true };
+const base = { binary: '/x/llama-server', model: '/m.gguf' };
+
+describe('llamaServerArgs', () => {
+  it('puts the stages in --rpc order, names one RPC device per server, offloads every layer', () => {
+    const args = llamaServerArgs({ ...base, rpc: ['127.0.0.1:4001', '127.0.0.1:4002'], tensorSplit: [0.67, 0.33] }, 5555, FLAGS);
+    const opt = (f: string) => args[args.indexOf(f) + 1];
+    expect(opt('--rpc')).toBe('127.0.0.1:4001,127.0.0.1:4002');
+    expect(opt('-dev')).toBe('RPC0,RPC1');
+    expect(opt('--tensor-split')).toBe('0.67,0.33');
+    expect(opt('-ngl')).toBe('999');
+    expect(opt('--host')).toBe('127.0.0.1');
+    expect(opt('--port')).toBe('5555');
+    expect(opt('-lm')).toBe('none');
+    expect(opt('--cache-ram')).toBe('0');
+    expect(opt('-fit')).toBe('off');
+    expect(opt('-fa')).toBe('off');
+    expect(opt('-c')).toBe('4096');
+    expect(args).toContain('--metrics');
+    expect(args).not.toContain('--no-mmap');
+  });
+
+  it('divides a stage share among its devices, and falls back to --no-mmap on old releases', () => {
+    const args = llamaServerArgs({ ...base, rpc: ['127.0.0.1:1', '127.0.0.1:2'], tensorSplit: [2, 1], devicesPerServer: [2, 1] }, 1, { loadMode: false, fit: false, cacheRam: false });
+    expect(args[args.indexOf('-dev') + 1]).toBe('RPC0,RPC1,RPC2');
+    expect(args[args.indexOf('--tensor-split') + 1]).toBe('1,1,1');
+    expect(args).toContain('--no-mmap');
+    expect(args).not.toContain('-lm');
+    expect(args).not.toContain('-fit');
+    expect(args).not.toContain('--cache-ram');
+  });
+
+  it('refuses inconsistent input', () => {
+    expect(() => llamaServerArgs({ ...base, rpc: [] }, 1, FLAGS)).toThrow(/at least one rpc-server/);
+    expect(() => llamaServerArgs({ ...base, rpc: ['127.0.0.1:1'], tensorSplit: [1, 2] }, 1, FLAGS)).toThrow(/one non-negative share per rpc-server/);
+    expect(() => llamaServerArgs({ ...base, rpc: ['127.0.0.1:1'], tensorSplit: [0] }, 1, FLAGS)).toThrow(/not all zero/);
+    expect(() => llamaServerArgs({ ...base, rpc: ['[::1]:1'] }, 1, FLAGS)).toThrow(/not a host:port/);
+    expect(() => llamaServerArgs({ ...base, rpc: ['127.0.0.1:1'], devicesPerServer: [0] }, 1, FLAGS)).toThrow(/devicesPerServer/);
+  });
+
+  it('reads progress lines of the router-child protocol', () => {
+    expect(parseProgressLine('cmd_child_to_router:state:{"state":"loading","payload":{"current":"text_model","stages":["text_model"],"value":0.25}}')).toEqual({ phase: 'loading', fraction: 0.25 });
+    expect(parseProgressLine('cmd_child_to_router:state:{"state":"ready","payload":{}}')).toEqual({ phase: 'ready', fraction: 1 });
+    expect(parseProgressLine('cmd_child_to_router:state:{"state":"sleeping","payload":{}}')).toBeNull();
+    expect(parseProgressLine('cmd_child_to_router:state:{oops')).toBeNull();
+  });
+});
+
+describe('llama-server for real', () => {
+  let model: TempModel;
+  const sockets: Socket[] = [];
+  const servers: Server[] = [];
+  beforeAll(async () => {
+    model = await makeTempModel();
+  });
+  afterAll(async () => {
+    await model.remove();
+  });
+  afterEach(async () => {
+    for (const s of sockets.splice(0)) s.destroy();
+    for (const s of servers.splice(0)) s.close();
+    await stopAll(3000);
+  });
+
+  it('this release has --load-mode, --fit and --cache-ram', async () => {
+    expect(await detectLlamaServerFlags(llamaBinaries().llamaServer)).toEqual({ loadMode: true, fit: true, cacheRam: true });
+  });
+
+  it('loads through two rpc-servers with progress, serves, and gives the same greedy tokens as one', async () => {
+    const bins = llamaBinaries();
+    const [a, b] = await Promise.all([startRpcServer({ binary: bins.rpcServer, threads: 1 }), startRpcServer({ binary: bins.rpcServer, threads: 1 })]);
+    const progress: LlamaLoadProgress[] = [];
+    const split = await startLlamaServer({
+      binary: bins.llamaServer,
+      model: model.path,
+      rpc: [a.address, b.address],
+      tensorSplit: [0.5, 0.5],
+      threads: 1,
+      ctxSize: 512,
+      onProgress: (p) => progress.push(p),
+    });
+    expect(progress[0]).toMatchObject({ phase: 'loading' });
+    expect(progress.some((p) => p.phase === 'loading' && p.fraction === 1)).toBe(true);
+    expect(progress.at(-1)).toEqual({ phase: 'ready', fraction: 1 });
+    expect(split.progress()).toEqual({ phase: 'ready', fraction: 1 });
+    expect(await checkHealth(split.url)).toEqual({ kind: 'ok' });
+    // Both rpc-servers really hold layers: each got a client and buffers.
+    const out = await greedyCompletion(split, 'The quick brown fox', 32);
+    expect(out.tokens.length).toBe(32);
+    expect(new Set(out.tokens).size).toBeGreaterThanOrEqual(8);
+    await split.stop();
+
+    const solo = await startLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [b.address], threads: 1, ctxSize: 512 });
+    const soloOut = await greedyCompletion(solo, 'The quick brown fox', 32);
+    expect(out.tokens).toEqual(soloOut.tokens);
+    for (const rpc of [a, b]) expect(rpc.process.tail().join('\n')).toContain('Accepted client connection');
+  });
+
+  it('an rpc-server that dies under it turns the next request into a reported crash', async () => {
+    const bins = llamaBinaries();
+    const [a, b] = await Promise.all([startRpcServer({ binary: bins.rpcServer, threads: 1 }), startRpcServer({ binary: bins.rpcServer, threads: 1 })]);
+    const server = await startLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [a.address, b.address], threads: 1, ctxSize: 512 });
+    await a.stop();
+    await greedyCompletion(server, 'hello', 8).catch(() => undefined);
+    const exit = await server.exited;
+    expect(exit.requested).toBe(false);
+    expect(exit.signal === 'SIGABRT' || exit.code === 134 || (exit.code ?? 0) !== 0).toBe(true);
+    expect(exit.tail.length).toBeGreaterThan(0);
+  });
+
+  it('an unreachable rpc-server at start: a clear error with the status and the log', async () => {
+    const bins = llamaBinaries();
+    const deadPort = await freeLoopbackPort();
+    const err = await launchLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [`127.0.0.1:${deadPort}`], ctxSize: 512 }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(LlamaServerError);
+    expect((err as Error).message).toMatch(/^llama-server (was killed by SIGABRT|exited with status \d+) before its HTTP port was up/);
+    expect((err as LlamaServerError).tail.join('\n')).toMatch(new RegExp(String(deadPort)));
+  });
+
+  it('a busy rpc-server at start: the launch is bounded and says why', async () => {
+    const bins = llamaBinaries();
+    const rpc = await startRpcServer({ binary: bins.rpcServer, threads: 1 });
+    // Another client holds it (an rpc-server serves one client at a time; others wait, silently).
+    const holder = connect({ host: '127.0.0.1', port: rpc.port });
+    sockets.push(holder);
+    await new Promise<void>((r) => holder.once('connect', () => r()));
+    const hello = Buffer.alloc(33);
+    hello[0] = 14;
+    hello.writeBigUInt64LE(24n, 1);
+    holder.write(hello);
+    await new Promise((r) => holder.once('data', r));
+    const err = await launchLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [rpc.address], ctxSize: 512, launchTimeoutMs: 3000 }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(LlamaServerError);
+    expect((err as Error).message).toMatch(/did not get to loading within 3000 ms: an rpc-server .* accepts but does not answer/);
+  });
+
+  it('a model that is not a GGUF: exits while loading, and waitHealthy says so', async () => {
+    const bins = llamaBinaries();
+    const rpc = await startRpcServer({ binary: bins.rpcServer, threads: 1 });
+    const err = await startLlamaServer({ binary: bins.llamaServer, model: '/etc/hostname', rpc: [rpc.address], ctxSize: 512 }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(LlamaServerError);
+    expect((err as Error).message).toMatch(/^llama-server exited with status 1 (while loading|before its HTTP port was up)/);
+  });
+
+  it('a taken fixed port: a clear error', async () => {
+    const bins = llamaBinaries();
+    const rpc = await startRpcServer({ binary: bins.rpcServer, threads: 1 });
+    const squatter = createServer();
+    servers.push(squatter);
+    await new Promise<void>((r) => squatter.listen(0, '127.0.0.1', () => r()));
+    const port = (squatter.address() as { port: number }).port;
+    const err = await launchLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [rpc.address], ctxSize: 512, port }).catch((e: unknown) => e);
+    expect((err as Error).message).toMatch(/couldn't bind HTTP server socket/);
+  });
+});
