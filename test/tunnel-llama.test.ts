@@ -64,29 +64,31 @@ describe('rpc tunnel with real llama.cpp', () => {
     const host = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
     stops.push(() => host.close());
     const worker = await spawnTunnelWorker(host.id, workerRpc.port);
-    const hostTunnels = new TunnelService({ allow: () => ({ refuse: 'host' }) }, { endpoint: host });
-    stops.push(() => hostTunnels.close());
     await host.dial(worker.id, worker.addrs);
-    const listener = await hostTunnels.listen(worker.id, 'rpc');
-
-    const tunneled = await startLlamaServer({
-      model: model.path,
-      rpc: [`127.0.0.1:${listener.port}`, hostRpc.address],
-      tensorSplit: [1, 1],
-    });
-    let viaTunnel: readonly number[];
-    try {
-      viaTunnel = (await greedyCompletion(tunneled, prompt, nPredict)).tokens;
-      // A second request on the same session: the tunnel carries a long-lived RPC conversation.
-      const again = (await greedyCompletion(tunneled, prompt, nPredict)).tokens;
-      expect(again).toEqual(viaTunnel);
-    } finally {
-      await tunneled.stop();
+    // Both codecs: the host opens tunnels, so no handlers (start()) are needed on its side.
+    for (const codec of ['deflate', 'raw'] as const) {
+      const hostTunnels = new TunnelService({ allow: () => ({ refuse: 'host' }), codec }, { endpoint: host });
+      stops.push(() => hostTunnels.close());
+      const listener = await hostTunnels.listen(worker.id, 'rpc');
+      const tunneled = await startLlamaServer({
+        model: model.path,
+        rpc: [`127.0.0.1:${listener.port}`, hostRpc.address],
+        tensorSplit: [1, 1],
+      });
+      let viaTunnel: readonly number[];
+      try {
+        viaTunnel = (await greedyCompletion(tunneled, prompt, nPredict)).tokens;
+        // A second request on the same session: the tunnel carries a long-lived RPC conversation.
+        const again = (await greedyCompletion(tunneled, prompt, nPredict)).tokens;
+        expect(again).toEqual(viaTunnel);
+      } finally {
+        await tunneled.stop();
+      }
+      expect(viaTunnel, `${codec} codec`).toEqual(directTokens);
+      // llama-server gone: its tunnel sockets closed, so the pipes end.
+      const deadline = Date.now() + 10_000;
+      while (hostTunnels.stats().pipes > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      expect(hostTunnels.stats().pipes).toBe(0);
     }
-    expect(viaTunnel).toEqual(directTokens);
-    // llama-server gone: its tunnel sockets closed, so the pipes end.
-    const deadline = Date.now() + 10_000;
-    while (hostTunnels.stats().pipes > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
-    expect(hostTunnels.stats().pipes).toBe(0);
   }, 240_000);
 });

@@ -6,7 +6,8 @@ import type { EndpointId } from '../src/machines/mesh-types.ts';
 import { createIrohEndpoint } from '../src/io/iroh-transport.ts';
 import { MemoryNetwork } from '../src/io/memory-transport.ts';
 import { ephemeralSecretKey } from '../src/io/secret-key.ts';
-import { TunnelService, type TunnelPolicy } from '../src/io/tunnel.ts';
+import { randomBytes } from 'node:crypto';
+import { TunnelService, type TunnelCodec, type TunnelPolicy } from '../src/io/tunnel.ts';
 import type { MeshEndpoint } from '../src/io/transport.ts';
 import { within } from './transport-contract.ts';
 
@@ -14,13 +15,18 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 
 interface Backend {
   readonly name: string;
+  readonly codec: TunnelCodec;
   endpoint(): Promise<MeshEndpoint>;
 }
 
 const net = new MemoryNetwork();
+const memory = async (): Promise<MeshEndpoint> => net.createEndpoint();
+const iroh = (): Promise<MeshEndpoint> => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
 const backends: Backend[] = [
-  { name: 'memory', endpoint: async () => net.createEndpoint() },
-  { name: 'iroh', endpoint: () => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' }) },
+  { name: 'memory', codec: 'raw', endpoint: memory },
+  { name: 'memory', codec: 'deflate', endpoint: memory },
+  { name: 'iroh', codec: 'deflate', endpoint: iroh },
+  { name: 'iroh', codec: 'raw', endpoint: iroh },
 ];
 
 /** A TCP server on loopback whose connections get `onConn`; tracks its sockets. */
@@ -62,7 +68,7 @@ function tcpHandles(): number {
 }
 
 for (const backend of backends) {
-  describe(`tunnel over ${backend.name}`, () => {
+  describe(`tunnel over ${backend.name}, ${backend.codec} codec`, () => {
     const cleanups: (() => Promise<void> | void)[] = [];
     afterEach(async () => {
       for (const f of cleanups.splice(0).reverse()) await f();
@@ -78,7 +84,10 @@ for (const backend of backends) {
         { endpoint: worker },
       );
       workerTunnels.start();
-      const hostTunnels = new TunnelService({ allow: () => ({ refuse: 'host takes no tunnels' }) }, { endpoint: host });
+      const hostTunnels = new TunnelService(
+        { allow: () => ({ refuse: 'host takes no tunnels' }), codec: backend.codec },
+        { endpoint: host },
+      );
       hostTunnels.start();
       cleanups.push(() => workerTunnels.close(), () => hostTunnels.close());
       await host.dial(worker.id, worker.addrs());
@@ -93,7 +102,8 @@ for (const backend of backends) {
       const { listener, workerTunnels, hostTunnels } = await setup(target.port);
       const c = await connect(listener.port);
       const back = collect(c);
-      const data = pattern(8 * 1024 * 1024, 5);
+      // Half compressible, half not: both frame kinds of the deflate codec.
+      const data = Buffer.concat([pattern(4 * 1024 * 1024, 5), randomBytes(4 * 1024 * 1024)]);
       // Uneven writes, as an RPC client makes them.
       for (let o = 0; o < data.length; ) {
         const n = Math.min(data.length - o, [1, 13, 4096, 65_536, 300_000][o % 5]!);

@@ -2,8 +2,11 @@
 // turns each accepted socket into a stream to one peer; on the other side, a policy decides where (or
 // whether) an incoming stream connects locally. Every token of a split model crosses a tunnel twice, so
 // the hot path avoids waits it does not need: no Nagle, the next QUIC read issued before the socket write,
-// and TCP bytes that pile up behind a pending QUIC write leave as one write.
+// and TCP bytes that pile up behind a pending QUIC write leave as one write. And because the iroh binding
+// costs ~60 ns per byte each side (bytes cross it as number[]), compressible traffic is deflated first:
+// llama.cpp's per-token RPC requests shrink to ~0.3 of their size (docs/transport.md has the figures).
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { constants as zconst, deflateRawSync, inflateRawSync } from 'node:zlib';
 import { pino, type Logger } from 'pino';
 import type { EndpointId } from '../machines/mesh-types.ts';
 import {
@@ -32,8 +35,108 @@ export const TUNNEL_TCP_FAILED = 0x11;
 /** Reset code of tunnels closed by closeFrom() (the hand-off). */
 export const TUNNEL_CLOSED = 0x12;
 
+/**
+ * How a tunnel stream carries its bytes: the opener's first byte after the stream kind says which, and both
+ * directions use it. `raw`: the TCP bytes as they are. `deflate`: frames, each stored or deflated.
+ */
+export type TunnelCodec = 'raw' | 'deflate';
+const CODEC_BYTES: Record<TunnelCodec, number> = { raw: 0, deflate: 1 };
+
+export class TunnelProtocolError extends TransportError {
+  override name = 'TunnelProtocolError';
+}
+
+/** Frame header of the deflate codec: type u8 (0 stored, 1 deflated), payload bytes u32 LE, original bytes u32 LE. */
+const FRAME_HEADER = 9;
+/** Bigger frames are a protocol error (ours never exceed highWater plus one socket read). */
+export const MAX_FRAME_BYTES = 16 * 1024 * 1024;
+/** Below this, deflate's fixed cost is more than the bytes it could save. */
+const MIN_DEFLATE_BYTES = 512;
+/** A deflated frame is sent only when it is at most this fraction of the original. */
+const DEFLATE_WORTH = 0.8;
+/** After a chunk that did not compress, this many chunks go stored before deflate is tried again. */
+const DEFLATE_BACKOFF = 16;
+
+/**
+ * Turns chunks into frames of the deflate codec. Whether compressing pays is decided per chunk, with a
+ * back-off so that incompressible traffic (float activations, the worker's replies) costs one try in 17.
+ */
+export class FrameEncoder {
+  private skip = 0;
+
+  encode(chunk: Uint8Array): Buffer {
+    if (chunk.length >= MIN_DEFLATE_BYTES && this.skip === 0) {
+      const z = deflateRawSync(chunk, { level: 1, strategy: zconst.Z_DEFAULT_STRATEGY });
+      if (z.length <= chunk.length * DEFLATE_WORTH) return frame(1, z, chunk.length);
+      this.skip = DEFLATE_BACKOFF;
+    } else if (this.skip > 0 && chunk.length >= MIN_DEFLATE_BYTES) {
+      this.skip--;
+    }
+    return frame(0, chunk, chunk.length);
+  }
+}
+
+function frame(type: 0 | 1, payload: Uint8Array, original: number): Buffer {
+  const out = Buffer.allocUnsafe(FRAME_HEADER + payload.length);
+  out[0] = type;
+  out.writeUInt32LE(payload.length, 1);
+  out.writeUInt32LE(original, 5);
+  out.set(payload, FRAME_HEADER);
+  return out;
+}
+
+/** Reassembles frames from stream reads (split anywhere) and returns their bytes; throws TunnelProtocolError. */
+export class FrameDecoder {
+  private pending: Buffer | null = null;
+
+  push(chunk: Uint8Array): Buffer[] {
+    let buf = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
+    if (this.pending) {
+      buf = Buffer.concat([this.pending, buf]);
+      this.pending = null;
+    }
+    const out: Buffer[] = [];
+    let o = 0;
+    while (buf.length - o >= FRAME_HEADER) {
+      const type = buf[o]!;
+      const len = buf.readUInt32LE(o + 1);
+      const original = buf.readUInt32LE(o + 5);
+      if (type > 1) throw new TunnelProtocolError(`unknown frame type ${type}`);
+      if (len > MAX_FRAME_BYTES || original > MAX_FRAME_BYTES) {
+        throw new TunnelProtocolError(`frame of ${Math.max(len, original)} bytes is over the ${MAX_FRAME_BYTES} cap`);
+      }
+      if (buf.length - o - FRAME_HEADER < len) break;
+      const payload = buf.subarray(o + FRAME_HEADER, o + FRAME_HEADER + len);
+      o += FRAME_HEADER + len;
+      if (type === 0) {
+        if (original !== len) throw new TunnelProtocolError('stored frame with a wrong length');
+        out.push(payload);
+        continue;
+      }
+      let plain: Buffer;
+      try {
+        // The cap makes a deflate bomb fail instead of filling memory.
+        plain = inflateRawSync(payload, { maxOutputLength: Math.max(1, original) });
+      } catch (err) {
+        throw new TunnelProtocolError(`bad deflated frame: ${firstLine(err)}`);
+      }
+      if (plain.length !== original) throw new TunnelProtocolError('deflated frame with a wrong length');
+      out.push(plain);
+    }
+    if (o < buf.length) this.pending = Buffer.from(buf.subarray(o));
+    return out;
+  }
+
+  /** Bytes of an incomplete frame at the end of the stream are a protocol error. */
+  get midFrame(): boolean {
+    return this.pending !== null;
+  }
+}
+
 export interface TunnelInit {
   readonly allow: TunnelPolicy;
+  /** How tunnels that this node opens carry bytes; default `deflate`. Incoming ones use the opener's choice. */
+  readonly codec?: TunnelCodec;
   /** TCP bytes held while a QUIC write is pending before the socket is paused. Default 1 MiB. */
   readonly highWaterBytes?: number;
   /** How long connecting to a local target may take. Default 5 s. */
@@ -66,21 +169,26 @@ class Pipe {
   private finishSent = false;
   /** The stream ended (peer finished): the socket was ended. */
   private quicEnded = false;
-  /** TCP bytes waiting for the QUIC write in flight. */
+  /** TCP bytes waiting for the QUIC write in flight (or for the codec, on the accepting side). */
   private queue: Buffer[] = [];
   private queued = 0;
   private writing = false;
   private paused = false;
+  private encoder: FrameEncoder | undefined;
+  private decoder: FrameDecoder | undefined;
 
+  /** `codec` undefined: we accepted the stream and learn it from its first byte. */
   constructor(
     readonly peer: EndpointId,
     readonly kind: TunnelKind,
     private readonly socket: Socket,
     private readonly stream: MeshStream,
+    private codec: TunnelCodec | undefined,
     private readonly highWater: number,
     private readonly log: Logger,
     private readonly onEnd: (p: Pipe) => void,
   ) {
+    if (codec !== undefined) this.useCodec(codec);
     socket.setNoDelay(true);
     socket.on('data', (b: Buffer) => this.fromTcp(b));
     socket.on('end', () => {
@@ -95,6 +203,14 @@ class Pipe {
     void this.fromQuic();
   }
 
+  private useCodec(codec: TunnelCodec): void {
+    this.codec = codec;
+    if (codec === 'deflate') {
+      this.encoder = new FrameEncoder();
+      this.decoder = new FrameDecoder();
+    }
+  }
+
   private fromTcp(b: Buffer): void {
     this.queue.push(b);
     this.queued += b.length;
@@ -107,13 +223,14 @@ class Pipe {
 
   /** Sends what TCP gave us; whatever arrives meanwhile goes in the next write, joined into one. */
   private flush(): void {
-    if (this.writing || this.done) return;
+    if (this.writing || this.done || this.codec === undefined) return;
     if (this.queued > 0) {
-      const chunk = this.queue.length === 1 ? this.queue[0]! : Buffer.concat(this.queue, this.queued);
+      const joined = this.queue.length === 1 ? this.queue[0]! : Buffer.concat(this.queue, this.queued);
       this.queue = [];
       this.queued = 0;
       this.writing = true;
-      this.stream.write(chunk).then(
+      const out = this.encoder ? this.encoder.encode(joined) : joined;
+      this.stream.write(out).then(
         () => {
           this.writing = false;
           if (this.paused && !this.done) {
@@ -144,24 +261,28 @@ class Pipe {
     let next = this.stream.read();
     try {
       for (;;) {
-        const chunk = await next;
+        let chunk = await next;
         if (chunk === null) break;
         next = this.stream.read();
         next.catch(() => {});
         if (this.done) return;
-        if (!this.socket.write(chunk)) {
-          await new Promise<void>((resolve) => {
-            const go = (): void => {
-              this.socket.off('drain', go);
-              this.socket.off('close', go);
-              resolve();
-            };
-            this.socket.on('drain', go);
-            this.socket.on('close', go);
-          });
+        if (this.codec === undefined) {
+          const c = decodeCodec(chunk[0]!);
+          if (c === undefined) throw new TunnelProtocolError(`unknown tunnel codec ${chunk[0]}`);
+          this.useCodec(c);
+          this.flush();
+          chunk = chunk.subarray(1);
+          if (chunk.length === 0) continue;
+        }
+        if (this.decoder) {
+          for (const part of this.decoder.push(chunk)) if (!this.socket.write(part)) await this.drained();
+        } else if (!this.socket.write(chunk)) {
+          await this.drained();
         }
       }
+      if (this.decoder?.midFrame) throw new TunnelProtocolError('the stream ended inside a frame');
     } catch (err) {
+      if (err instanceof TunnelProtocolError) this.log.warn({ peer: shortId(this.peer), kind: this.kind, err: err.message }, 'bad tunnel stream');
       this.fail(`quic read: ${firstLine(err)}`, TUNNEL_TCP_FAILED);
       return;
     }
@@ -169,6 +290,18 @@ class Pipe {
     this.quicEnded = true;
     this.socket.end();
     this.maybeDone();
+  }
+
+  private drained(): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const go = (): void => {
+        this.socket.off('drain', go);
+        this.socket.off('close', go);
+        resolve();
+      };
+      this.socket.on('drain', go);
+      this.socket.on('close', go);
+    });
   }
 
   private maybeDone(): void {
@@ -190,6 +323,10 @@ class Pipe {
   }
 }
 
+function decodeCodec(byte: number): TunnelCodec | undefined {
+  return (Object.keys(CODEC_BYTES) as TunnelCodec[]).find((k) => CODEC_BYTES[k] === byte);
+}
+
 /**
  * The tunnels of one node. It handles incoming rpc and http streams on the endpoint (through the policy)
  * and opens local listeners that lead to a peer.
@@ -200,6 +337,7 @@ export class TunnelService {
   private readonly allow: TunnelPolicy;
   private readonly highWater: number;
   private readonly connectTimeoutMs: number;
+  private readonly codec: TunnelCodec;
   private readonly pipes = new Set<Pipe>();
   /** Incoming tunnels whose local TCP connect is still in progress (closeFrom must reach them too). */
   private readonly connecting = new Set<{ peer: EndpointId; socket: Socket; stream: MeshStream }>();
@@ -211,6 +349,7 @@ export class TunnelService {
     this.log = components.log ?? pino({ level: 'silent' });
     this.allow = init.allow;
     this.highWater = init.highWaterBytes ?? 1024 * 1024;
+    this.codec = init.codec ?? 'deflate';
     this.connectTimeoutMs = init.connectTimeoutMs ?? 5_000;
   }
 
@@ -324,11 +463,13 @@ export class TunnelService {
     }
     // Bytes the local client sends before the stream is open wait in the socket (paused).
     socket.pause();
-    let stream: MeshStream;
+    let stream: MeshStream | undefined;
     try {
       stream = await conn.openStream(kind);
+      await stream.write(Uint8Array.of(CODEC_BYTES[this.codec]));
     } catch (err) {
       this.log.warn({ peer: shortId(peer), kind, err: firstLine(err) }, 'could not open a tunnel stream');
+      stream?.reset(TUNNEL_TCP_FAILED);
       socket.destroy();
       return;
     }
@@ -336,7 +477,7 @@ export class TunnelService {
       stream.reset(TUNNEL_TCP_FAILED);
       return;
     }
-    this.track(new Pipe(peer, kind, socket, stream, this.highWater, this.log, this.ended));
+    this.track(new Pipe(peer, kind, socket, stream, this.codec, this.highWater, this.log, this.ended));
     socket.resume();
   }
 
@@ -363,7 +504,7 @@ export class TunnelService {
       connected = true;
       clearTimeout(timer);
       if (!this.connecting.delete(pending)) return; // closed for the hand-off meanwhile
-      this.track(new Pipe(peer, kind, socket, stream, this.highWater, this.log, this.ended));
+      this.track(new Pipe(peer, kind, socket, stream, undefined, this.highWater, this.log, this.ended));
     });
     socket.once('error', (err) => {
       clearTimeout(timer);
