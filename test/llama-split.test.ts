@@ -28,7 +28,8 @@ let header: GgufHeader;
 const proxies: RpcTrafficProxy[] = [];
 
 beforeAll(async () => {
-  llamaBinaries(); // fails with how-to-build when the binaries are missing
+  const bins = llamaBinaries(); // fails with how-to-build when the binaries are missing
+  console.log(`llama.cpp binaries: ${bins.variant} (${bins.dir})`);
   model = await makeTempModel(TINY_MODEL);
   header = await readGgufHeader(model.path);
 });

@@ -5,6 +5,7 @@ import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readGgufHeader } from '../src/io/gguf-reader.ts';
 import {
+  RPC_COMMANDS,
   RpcStreamParser,
   RpcTrafficCounter,
   diffRpcSnapshots,
@@ -141,10 +142,13 @@ describe('RpcStreamParser', () => {
 
   it('counts a command of a patched server when told about it', () => {
     const counter = new RpcTrafficCounter();
-    const p = new RpcStreamParser(counter, { 18: { name: 'SET_TENSOR_GGUF', reply: true } });
-    p.fromClient(req(18, 40), 0);
+    const p = new RpcStreamParser(counter, { ...RPC_COMMANDS, 19: { name: 'SOMETHING_NEW', reply: true } });
+    p.fromClient(req(18, 40), 0); // our SET_TENSOR_GGUF, known by default
     p.fromServer(rsp(1), 1);
+    p.fromClient(req(19, 40), 2);
+    p.fromServer(rsp(1), 3);
     expect(counter.snapshot().commands.SET_TENSOR_GGUF).toMatchObject({ count: 1, roundTrips: 1 });
+    expect(counter.snapshot().commands.SOMETHING_NEW).toMatchObject({ count: 1, roundTrips: 1 });
   });
 
   it('flags an RDMA offer in HELLO (the traffic would leave the proxied TCP path)', () => {
@@ -244,7 +248,7 @@ describe('a real ggml-rpc-server session through the proxy', () => {
     const rpc = await startRpcServer();
     const proxy = await startRpcTrafficProxy({ target: rpc.address });
     try {
-      expect(await rpcHello(proxy.address)).toEqual({ major: 6, minor: 0, patch: 0 });
+      expect(await rpcHello(proxy.address)).toMatchObject({ major: 6, minor: 0, patch: 0 });
       await until(() => (proxy.snapshot().commands.HELLO?.roundTrips ?? 0) === 1);
       expect(proxy.snapshot().commands.HELLO).toMatchObject({ count: 1, bytesToServer: 33, bytesToClient: 36 });
     } finally {

@@ -5,7 +5,7 @@ import { performance } from 'node:perf_hooks';
 
 /**
  * Commands of RPC protocol 6.0.0 (enum rpc_cmd in ggml/src/ggml-rpc/ggml-rpc.cpp of the pinned
- * release), and whether the server answers each. Checked against rpc_serve_client: FREE_BUFFER,
+ * release, plus our patch's), and whether the server answers each. Checked against rpc_serve_client: FREE_BUFFER,
  * BUFFER_CLEAR, MEMSET_TENSOR, SET_TENSOR, INIT_TENSOR, GRAPH_COMPUTE and GRAPH_RECOMPUTE get no reply.
  */
 export const RPC_COMMANDS: Readonly<Record<number, RpcCommandInfo>> = {
@@ -27,6 +27,9 @@ export const RPC_COMMANDS: Readonly<Record<number, RpcCommandInfo>> = {
   15: { name: 'DEVICE_COUNT', reply: true },
   16: { name: 'GRAPH_RECOMPUTE', reply: false },
   17: { name: 'MEMSET_TENSOR', reply: false },
+  // Ours (native/patches/0001-rpc-set-tensor-gguf.patch): load a tensor from the server's own GGUF.
+  // A stock client never sends it, so knowing it costs nothing when counting stock traffic.
+  18: { name: 'SET_TENSOR_GGUF', reply: true },
 };
 
 export interface RpcCommandInfo {
@@ -401,6 +404,8 @@ export interface RpcServerVersion {
   readonly major: number;
   readonly minor: number;
   readonly patch: number;
+  /** The reply's fourth byte: padding (0) in stock servers; our patches announce capabilities there. */
+  readonly flags: number;
 }
 
 /**
@@ -435,12 +440,12 @@ export function rpcHello(address: string, timeoutMs = 2_000): Promise<RpcServerV
       got = Buffer.concat([got, chunk]);
       if (got.length < 8) return;
       const size = Number(got.readBigUInt64LE(0));
-      if (size < 3 || size > 4096) {
+      if (size < 4 || size > 4096) {
         done(new RpcTrafficProxyError(`rpc-server at ${address} answered HELLO with a ${size}-byte reply: not an RPC server?`));
         return;
       }
       if (got.length < 8 + size) return;
-      done(null, { major: got[8]!, minor: got[9]!, patch: got[10]! });
+      done(null, { major: got[8]!, minor: got[9]!, patch: got[10]!, flags: got[11]! });
     });
   });
 }

@@ -7,10 +7,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { generateLlamaGguf, type LlamaModelSpec } from '../../src/io/gguf-writer.ts';
+import { buildBinDir, type LlamaVariant } from '../../src/io/llama-binaries.ts';
 import { spawnManaged, type ManagedProcess } from '../../src/io/processes.ts';
 import { rpcHello } from '../../src/io/rpc-traffic.ts';
 
-const STOCK_BIN_DIR = fileURLToPath(new URL('../../native/build/llama.cpp/build/bin', import.meta.url));
+// The pristine clone that docs/TEAM.md describes, built by hand: stock binaries outside native/build.sh.
+const TEAM_STOCK_BIN_DIR = fileURLToPath(new URL('../../native/build/llama.cpp/build/bin', import.meta.url));
 
 /** The binaries are not there: the message says how to get them. */
 export class LlamaBinariesMissing extends Error {
@@ -19,26 +21,51 @@ export class LlamaBinariesMissing extends Error {
 
 export interface LlamaBinaries {
   readonly dir: string;
+  /** `user` = $MESH_LLAMA_BIN_DIR; `mesh` = native/build.sh with our patches; `stock` = unpatched. */
+  readonly variant: 'user' | LlamaVariant;
   readonly llamaServer: string;
   readonly rpcServer: string;
 }
 
+export interface LlamaBinariesOptions {
+  /** Only this variant; default: $MESH_LLAMA_BIN_DIR, else our build, else a stock build. */
+  readonly variant?: LlamaVariant;
+}
+
+const hasBinaries = (dir: string) => existsSync(join(dir, 'llama-server')) && existsSync(join(dir, 'ggml-rpc-server'));
+
 /**
- * Finds llama-server and ggml-rpc-server: $MESH_LLAMA_BIN_DIR, else the stock build in the tree.
- * Throws LlamaBinariesMissing (never skips): a test that needs them must fail loudly without them.
+ * Finds llama-server and ggml-rpc-server (synchronously, for beforeAll and test bodies). Throws
+ * LlamaBinariesMissing, never skips: a test that needs them must fail loudly without them.
+ * Our patched build and a stock one both serve these tests: patched binaries fall back to the stock
+ * protocol unless an rpc-server is given its own GGUF.
  */
-export function llamaBinaries(): LlamaBinaries {
-  const dir = process.env.MESH_LLAMA_BIN_DIR || STOCK_BIN_DIR;
-  const llamaServer = join(dir, 'llama-server');
-  const rpcServer = join(dir, 'ggml-rpc-server');
-  const missing = [llamaServer, rpcServer].filter((f) => !existsSync(f));
-  if (missing.length > 0) {
+export function llamaBinaries(opts: LlamaBinariesOptions = {}): LlamaBinaries {
+  const candidates: { dir: string; variant: LlamaBinaries['variant'] }[] = [];
+  const userDir = process.env.MESH_LLAMA_BIN_DIR;
+  if (!opts.variant && userDir) candidates.push({ dir: userDir, variant: 'user' });
+  if (!opts.variant || opts.variant === 'mesh') candidates.push({ dir: buildBinDir('mesh'), variant: 'mesh' });
+  if (!opts.variant || opts.variant === 'stock') {
+    candidates.push({ dir: buildBinDir('stock'), variant: 'stock' }, { dir: TEAM_STOCK_BIN_DIR, variant: 'stock' });
+  }
+  // An explicit MESH_LLAMA_BIN_DIR is the user's choice: no falling back past it.
+  const searched = candidates[0]?.variant === 'user' ? candidates.slice(0, 1) : candidates;
+  const found = searched.find((c) => hasBinaries(c.dir));
+  if (!found) {
+    const how =
+      opts.variant === 'stock'
+        ? 'Build them with `bash native/build.sh --variant stock`.'
+        : 'Build them with `npm run build:native`, or point MESH_LLAMA_BIN_DIR at a directory holding llama-server and ggml-rpc-server.';
     throw new LlamaBinariesMissing(
-      `llama.cpp binaries not found (${missing.join(', ')}). Build them with \`npm run build:native\`, ` +
-        `or point MESH_LLAMA_BIN_DIR at a directory holding llama-server and ggml-rpc-server.`,
+      `llama.cpp binaries not found (looked for llama-server and ggml-rpc-server in ${searched.map((c) => c.dir).join(', ')}). ${how}`,
     );
   }
-  return { dir, llamaServer, rpcServer };
+  return {
+    dir: found.dir,
+    variant: found.variant,
+    llamaServer: join(found.dir, 'llama-server'),
+    rpcServer: join(found.dir, 'ggml-rpc-server'),
+  };
 }
 
 /** A TCP port that was free a moment ago (callers check that their server really got it). */
@@ -73,6 +100,8 @@ export interface RpcServerHandle {
 }
 
 export interface RpcServerOptions {
+  /** Which binaries; default llamaBinaries(). */
+  readonly binaries?: LlamaBinaries;
   /** CPU threads (-t); default 1, so that split and solo runs compute alike on a 2-core machine. */
   readonly threads?: number;
   readonly extraArgs?: readonly string[];
@@ -82,7 +111,7 @@ export interface RpcServerOptions {
 
 /** Starts a ggml-rpc-server on 127.0.0.1 and waits until it answers HELLO. */
 export async function startRpcServer(opts: RpcServerOptions = {}): Promise<RpcServerHandle> {
-  const bins = llamaBinaries();
+  const bins = opts.binaries ?? llamaBinaries();
   const deadline = Date.now() + (opts.readyTimeoutMs ?? 20_000);
   for (let attempt = 0; ; attempt++) {
     const port = await freePort();
@@ -129,6 +158,8 @@ export interface LlamaServerHandle {
 
 export interface LlamaServerOptions {
   readonly model: string;
+  /** Which binaries; default llamaBinaries(). */
+  readonly binaries?: LlamaBinaries;
   /** rpc-server addresses for `--rpc`, in order; the last one gets the output layer. */
   readonly rpc?: readonly string[];
   /** `--tensor-split`, one share per device in `--rpc` order. */
@@ -155,7 +186,7 @@ export interface LlamaServerOptions {
  * layers offloaded (to the rpc-servers when there are any).
  */
 export async function startLlamaServer(opts: LlamaServerOptions): Promise<LlamaServerHandle> {
-  const bins = llamaBinaries();
+  const bins = opts.binaries ?? llamaBinaries();
   const threads = String(opts.threads ?? 1);
   const deadline = Date.now() + (opts.readyTimeoutMs ?? 60_000);
   for (let attempt = 0; ; attempt++) {
