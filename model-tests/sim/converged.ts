@@ -42,25 +42,40 @@ export function expectedPlan(part: readonly SimNode[]): Plan {
   return elect(view);
 }
 
+/** One way the world differs from what it must converge to. `two-hosts`: a part runs several llama-servers. */
+export interface Gap {
+  readonly kind: 'two-hosts' | 'gap';
+  readonly message: string;
+}
+
 /** Why the world is not (yet) converged; empty when it is. */
-export function convergenceGaps(world: SimWorld): string[] {
-  const gaps: string[] = [];
+export function convergenceGaps(world: SimWorld): Gap[] {
+  const gaps: Gap[] = [];
+  const push = (message: string) => gaps.push({ kind: 'gap', message });
   for (const part of trueParts(world)) {
     const plan = expectedPlan(part);
     const members = new Set<EndpointId>(part.map((n) => n.spec.id));
     const names = [...members].sort().join(',');
+    // Processes can match the plan by coincidence before the part has even reconnected: a full mesh first.
+    const ids = [...members].sort();
+    const missing = ids.flatMap((a, i) => ids.slice(i + 1).filter((b) => !world.net.hasLink(a, b)).map((b) => `${a}-${b}`));
+    if (missing.length > 0) push(`[${names}] not fully connected yet: no connection ${missing.slice(0, 4).join(', ')}`);
     if (plan.kind === 'waiting') {
       for (const id of members) {
         const live = world.table.liveOf(id);
-        if (live.length > 0) gaps.push(`[${names}] waits (${plan.reason}) but ${id} runs ${live.map((p) => p.kind).join('+')}`);
+        if (live.length > 0) push(`[${names}] waits (${plan.reason}) but ${id} runs ${live.map((p) => p.kind).join('+')}`);
       }
       continue;
     }
     const stageIds = new Set(plan.stages.map((s) => s.id));
     const llamas = part.flatMap((n) => world.table.liveOf(n.spec.id, 'llama'));
+    const hosts = new Set(llamas.map((p) => p.node));
+    if (hosts.size > 1) {
+      gaps.push({ kind: 'two-hosts', message: `[${names}] runs llama-servers on ${[...hosts].sort().join(' and ')}` });
+    }
     const hostLlama = llamas.find((p) => p.node === plan.host && p.planId === plan.id && p.readyAt !== null);
     if (llamas.length !== 1 || hostLlama === undefined) {
-      gaps.push(
+      push(
         `[${names}] should have one llama-server on ${plan.host} for plan ${plan.id}, has ` +
           (llamas.length === 0 ? 'none' : llamas.map((p) => `${p.node}/${p.planId}${p.readyAt === null ? '(loading)' : ''}`).join(' ')),
       );
@@ -69,16 +84,16 @@ export function convergenceGaps(world: SimWorld): string[] {
       const rpcs = world.table.liveOf(id, 'rpc');
       if (!stageIds.has(id)) {
         const live = world.table.liveOf(id);
-        if (live.length > 0) gaps.push(`[${names}] ${id} is no stage of ${plan.id} but runs ${live.map((p) => p.kind).join('+')}`);
+        if (live.length > 0) push(`[${names}] ${id} is no stage of ${plan.id} but runs ${live.map((p) => p.kind).join('+')}`);
         continue;
       }
       if (rpcs.length !== 1) {
-        gaps.push(`[${names}] stage ${id} runs ${rpcs.length} rpc-servers`);
+        push(`[${names}] stage ${id} runs ${rpcs.length} rpc-servers`);
         continue;
       }
       const clients = [...rpcs[0]!.peers];
       if (hostLlama !== undefined && (clients.length !== 1 || clients[0] !== hostLlama.pid)) {
-        gaps.push(`[${names}] rpc-server of ${id} serves [${clients.join(',')}], not the host's llama-server #${hostLlama.pid}`);
+        push(`[${names}] rpc-server of ${id} serves [${clients.join(',')}], not the host's llama-server #${hostLlama.pid}`);
       }
     }
   }

@@ -32,8 +32,8 @@ export interface ProcRecord {
 
 /** What the fakes need to know about the world outside the table. */
 export interface TunnelWorld {
-  /** The host a worker's tunnel layer currently admits (the node's rpcTunnelPolicy), or null. */
-  allowedHost(worker: EndpointId): EndpointId | null;
+  /** What a worker's tunnel layer currently admits (the node's rpcTunnelPolicy), or null for nobody. */
+  policy(worker: EndpointId): { readonly host: EndpointId; readonly planId: string } | null;
   /** Whether a connection between the two nodes is open and can carry bytes. */
   canTunnel(a: EndpointId, b: EndpointId): boolean;
   /** Called when a llama-server connects to an rpc-server, before it is recorded: the checker's hook. */
@@ -143,12 +143,13 @@ export class ProcessTable {
   }
 
   /** The tunnel layer closes tunnels from hosts its node's policy no longer admits. */
-  enforcePolicy(worker: EndpointId): void {
-    const allowed = this.world.allowedHost(worker);
+  enforcePolicy(worker: EndpointId, ignorePolicy: boolean): void {
+    if (ignorePolicy) return;
+    const policy = this.world.policy(worker);
     for (const rpc of this.liveOf(worker, 'rpc')) {
       for (const llamaPid of rpc.peers) {
         const llama = this.live.get(llamaPid);
-        if (llama !== undefined && llama.node !== worker && llama.node !== allowed) {
+        if (llama !== undefined && llama.node !== worker && (llama.node !== policy?.host || llama.planId !== policy.planId)) {
           this.crashSoon(llama, `tunnel to ${worker} closed by its policy`);
         }
       }
@@ -163,7 +164,11 @@ export class ProcessTable {
       if (rpc === undefined) return `no rpc-server listening on ${stage.id}`;
       if (stage.id !== llama.node) {
         if (!this.world.canTunnel(llama.node, stage.id)) return `no connection to ${stage.id}`;
-        if (!ignorePolicy && this.world.allowedHost(stage.id) !== llama.node) return `${stage.id} refused the rpc tunnel`;
+        // The host names its plan when it opens the tunnel; the worker admits only its own plan's host and plan.
+        const policy = this.world.policy(stage.id);
+        if (!ignorePolicy && (policy?.host !== llama.node || policy.planId !== llama.planId)) {
+          return `${stage.id} refused the rpc tunnel`;
+        }
       }
       this.world.onConnect(llama, rpc);
       rpc.peers.add(llama.pid);
@@ -246,6 +251,8 @@ export function scheduledResult<TInput>(
   const logic: ActorLogic<ResultSnapshot, ResultEvent, TInput> = {
     config: 'scheduledResult',
     transition: (snapshot, event) => {
+      // XState delivers `xstate.stop` when the owner leaves the state: a later timer must find it stopped.
+      if ((event as { type: string }).type === 'xstate.stop') return { ...snapshot, status: 'stopped' } as ResultSnapshot;
       if (snapshot.status !== 'active' || event.type !== 'settle') return snapshot;
       return event.error === null
         ? { ...snapshot, status: 'done', output: undefined }

@@ -35,6 +35,7 @@ export type ViolationKind =
   | 'worker-serves-unready-host'
   | 'two-llama-servers-on-one-node'
   | 'not-converged'
+  | 'two-hosts-in-one-part'
   | 'restart-without-plan-change'
   | 'processes-left-behind';
 
@@ -68,10 +69,14 @@ export class SimWorld {
     seed: number,
     private readonly options: WorldOptions = {},
   ) {
-    this.prng = new Prng(seed);
+    // The network draws its own numbers, so a planted bug changes the machines' behaviour, not the schedule.
+    this.prng = new Prng(seed ^ 0x5bd1e995);
     this.net = new SimNetwork(this.sched, this.prng);
     this.table = new ProcessTable(this.sched, {
-      allowedHost: (worker) => this.nodes.get(worker)?.actor.getSnapshot().context.rpcTunnelPolicy?.host ?? null,
+      policy: (worker) => {
+        const node = this.nodes.get(worker);
+        return node === undefined || node.status === 'crashed' ? null : node.actor.getSnapshot().context.rpcTunnelPolicy;
+      },
       canTunnel: (a, b) => this.net.hasLink(a, b) && this.net.reachable(a, b),
       onConnect: (llama, rpc) => this.checkConnect(llama, rpc),
       onSpawn: (p) => this.checkSpawn(p),
@@ -134,13 +139,12 @@ export class SimWorld {
     holder.node = node;
     this.nodes.set(spec.id, node);
     // The tunnel layer watches the policy and closes tunnels of hosts it no longer admits.
-    let policyHost: EndpointId | null = null;
+    let policy: unknown = null;
     actor.subscribe({
       next: (snap) => {
-        const host = snap.context.rpcTunnelPolicy?.host ?? null;
-        if (host !== policyHost) {
-          policyHost = host;
-          this.table.enforcePolicy(spec.id);
+        if (snap.context.rpcTunnelPolicy !== policy) {
+          policy = snap.context.rpcTunnelPolicy;
+          this.table.enforcePolicy(spec.id, this.options.worldMutants?.tunnelIgnoresPolicy === true);
         }
       },
       complete: () => {

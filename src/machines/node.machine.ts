@@ -13,9 +13,10 @@
 // Slots `rpcServer`, `llamaServer`, `election`, `peer` default to the machines of this folder; the composition
 // root provides their own process slots (`rpcServerMachine.provide(...)`) and passes them in here.
 //
-// Hand-off (ARCHITECTURE.md): `rpcTunnelPolicy` in the context names the only host whose rpc tunnels this
-// node's rpc-server accepts (null: none). The tunnel layer watches it and closes tunnels of any other host at
-// once. A worker tells its plan's host `rpc-ready {planId}` only after a fresh rpc-server came up under that
+// Hand-off (ARCHITECTURE.md): `rpcTunnelPolicy` in the context names the only host, and the only plan, whose
+// rpc tunnels this node's rpc-server accepts (null: none). The tunnel layer watches it, admits a tunnel only
+// when the host names that plan id as it opens the stream, and closes every other tunnel at once. (The plan
+// id matters: a host acting on an rpc-ready of our previous rpc-server must not reach the fresh one.) A worker tells its plan's host `rpc-ready {planId}` only after a fresh rpc-server came up under that
 // policy; a host starts llama-server only when every remote stage said rpc-ready for the plan it runs.
 import { assign, enqueueActions, not, raise, sendTo, setup, type ActorRefFrom, type AnyActorRef } from 'xstate';
 import { electionMachine, SETTLE_MS, type ElectionEvent, type ElectionPlannedEvent } from './election.machine.ts';
@@ -293,7 +294,8 @@ export const nodeMachine = setup({
 
     // ---- process notices ------------------------------------------------------------------------------
     rpcUp: assign((_, params: { port: number }) => ({ rpc: 'ready' as const, rpcPort: params.port })),
-    rpcDown: assign({ rpc: 'down' as const, rpcPort: null }),
+    // An rpc-ready we sent spoke for the rpc-server that just went away: the next one must be told anew.
+    rpcDown: assign({ rpc: 'down' as const, rpcPort: null, rpcReadySent: null }),
     llamaUp: assign((_, params: { port: number }) => ({ llama: 'ready' as const, llamaPort: params.port })),
     llamaDown: assign({ llama: 'down' as const, llamaPort: null }),
     raiseMeshChanged: raise({ type: 'mesh.changed' }),

@@ -209,6 +209,12 @@ export const peerMachine = setup({
           target: 'gone',
           actions: { type: 'noteDown', params: ({ event }) => ({ reason: event.reason }) },
         },
+        // A new connection while ours looks alive: the peer restarted (or redialed) and the old connection is
+        // dead. Whatever we told the old one is void, so go down and handshake anew.
+        'net.peer.connected': {
+          target: 'handshaking',
+          actions: { type: 'noteDown', params: { reason: 'replaced by a new connection' } },
+        },
       },
       initial: 'connected',
       states: {
