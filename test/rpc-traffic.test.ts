@@ -171,6 +171,7 @@ describe('RpcStreamParser', () => {
     expect(Object.keys(d.commands)).toEqual(['GRAPH_COMPUTE']);
     expect(d.totals).toMatchObject({ count: 2, bytesToServer: 218, roundTrips: 0 });
     expect(formatRpcSnapshot(d, 2)).toMatch(/GRAPH_COMPUTE\s+1\s+0\s+109\s+0/);
+    expect(formatRpcSnapshot(d, 3)).toMatch(/GRAPH_COMPUTE\s+0\.67\s+0\s+72\.67\s+0/);
   });
 });
 

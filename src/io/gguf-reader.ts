@@ -361,7 +361,8 @@ function parse(buf: Buffer, fileBytes: number): GgufHeader {
   const alignValue = metadata.get('general.alignment');
   let alignment = GGUF_DEFAULT_ALIGNMENT;
   if (alignValue) {
-    const a = alignValue.value;
+    const raw = alignValue.value;
+    const a = typeof raw === 'bigint' ? Number(raw) : raw;
     if (typeof a !== 'number' || !Number.isInteger(a) || a <= 0 || (a & (a - 1)) !== 0) {
       throw new GgufError('bad-value', `general.alignment must be a power of two, got ${String(a)}`);
     }

@@ -467,5 +467,7 @@ export function formatRpcSnapshot(s: RpcTrafficSnapshot, perUnit = 1): string {
 }
 
 function fmt(n: number): string {
-  return Number.isInteger(n) ? String(n) : n.toFixed(1);
+  if (Number.isInteger(n)) return String(n);
+  const s = n.toFixed(2);
+  return s === '-0.00' ? '0.00' : s;
 }
