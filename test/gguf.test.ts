@@ -323,6 +323,24 @@ describe('reader errors', () => {
     );
   });
 
+  it('reads only the header of a huge file (a sparse 4 GiB tensor)', async () => {
+    const header = encodeGgufHeader(
+      [['general.architecture', { type: GgufValueType.STRING, value: 'llama' }]],
+      [{ name: 'huge', type: GgmlType.F32, dims: [1024, 1024, 1024], offset: 0 }],
+    );
+    const dataOffset = Math.ceil(header.length / 32) * 32;
+    const p = join(dir, 'sparse.gguf');
+    await writeFile(p, header);
+    const fh = await open(p, 'r+');
+    await fh.truncate(dataOffset + 4 * 1024 ** 3); // a hole: no disk, and reading it all would take long
+    await fh.close();
+    const before = process.memoryUsage().arrayBuffers;
+    const h = await readGgufHeader(p);
+    expect(h.fileBytes).toBe(dataOffset + 4 * 1024 ** 3);
+    expect(h.tensors[0]).toMatchObject({ name: 'huge', bytes: 4 * 1024 ** 3, absoluteOffset: dataOffset });
+    expect(process.memoryUsage().arrayBuffers - before).toBeLessThan(64 * 1024 * 1024);
+  });
+
   it('reports a missing file as an io error', async () => {
     await expect(readGgufHeader(join(dir, 'nope.gguf'))).rejects.toMatchObject({ code: 'io' });
   });
