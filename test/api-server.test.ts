@@ -288,3 +288,63 @@ describe('a real llama-server killed mid-stream', () => {
     }
   });
 });
+
+describe('meshUpstreamResolver: one proxy machine per request', () => {
+  type Snap = Parameters<typeof import('../src/machines/proxy.machine.ts').routeFacts>[0];
+  /** The node actor as routing sees it: a snapshot and its updates. */
+  function fakeNode(initial: { running: unknown; llamaPort: number | null; links: string[]; serving: boolean }) {
+    let state = initial;
+    const subs = new Set<(s: Snap) => void>();
+    const snap = (): Snap => ({
+      context: { self: { id: 'aa' as never }, running: state.running as never, llamaPort: state.llamaPort, links: state.links as never },
+      matches: () => state.serving,
+    });
+    return {
+      getSnapshot: snap,
+      subscribe(cb: (s: Snap) => void) {
+        subs.add(cb);
+        return { unsubscribe: () => subs.delete(cb) };
+      },
+      set(next: Partial<typeof initial>) {
+        state = { ...state, ...next };
+        for (const cb of subs) cb(snap());
+      },
+      subscribers: () => subs.size,
+    };
+  }
+  const ready = (host: string) => ({ kind: 'ready', id: 'p', host, stages: [{ id: host, share: 1 }], model: { name: 'm', bytes: 1, fingerprint: 'f' } });
+
+  it('waits for the mesh, then routes to the local llama-server or through the tunnel to the host', async () => {
+    const { meshUpstreamResolver } = await import('../src/actors/api-server.actor.ts');
+    const node = fakeNode({ running: null, llamaPort: null, links: [], serving: false });
+    const resolve = meshUpstreamResolver({ node, remoteBaseUrl: async (host) => `http://127.0.0.1:7/${host}` });
+    const pending = resolve({ path: '/v1/models', signal: new AbortController().signal });
+    await new Promise((r) => setTimeout(r, 50));
+    expect(node.subscribers()).toBe(1);
+    node.set({ running: ready('aa'), serving: true, llamaPort: 4242 });
+    expect(await pending).toEqual({ kind: 'url', baseUrl: 'http://127.0.0.1:4242' });
+    expect(node.subscribers()).toBe(0);
+
+    node.set({ running: ready('bb'), links: ['bb'], llamaPort: null });
+    expect(await resolve({ path: '/v1/models', signal: new AbortController().signal })).toEqual({ kind: 'url', baseUrl: 'http://127.0.0.1:7/bb' });
+    node.set({ running: { kind: 'waiting', id: 'w', reason: 'need 12.1 GB of VRAM, the mesh has 8.0 GB' } });
+    expect(await resolve({ path: '/v1/models', signal: new AbortController().signal })).toEqual({ kind: 'unavailable', reason: 'need 12.1 GB of VRAM, the mesh has 8.0 GB', retryAfterS: 30 });
+  });
+
+  it('gives up after the wait bound, and at once when the client leaves', async () => {
+    const { meshUpstreamResolver } = await import('../src/actors/api-server.actor.ts');
+    const node = fakeNode({ running: null, llamaPort: null, links: [], serving: false });
+    const resolve = meshUpstreamResolver({ node, remoteBaseUrl: async () => 'x', maxWaitMs: 200 });
+    expect(await resolve({ path: '/v1/models', signal: new AbortController().signal })).toMatchObject({ kind: 'unavailable', reason: 'the mesh is restarting; try again shortly' });
+    const ctrl = new AbortController();
+    const slow = meshUpstreamResolver({ node, remoteBaseUrl: async () => 'x' })({ path: '/v1/models', signal: ctrl.signal });
+    ctrl.abort();
+    expect(await slow).toMatchObject({ kind: 'unavailable' });
+    expect(node.subscribers()).toBe(0);
+    // Through the API: the wait ends in 503 with Retry-After.
+    const a = app({ upstream: resolve });
+    const r = await a.inject({ method: 'POST', url: '/v1/chat/completions', payload: chat });
+    expect(r.statusCode).toBe(503);
+    expect(r.headers['retry-after']).toBe('5');
+  });
+});

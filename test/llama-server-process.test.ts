@@ -12,6 +12,7 @@ import {
   parseProgressLine,
   startLlamaServer,
   type LlamaLoadProgress,
+  type LlamaServerProcess,
 } from '../src/io/llama-server-process.ts';
 import { stopAll } from '../src/io/processes.ts';
 import { freeLoopbackPort, startRpcServer } from '../src/io/rpc-server-process.ts';
@@ -170,5 +171,90 @@ describe('llama-server for real', () => {
     const port = (squatter.address() as { port: number }).port;
     const err = await launchLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [rpc.address], ctxSize: 512, port }).catch((e: unknown) => e);
     expect((err as Error).message).toMatch(/couldn't bind HTTP server socket/);
+  });
+});
+
+describe('the llama-server machine with the real actor logic', () => {
+  it('a two-stage plan: ready and serving; a crash is reported with the signal; restart; stop', async () => {
+    const { createActor, fromCallback } = await import('xstate');
+    const { llamaServerMachine } = await import('../src/machines/llama-server.machine.ts');
+    const { llamaServerProcessLogic, waitLlamaHealthyLogic, rpcLayout } = await import('../src/actors/llama-server.actor.ts');
+    const { asEndpointId } = await import('../src/machines/mesh-types.ts');
+    const model = await makeTempModel();
+    try {
+      const bins = llamaBinaries();
+      // The worker's rpc-server stands where the mesh's tunnel to it would be; the host's own is last.
+      const [worker, own] = await Promise.all([startRpcServer({ binary: bins.rpcServer, threads: 1 }), startRpcServer({ binary: bins.rpcServer, threads: 1 })]);
+      const host = asEndpointId('aa'.repeat(32));
+      const workerId = asEndpointId('bb'.repeat(32));
+      const plan = {
+        kind: 'ready' as const,
+        id: 'plan-1',
+        host,
+        stages: [{ id: workerId, share: 0.6 }, { id: host, share: 0.4 }],
+        model: { name: 'tiny', bytes: 1, fingerprint: 'f' },
+      };
+      const input = { plan, generation: 1, ownRpcPort: own.port };
+      const rpcAddressFor = (stage: { id: string }) => {
+        if (stage.id !== workerId) throw new Error(`no tunnel for ${stage.id}`);
+        return worker.address;
+      };
+      expect(await rpcLayout(input, rpcAddressFor)).toEqual({ rpc: [worker.address, own.address], tensorSplit: [0.6, 0.4] });
+      await expect(rpcLayout({ ...input, plan: { ...plan, stages: [...plan.stages].reverse() } }, rpcAddressFor)).rejects.toThrow(/must come last/);
+
+      const notices: { type: string; port?: number; reason?: string; planId?: string | null }[] = [];
+      const owner = createActor(fromCallback(({ receive }) => receive((e) => void notices.push(e as never)))).start();
+      const started: LlamaServerProcess[] = [];
+      const progress: string[] = [];
+      const machine = llamaServerMachine.provide({
+        actors: {
+          llamaServerProcess: llamaServerProcessLogic({
+            binary: bins.llamaServer,
+            model: model.path,
+            rpcAddressFor,
+            threads: 1,
+            ctxSize: 512,
+            killGraceMs: 2000,
+            onStarted: (s) => started.push(s),
+            onProgress: (p) => progress.push(`${p.planId}/${p.generation}:${p.phase}`),
+          }),
+          waitLlamaHealthy: waitLlamaHealthyLogic,
+        },
+      });
+      const actor = createActor(machine, { input: { notify: owner } }).start();
+      const next = async (type: string) => {
+        const deadline = Date.now() + 60_000;
+        while (Date.now() < deadline) {
+          const i = notices.findIndex((n) => n.type === type);
+          if (i >= 0) return notices.splice(0, i + 1).at(-1)!;
+          await new Promise((r) => setTimeout(r, 20));
+        }
+        throw new Error(`no ${type}; got ${JSON.stringify(notices)}`);
+      };
+
+      actor.send({ type: 'llama.start', ...input });
+      const ready = await next('llama.ready');
+      expect(ready).toMatchObject({ port: started[0]!.port, planId: 'plan-1', generation: 1 });
+      expect(started[0]!.args.join(' ')).toContain(`--rpc ${worker.address},${own.address} -dev RPC0,RPC1 -ngl 999 --tensor-split 0.6,0.4`);
+      expect(progress).toContain('plan-1/1:loading');
+      const out = await greedyCompletion({ url: `http://127.0.0.1:${ready.port}` }, 'hello', 8);
+      expect(out.tokens).toHaveLength(8);
+
+      process.kill(started[0]!.process.pid, 'SIGKILL');
+      const crash = await next('llama.crashed');
+      expect(crash.reason).toMatch(/^llama-server exited: llama-server was killed by SIGKILL on its own/);
+      expect(crash.planId).toBe('plan-1');
+
+      actor.send({ type: 'llama.start', ...input, generation: 2 });
+      expect(await next('llama.ready')).toMatchObject({ generation: 2 });
+      actor.send({ type: 'llama.stop' });
+      expect(await next('llama.stopped')).toMatchObject({ planId: 'plan-1' });
+      expect(started[1]!.process.exitInfo()).toMatchObject({ requested: true });
+      actor.stop();
+      owner.stop();
+    } finally {
+      await stopAll(3000);
+      await model.remove();
+    }
   });
 });

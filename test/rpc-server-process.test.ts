@@ -166,4 +166,56 @@ async function waitHello(address: string): Promise<void> {
   throw new Error(`no HELLO from ${address}`);
 }
 
-export type { RpcServerProcess };
+
+describe('the rpc-server machine with the real actor logic', () => {
+  it('start -> ready, a crash is reported, a restart gets a fresh server, stop leaves nothing behind', async () => {
+    const { createActor, fromCallback } = await import('xstate');
+    const { rpcServerMachine } = await import('../src/machines/rpc-server.machine.ts');
+    const { rpcServerProcessLogic, waitRpcServerListeningLogic } = await import('../src/actors/rpc-server.actor.ts');
+    const bins = llamaBinaries();
+    const notices: { type: string; port?: number; reason?: string }[] = [];
+    const owner = createActor(fromCallback(({ receive }) => receive((e) => void notices.push(e as never)))).start();
+    const started: RpcServerProcess[] = [];
+    const machine = rpcServerMachine.provide({
+      actors: {
+        rpcServerProcess: rpcServerProcessLogic({ binary: bins.rpcServer, threads: 1, killGraceMs: 1000, onStarted: (s) => started.push(s) }),
+        waitRpcServerListening: waitRpcServerListeningLogic,
+      },
+    });
+    const actor = createActor(machine, { input: { notify: owner } }).start();
+    const next = async (type: string) => {
+      const deadline = Date.now() + 30_000;
+      while (Date.now() < deadline) {
+        const i = notices.findIndex((n) => n.type === type);
+        if (i >= 0) return notices.splice(0, i + 1).at(-1)!;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      throw new Error(`no ${type}; got ${JSON.stringify(notices)}`);
+    };
+
+    actor.send({ type: 'rpc.start' });
+    const ready = await next('rpc.ready');
+    expect(ready.port).toBe(started[0]!.port);
+    expect((await rpcHello(`127.0.0.1:${ready.port}`, 2000)).major).toBe(6);
+
+    process.kill(started[0]!.process.pid, 'SIGKILL');
+    expect((await next('rpc.crashed')).reason).toMatch(/^rpc-server exited: killed by SIGKILL/);
+    expect(actor.getSnapshot().value).toBe('crashed');
+
+    actor.send({ type: 'rpc.start' });
+    const again = await next('rpc.ready');
+    expect(started).toHaveLength(2);
+    expect(again.port).toBe(started[1]!.port);
+
+    actor.send({ type: 'rpc.stop' });
+    await next('rpc.stopped');
+    expect(started[1]!.process.exitInfo()).toMatchObject({ requested: true });
+
+    // Stopping the whole actor while a server runs: the slot's cleanup kills it.
+    actor.send({ type: 'rpc.start' });
+    await next('rpc.ready');
+    actor.stop();
+    expect(await started[2]!.exited).toMatchObject({ requested: true });
+    owner.stop();
+  });
+});
