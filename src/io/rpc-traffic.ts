@@ -53,7 +53,10 @@ export interface RpcCommandStats {
    * The stock client's dispatcher sends one command at a time, so every replied command blocks.
    */
   roundTrips: number;
-  /** Summed time from the end of each blocking request to the end of its reply, in ms. */
+  /**
+   * Summed time from the end of each blocking request to the end of its reply, in ms, as seen at the
+   * proxy: the server's work plus the proxy<->server hop, not the client<->proxy hop.
+   */
   waitMs: number;
 }
 
