@@ -14,7 +14,10 @@ import { fileURLToPath } from 'node:url';
 import { asEndpointId } from '../src/machines/mesh-types.ts';
 import { createIrohEndpoint } from '../src/io/iroh-transport.ts';
 import { ephemeralSecretKey } from '../src/io/secret-key.ts';
-import { TunnelService } from '../src/io/tunnel.ts';
+import { randomBytes } from 'node:crypto';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { TunnelService, type TunnelCodec } from '../src/io/tunnel.ts';
 
 const SELF = fileURLToPath(import.meta.url);
 const args = process.argv.slice(2);
@@ -67,8 +70,11 @@ async function roleServer(): Promise<void> {
   });
 }
 
+/** Random bytes: the worst case for the deflate codec (it must notice and back off). */
+const NOISE = randomBytes(64 * 1024);
+
 async function sendN(s: Socket, n: number): Promise<void> {
-  const chunk = Buffer.alloc(64 * 1024, 7);
+  const chunk = NOISE;
   while (n > 0) {
     const c = n >= chunk.length ? chunk : chunk.subarray(0, n);
     n -= c.length;
@@ -86,10 +92,9 @@ async function roleWorker(targetPort: number): Promise<void> {
   process.stdout.write(JSON.stringify({ id: ep.id, addrs: ep.addrs() }) + '\n');
 }
 
-async function roleHost(workerId: string, workerAddrs: string[]): Promise<void> {
+async function roleHost(workerId: string, workerAddrs: string[], codec: TunnelCodec): Promise<void> {
   const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
-  const t = new TunnelService({ allow: () => ({ refuse: 'host' }) }, { endpoint: ep });
-  t.start();
+  const t = new TunnelService({ allow: () => ({ refuse: 'host' }), codec }, { endpoint: ep });
   await ep.dial(asEndpointId(workerId), workerAddrs);
   const l = await t.listen(asEndpointId(workerId), 'rpc');
   process.stdout.write(JSON.stringify({ port: l.port }) + '\n');
@@ -129,7 +134,7 @@ function pct(sorted: number[], p: number): number {
 async function roundTrips(port: number, size: number, n: number): Promise<number[]> {
   const s = await connect(port);
   s.write('E');
-  const msg = Buffer.alloc(size, 1);
+  const msg = NOISE.subarray(0, size);
   const times: number[] = [];
   let got = 0;
   let wake: (() => void) | undefined;
@@ -197,32 +202,36 @@ async function main(): Promise<void> {
   const n = quick ? 500 : 3000;
   const server = await child<{ port: number }>('server');
   const worker = await child<{ id: string; addrs: string[] }>('worker', String(server.info.port));
-  const host = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs));
-  const direct = server.info.port;
-  const tunnel = host.info.port;
+  const raw = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs), 'raw');
+  const deflate = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs), 'deflate');
+  const paths: [string, number][] = [
+    ['direct TCP', server.info.port],
+    ['tunnel, raw codec', raw.info.port],
+    ['tunnel, deflate codec', deflate.info.port],
+  ];
 
-  console.log(`\n## Tunnel vs direct TCP (loopback, ${n} round trips per row, every role in its own process)\n`);
-  console.log('| message | direct p50 ms | direct p99 ms | tunnel p50 ms | tunnel p99 ms | added p50 ms |');
-  console.log('|---|---|---|---|---|---|');
+  console.log(`\n## Round trips of random messages (loopback, ${n} per cell, every role in its own process)\n`);
+  console.log('| message | path | p50 ms | p99 ms | added p50 ms |');
+  console.log('|---|---|---|---|---|');
   for (const size of [64, 16 * 1024]) {
-    // Interleaved halves, so that a burst of load elsewhere on the machine hits both alike.
-    const d1 = await roundTrips(direct, size, n / 2);
-    const t1 = await roundTrips(tunnel, size, n / 2);
-    const d2 = await roundTrips(direct, size, n / 2);
-    const t2 = await roundTrips(tunnel, size, n / 2);
-    const d = [...d1, ...d2].sort((a, b) => a - b);
-    const t = [...t1, ...t2].sort((a, b) => a - b);
-    console.log(
-      `| ${size} B | ${f3(pct(d, 50))} | ${f3(pct(d, 99))} | ${f3(pct(t, 50))} | ${f3(pct(t, 99))} | ${f3(pct(t, 50) - pct(d, 50))} |`,
-    );
+    // Interleaved halves, so that a burst of load elsewhere on the machine hits every path alike.
+    const res = new Map<string, number[]>(paths.map(([name]) => [name, []]));
+    for (let half = 0; half < 2; half++) {
+      for (const [name, port] of paths) res.get(name)!.push(...(await roundTrips(port, size, n / 2)));
+    }
+    const base = pct(res.get('direct TCP')!.sort((x, y) => x - y), 50);
+    for (const [name] of paths) {
+      const t = res.get(name)!.sort((x, y) => x - y);
+      const added = name === 'direct TCP' ? '' : f3(pct(t, 50) - base);
+      console.log(`| ${size} B | ${name} | ${f3(pct(t, 50))} | ${f3(pct(t, 99))} | ${added} |`);
+    }
   }
 
-  const bytes = (quick ? 16 : 64) * 1024 * 1024;
-  console.log(`\n## Throughput of one stream (${bytes / 1024 / 1024} MiB)\n`);
-  console.log('| direction | direct MiB/s | tunnel MiB/s |');
+  const bytes = (quick ? 8 : 32) * 1024 * 1024;
+  console.log(`\n## Throughput of one stream (${bytes / 1024 / 1024} MiB of random bytes)\n`);
+  console.log('| path | client -> server MiB/s | server -> client MiB/s |');
   console.log('|---|---|---|');
-  console.log(`| client -> server | ${f2(await upload(direct, bytes))} | ${f2(await upload(tunnel, bytes))} |`);
-  console.log(`| server -> client | ${f2(await download(direct, bytes))} | ${f2(await download(tunnel, bytes))} |`);
+  for (const [name, port] of paths) console.log(`| ${name} | ${f2(await upload(port, bytes))} | ${f2(await download(port, bytes))} |`);
 
   if (!flag('--no-death')) await detection();
   if (!flag('--no-llama')) await llama(quick);
@@ -260,14 +269,18 @@ async function detection(): Promise<void> {
   await ep.close();
 }
 
-interface Timings {
-  readonly pp: number;
-  readonly tg: number;
+interface BenchRow {
+  readonly n_prompt: number;
+  readonly n_gen: number;
+  readonly avg_ts: number;
 }
 
 async function llama(quick: boolean): Promise<void> {
   const h = await import('../test/helpers/llama.ts');
   const { generateLlamaGguf } = await import('../src/io/gguf-writer.ts');
+  const bins = h.llamaBinaries();
+  const llamaBench = `${bins.dir}/llama-bench`;
+  if (!existsSync(llamaBench)) throw new Error(`${llamaBench} not found: build the llama-bench target`);
   const modelPath = opt('--model') ?? '/tmp/mesh-bench-273m.gguf';
   if (!existsSync(modelPath)) {
     process.stderr.write(`generating ${modelPath} (6 layers, n_embd 768, ff 6912, F16)...\n`);
@@ -276,45 +289,40 @@ async function llama(quick: boolean): Promise<void> {
   const workerRpc = await h.startRpcServer();
   const hostRpc = await h.startRpcServer();
   const worker = await child<{ id: string; addrs: string[] }>('worker', String(workerRpc.port));
-  const host = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs));
-  // ~64 prompt tokens.
-  const prompt = Array.from({ length: 16 }, (_, i) => `mesh node ${i} carries`).join(' ');
-  const reps = quick ? 2 : 4;
-
-  async function run(first: string): Promise<Timings[]> {
-    const s = await h.startLlamaServer({ model: modelPath, rpc: [first, hostRpc.address], tensorSplit: [1, 1] });
-    try {
-      await h.greedyCompletion(s, prompt, 8); // warm-up
-      const out: Timings[] = [];
-      for (let i = 0; i < reps; i++) {
-        const c = await h.greedyCompletion(s, prompt, 64, { ignore_eos: true });
-        const t = c.raw.timings as { prompt_per_second: number; predicted_per_second: number };
-        out.push({ pp: t.prompt_per_second, tg: t.predicted_per_second });
-      }
-      return out;
-    } finally {
-      await s.stop();
+  const addrs = JSON.stringify(worker.info.addrs);
+  const raw = await child<{ port: number }>('host', worker.info.id, addrs, 'raw');
+  const deflate = await child<{ port: number }>('host', worker.info.id, addrs, 'deflate');
+  const reps = quick ? 2 : 3;
+  const rounds = quick ? 1 : 2;
+  const paths: [string, string][] = [
+    ['directly over TCP', workerRpc.address],
+    ['tunnel, raw codec', `127.0.0.1:${raw.info.port}`],
+    ['tunnel, deflate codec', `127.0.0.1:${deflate.info.port}`],
+  ];
+  const pp = new Map<string, number[]>(paths.map(([n]) => [n, []]));
+  const tg = new Map<string, number[]>(paths.map(([n]) => [n, []]));
+  // Paths alternate, round after round, so that drift on a shared machine hits all of them.
+  for (let r = 0; r < rounds; r++) {
+    for (const [name, first] of paths) {
+      const { stdout } = await promisify(execFile)(
+        llamaBench,
+        ['-m', modelPath, '-rpc', `${first},${hostRpc.address}`, '-ts', '1/1', '-fa', '0', '-t', '1', '-p', '64', '-n', '64', '-r', String(reps), '-o', 'json'],
+        { maxBuffer: 16 * 1024 * 1024, timeout: 600_000 },
+      );
+      for (const row of JSON.parse(stdout) as BenchRow[]) (row.n_gen > 0 ? tg : pp).get(name)!.push(row.avg_ts);
     }
   }
-  const med = (xs: number[]): number => xs.sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-  // Alternate direct and tunnel so that drift on a shared machine hits both.
-  const d: Timings[] = [];
-  const t: Timings[] = [];
-  for (let round = 0; round < 2; round++) {
-    d.push(...(await run(workerRpc.address)));
-    t.push(...(await run(`127.0.0.1:${host.info.port}`)));
+  const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length;
+  const dpp = mean(pp.get(paths[0]![0])!);
+  const dtg = mean(tg.get(paths[0]![0])!);
+  console.log(`\n## llama-bench through the tunnel (${modelPath}; -ts 1/1 -fa 0 -t 1 -p 64 -n 64 -r ${reps}, ${rounds} round(s); the host's own rpc-server is direct and last)\n`);
+  console.log('| first rpc-server reached | pp64 tok/s | tg64 tok/s | pp ratio | tg ratio | ms per generated token |');
+  console.log('|---|---|---|---|---|---|');
+  for (const [name] of paths) {
+    const p = mean(pp.get(name)!);
+    const t = mean(tg.get(name)!);
+    console.log(`| ${name} | ${f2(p)} | ${f2(t)} | ${f3(p / dpp)} | ${f3(t / dtg)} | ${f2(1000 / t)} |`);
   }
-  const dpp = med(d.map((x) => x.pp));
-  const dtg = med(d.map((x) => x.tg));
-  const tpp = med(t.map((x) => x.pp));
-  const ttg = med(t.map((x) => x.tg));
-  console.log(`\n## llama.cpp through the tunnel (${modelPath}, -ts 1,1, -t 1, fa off; host's own rpc-server direct and last)\n`);
-  console.log('llama-server /completion timings, median of ' + d.length + ' requests each (64-token generation, ~64-token prompt)\n');
-  console.log('| first rpc-server reached | prompt tok/s | generation tok/s | ms per generated token |');
-  console.log('|---|---|---|---|');
-  console.log(`| directly over TCP | ${f2(dpp)} | ${f2(dtg)} | ${f2(1000 / dtg)} |`);
-  console.log(`| through the tunnel | ${f2(tpp)} | ${f2(ttg)} | ${f2(1000 / ttg)} |`);
-  console.log(`| ratio (tunnel / direct) | ${f3(tpp / dpp)} | ${f3(ttg / dtg)} | +${f2(1000 / ttg - 1000 / dtg)} ms |`);
   await workerRpc.stop();
   await hostRpc.stop();
 }
@@ -322,7 +330,7 @@ async function llama(quick: boolean): Promise<void> {
 const role = args[0];
 if (role === 'server') await roleServer();
 else if (role === 'worker') await roleWorker(Number(args[1]));
-else if (role === 'host') await roleHost(args[1]!, JSON.parse(args[2]!) as string[]);
+else if (role === 'host') await roleHost(args[1]!, JSON.parse(args[2]!) as string[], args[3] as TunnelCodec);
 else
   await main().catch((err: unknown) => {
     console.error(err);
