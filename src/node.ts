@@ -43,6 +43,9 @@ import { rpcServerMachine } from './machines/rpc-server.machine.ts';
 /** The patched rpc-server's extra command, for the counting proxy (native/patches/0001). */
 const MESH_RPC_COMMANDS = { 18: { name: 'SET_TENSOR_GGUF', reply: true } } as const;
 
+/** SIGTERM -> SIGKILL grace for llama-server (see where it is used). */
+const LLAMA_KILL_GRACE_MS = 1_000;
+
 /** What startNode needs beyond the command line: knobs for the demo, tests and benchmarks. */
 export interface NodeExtras {
   /** The root logger; default one made from options.logLevel. */
@@ -282,6 +285,9 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
     { secret, hello: { role: self.role, vramBytes: self.vramBytes, model: self.model } },
     { endpoint, logger: componentLogger(logger, 'network') },
   );
+  // ggml's abort handler attaches gdb for a backtrace: seconds during which a crash is not yet an exit (and
+  // llama-server aborts whenever an rpc-server goes away under it). MESH_INFERENCE_BACKTRACE=1 keeps it.
+  const crashEnv: Record<string, string> = process.env['MESH_INFERENCE_BACKTRACE'] === '1' ? {} : { GGML_NO_BACKTRACE: '1' };
   // A lite client never runs either process: its slots keep the defaults, which fail loudly if ever asked.
   const processSlots =
     binaries === null
@@ -294,6 +300,7 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
                 gguf: options.model,
                 ggufSupported: binaries.setTensorGguf,
                 threads: extras.threads,
+                env: crashEnv,
                 logger: componentLogger(logger, 'rpc-server'),
               }),
               waitRpcServerListening: waitRpcServerListeningLogic,
@@ -308,6 +315,11 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
                 threads: extras.threads,
                 ctxSize: extras.ctxSize,
                 parallel: extras.parallel,
+                env: crashEnv,
+                // In llama.cpp's router-child mode llama-server does not exit on SIGTERM while its stdin (the
+                // watchdog pipe) stays open: it hangs in "cleaning up before exit" until SIGKILL. It holds no
+                // state worth a graceful exit, so a short grace keeps every mesh change from costing 5 s.
+                killGraceMs: LLAMA_KILL_GRACE_MS,
                 logger: componentLogger(logger, 'llama-server'),
               }),
               waitLlamaHealthy: waitLlamaHealthyLogic,
