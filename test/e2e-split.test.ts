@@ -1,0 +1,142 @@
+// End to end, a split model: host + worker (VRAM caps that neither meets alone), then a lite client.
+// The mesh's greedy tokens equal a solo llama-server's; the host's counting proxy shows the worker's
+// rpc-server holding layers and computing every token; streaming through a worker's API (the mesh's http
+// tunnel) arrives chunk by chunk; a lite client joining restarts nothing and is served too.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { greedyCompletion, startLlamaServer } from './helpers/llama.ts';
+import {
+  hostServing,
+  llamaChildren,
+  makeE2eModel,
+  servesPlan,
+  startE2eNode,
+  stopAllNodes,
+  greedyTokens,
+  type E2eModel,
+  type E2eNode,
+} from './e2e-support.ts';
+import type { NodeStatus } from '../src/node.ts';
+
+const PROMPT = 'The mesh of machines shares one model, and every token';
+const N_TOKENS = 48;
+
+describe('e2e: host + worker + lite client', () => {
+  let model: E2eModel;
+  let host: E2eNode;
+  let worker: E2eNode;
+  const nodes: E2eNode[] = [];
+  let reference: number[];
+
+  beforeAll(async () => {
+    model = await makeE2eModel();
+    // The reference: a solo llama-server with the same binaries (flash attention off on both sides).
+    const solo = await startLlamaServer({ model: model.path });
+    try {
+      reference = (await greedyCompletion(solo, PROMPT, N_TOKENS)).tokens as number[];
+    } finally {
+      await solo.stop();
+    }
+    // 0.7 + 0.6 of the model: neither alone holds 1.1 x, together they do. The bigger one hosts.
+    host = await startE2eNode({ name: 'host', model, vram: 0.7, dir: model.dir });
+    nodes.push(host);
+    worker = await startE2eNode({ name: 'worker', model, vram: 0.6, join: host.token, dir: model.dir });
+    nodes.push(worker);
+    await host.waitStatus((s) => hostServing(s) && servesPlan([worker.id, host.id])(s), 120_000, 'the 2-stage plan served');
+    await worker.waitStatus(servesPlan([worker.id, host.id]), 30_000, 'the worker serving');
+  }, 240_000);
+
+  afterAll(async () => {
+    await stopAllNodes(nodes);
+    await model?.remove();
+  });
+
+  it('the reference is a real test: at least 32 tokens, at least 8 distinct', () => {
+    expect(reference.length).toBeGreaterThanOrEqual(32);
+    expect(new Set(reference).size).toBeGreaterThanOrEqual(8);
+  });
+
+  it('splits the layers by VRAM, the host last: 0.6/1.3 on the worker, 0.7/1.3 on the host', async () => {
+    const s = await host.status();
+    if (s.plan?.kind !== 'ready') throw new Error('no ready plan');
+    expect(s.plan.stages.map((x) => x.id)).toEqual([worker.id, host.id]);
+    expect(s.plan.stages[0]!.share).toBeCloseTo(0.6 / 1.3, 2);
+    expect(s.plan.stages[1]!.share).toBeCloseTo(0.7 / 1.3, 2);
+    expect(llamaChildren(host).map((p) => p.name).sort()).toEqual(['ggml-rpc-server', 'llama-server']);
+    expect(llamaChildren(worker).map((p) => p.name)).toEqual(['ggml-rpc-server']);
+  });
+
+  it('gives the same greedy tokens as a solo llama-server, through the host API and the worker API', async () => {
+    const viaHost = await greedyTokens(host, PROMPT, N_TOKENS);
+    expect(viaHost.tokens).toEqual(reference);
+    const viaWorker = await greedyTokens(worker, PROMPT, N_TOKENS);
+    expect(viaWorker.tokens).toEqual(reference);
+  });
+
+  it("the worker's rpc-server holds layers and computes every token (the host's counting proxy)", async () => {
+    const traffic = (s: NodeStatus) => s.rpcTraffic[worker.id];
+    const before = traffic(await host.status());
+    expect(before).toBeDefined();
+    // Holding layers: buffers allocated and weights set (by name from its own GGUF when patched, else bytes).
+    const c = before!.commands;
+    expect(c['ALLOC_BUFFER']?.count ?? 0).toBeGreaterThan(0);
+    const setByName = c['SET_TENSOR_GGUF']?.count ?? 0;
+    const setBytes = c['SET_TENSOR']?.bytesToServer ?? 0;
+    // The repeating layers are ~17% of this model's bytes (embeddings and output are the rest); the worker
+    // holds ~46% of them: ~8% of the file. Weights over the wire would be at least half of that.
+    expect(setByName > 0 || setBytes > model.bytes * 0.04).toBe(true);
+    await greedyTokens(host, PROMPT, N_TOKENS);
+    const after = traffic(await host.status())!;
+    const computes = (x: typeof after) => (x.commands['GRAPH_COMPUTE']?.count ?? 0) + (x.commands['GRAPH_RECOMPUTE']?.count ?? 0);
+    // One graph per generated token at least (plus the prompt's).
+    expect(computes(after) - computes(before!)).toBeGreaterThanOrEqual(N_TOKENS);
+  });
+
+  it("streams through a worker's API chunk by chunk (the first chunk long before the last)", async () => {
+    const t0 = performance.now();
+    const stream = await worker.client().chat.completions.create({
+      model: 'mesh',
+      messages: [{ role: 'user', content: 'Stream please.' }],
+      max_tokens: 64,
+      temperature: 0,
+      stream: true,
+    });
+    const arrivals: number[] = [];
+    let finish: string | null | undefined;
+    for await (const chunk of stream) {
+      if ((chunk.choices[0]?.delta?.content ?? '') !== '') arrivals.push(performance.now() - t0);
+      finish ??= chunk.choices[0]?.finish_reason;
+    }
+    expect(finish).toBe('length');
+    expect(arrivals.length).toBeGreaterThan(32);
+    const first = arrivals[0]!;
+    const last = arrivals[arrivals.length - 1]!;
+    // Buffered proxying would deliver everything at once at the end.
+    expect(last - first).toBeGreaterThan((last * 0.3));
+    const distinct = new Set(arrivals.map((t) => Math.round(t))).size;
+    expect(distinct).toBeGreaterThan(10);
+  });
+
+  it('a lite client joins without restarting anything, and is served (plain and streaming)', async () => {
+    const before = await host.status();
+    const llamaPid = llamaChildren(host).find((p) => p.name === 'llama-server')!.pid;
+    const client = await startE2eNode({ name: 'client', model: null, join: host.token, dir: model.dir });
+    nodes.push(client);
+    await client.waitStatus((s) => s.plan?.kind === 'ready' && s.plan.host === host.id && s.links.includes(host.id), 60_000, 'the client following the host');
+    const viaClient = await greedyTokens(client, PROMPT, N_TOKENS);
+    expect(viaClient.tokens).toEqual(reference);
+    const stream = await client.client().chat.completions.create({
+      model: 'mesh',
+      messages: [{ role: 'user', content: 'hi' }],
+      max_tokens: 16,
+      stream: true,
+    });
+    let chunks = 0;
+    for await (const _ of stream) chunks++;
+    expect(chunks).toBeGreaterThan(8);
+    const after = await host.status();
+    expect(after.plan?.id).toBe(before.plan?.id);
+    expect(after.processes.llamaServer.generation).toBe(before.processes.llamaServer.generation);
+    expect(llamaChildren(host).find((p) => p.name === 'llama-server')?.pid).toBe(llamaPid);
+    expect(llamaChildren(client)).toEqual([]);
+  });
+});
