@@ -85,6 +85,8 @@ export const peerMachine = setup({
   guards: {
     isInbound: ({ context }) => context.inbound,
     isLeaving: (_, params: { message: MeshMessage }) => params.message.type === 'leaving',
+    // State-level message handlers would shadow the machine-level `leaving` one: they take only the rest.
+    isNotLeaving: (_, params: { message: MeshMessage }) => params.message.type !== 'leaving',
   },
   actions: {
     dial: sendTo(
@@ -175,7 +177,11 @@ export const peerMachine = setup({
       on: {
         'net.peer.connected': 'handshaking',
         // The link is evidently up: the connect event was only overtaken.
-        'net.message': { target: 'up', actions: { type: 'answerHeartbeat', params: ({ event }) => ({ message: event.message }) } },
+        'net.message': {
+          guard: { type: 'isNotLeaving', params: ({ event }) => ({ message: event.message }) },
+          target: 'up',
+          actions: { type: 'answerHeartbeat', params: ({ event }) => ({ message: event.message }) },
+        },
       },
       after: {
         dialTimeout: { target: 'gone', actions: ['countAttempt', { type: 'noteDown', params: { reason: 'dial timed out' } }] },
@@ -183,7 +189,11 @@ export const peerMachine = setup({
     },
     handshaking: {
       on: {
-        'net.message': { target: 'up', actions: { type: 'answerHeartbeat', params: ({ event }) => ({ message: event.message }) } },
+        'net.message': {
+          guard: { type: 'isNotLeaving', params: ({ event }) => ({ message: event.message }) },
+          target: 'up',
+          actions: { type: 'answerHeartbeat', params: ({ event }) => ({ message: event.message }) },
+        },
         'net.peer.disconnected': {
           target: 'gone',
           actions: ['countAttempt', { type: 'noteDown', params: ({ event }) => ({ reason: event.reason }) }],
@@ -222,6 +232,7 @@ export const peerMachine = setup({
           on: {
             'peer.silence.suspect': 'suspect',
             'net.message': {
+              guard: { type: 'isNotLeaving', params: ({ event }) => ({ message: event.message }) },
               actions: ['armSilenceTimers', { type: 'answerHeartbeat', params: ({ event }) => ({ message: event.message }) }],
             },
           },
@@ -229,6 +240,7 @@ export const peerMachine = setup({
         suspect: {
           on: {
             'net.message': {
+              guard: { type: 'isNotLeaving', params: ({ event }) => ({ message: event.message }) },
               target: 'connected',
               actions: ['armSilenceTimers', { type: 'answerHeartbeat', params: ({ event }) => ({ message: event.message }) }],
             },
