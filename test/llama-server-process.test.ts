@@ -15,7 +15,7 @@ import {
   type LlamaServerProcess,
 } from '../src/io/llama-server-process.ts';
 import { stopAll } from '../src/io/processes.ts';
-import { freeLoopbackPort, startRpcServer } from '../src/io/rpc-server-process.ts';
+import { freeLoopbackPort, rpcDeviceCount, startRpcServer } from '../src/io/rpc-server-process.ts';
 import { greedyCompletion, llamaBinaries, makeTempModel, type TempModel } from './helpers/llama.ts';
 
 const FLAGS = { loadMode: true, fit: true, cacheRam: true };
@@ -114,6 +114,22 @@ describe('llama-server for real', () => {
     const soloOut = await greedyCompletion(solo, 'The quick brown fox', 32);
     expect(out.tokens).toEqual(soloOut.tokens);
     for (const rpc of [a, b]) expect(rpc.process.tail().join('\n')).toContain('Accepted client connection');
+  });
+
+  it('an rpc-server with two devices: -dev names three RPC devices, and the output still equals solo', async () => {
+    const bins = llamaBinaries();
+    const [two, own] = await Promise.all([
+      startRpcServer({ binary: bins.rpcServer, threads: 1, devices: ['CPU', 'CPU'] }),
+      startRpcServer({ binary: bins.rpcServer, threads: 1 }),
+    ]);
+    const devicesPerServer = [await rpcDeviceCount(two.address), await rpcDeviceCount(own.address)];
+    expect(devicesPerServer).toEqual([2, 1]);
+    const split = await startLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [two.address, own.address], tensorSplit: [2, 1], devicesPerServer, threads: 1, ctxSize: 512 });
+    expect(split.args.join(' ')).toContain('-dev RPC0,RPC1,RPC2 -ngl 999 --tensor-split 1,1,1');
+    const out = await greedyCompletion(split, 'The quick brown fox', 16);
+    await split.stop();
+    const solo = await startLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [own.address], threads: 1, ctxSize: 512 });
+    expect(out.tokens).toEqual((await greedyCompletion(solo, 'The quick brown fox', 16)).tokens);
   });
 
   it('an rpc-server that dies under it turns the next request into a reported crash', async () => {

@@ -5,7 +5,7 @@ import { createServer, connect, type Server, type Socket } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { findLlamaBinaries } from '../src/io/llama-binaries.ts';
 import { spawnManaged, stopAll, SpawnError } from '../src/io/processes.ts';
-import { startRpcServer, RpcServerStartError, freeLoopbackPort, type RpcServerProcess } from '../src/io/rpc-server-process.ts';
+import { startRpcServer, RpcServerStartError, freeLoopbackPort, rpcDeviceCount, type RpcServerProcess } from '../src/io/rpc-server-process.ts';
 import { rpcHello } from '../src/io/rpc-traffic.ts';
 import { llamaBinaries, makeTempModel } from './helpers/llama.ts';
 
@@ -95,6 +95,17 @@ describe('startRpcServer', () => {
     expect((await rpc.probe(3000)).major).toBe(6);
   });
 
+  it('reports how many devices it exposes (HELLO + DEVICE_COUNT), and a busy one times out', async () => {
+    const bins = llamaBinaries();
+    const rpc = await startRpcServer({ binary: bins.rpcServer, threads: 1 });
+    expect(await rpcDeviceCount(rpc.address)).toBe(1);
+    expect(await rpcDeviceCount(rpc.address)).toBe(1);
+    const holder = await holdServer(rpc.address);
+    await expect(rpcDeviceCount(rpc.address, 400)).rejects.toThrow(/did not answer DEVICE_COUNT within 400 ms/);
+    holder.destroy();
+    await expect(rpcDeviceCount(`127.0.0.1:${await freeLoopbackPort()}`)).rejects.toThrow(/ECONNREFUSED/);
+  });
+
   it('reports an exit, with the signal', async () => {
     const bins = llamaBinaries();
     const rpc = await startRpcServer({ binary: bins.rpcServer, threads: 1 });
@@ -135,9 +146,10 @@ describe('startRpcServer', () => {
       const rpc = await startRpcServer({ binary: mesh.rpcServer, threads: 1, gguf: model.path, ggufSupported: mesh.setTensorGguf });
       expect(rpc.servesGguf).toBe(true);
       expect(rpc.process.tail().join('\n')).toContain(model.path);
-      // A stock binary is not given the flag (it would refuse it), and says so.
-      const stock = await startRpcServer({ binary: llamaBinaries().rpcServer, threads: 1, gguf: model.path, ggufSupported: false });
-      expect(stock.servesGguf).toBe(false);
+      // Told that the binary lacks the patch (a stock one would refuse the flag), it leaves --gguf out.
+      const plain = await startRpcServer({ binary: mesh.rpcServer, threads: 1, gguf: model.path, ggufSupported: false });
+      expect(plain.servesGguf).toBe(false);
+      expect(plain.process.tail().join('\n')).not.toContain(model.path);
     } finally {
       await model.remove();
     }

@@ -14,6 +14,7 @@ import {
 } from '../io/llama-server-process.ts';
 import type { Logger } from '../io/logger.ts';
 import { DEFAULT_STOP_GRACE_MS } from '../io/processes.ts';
+import { rpcDeviceCount } from '../io/rpc-server-process.ts';
 
 export interface LlamaServerActorConfig {
   readonly binary: string;
@@ -24,6 +25,11 @@ export interface LlamaServerActorConfig {
    * mesh's rpc tunnel to that peer. Called for every stage but the host's own.
    */
   readonly rpcAddressFor: (stage: PlanStage, plan: ReadyPlan) => string | Promise<string>;
+  /**
+   * Ask every rpc-server how many devices it exposes before launching (default true: one extra short
+   * connection per stage, and `-dev`/the split stay right for multi-GPU workers). With false, one each.
+   */
+  readonly queryDeviceCounts?: boolean;
   readonly ctxSize?: number;
   readonly threads?: number;
   readonly parallel?: number;
@@ -38,11 +44,16 @@ export interface LlamaServerActorConfig {
   readonly onStarted?: (server: LlamaServerProcess, input: LlamaServerProcessInput) => void;
 }
 
-/** The `--rpc` list and split of a plan: remote stages through their tunnels, the host's own rpc-server last. */
+/**
+ * The `--rpc` list and split of a plan: remote stages through their tunnels, the host's own rpc-server last;
+ * with `deviceCount`, also how many devices each exposes (a multi-GPU worker's rpc-server has several, and
+ * llama-server numbers RPC devices across all servers, so `-dev` and the split depend on it).
+ */
 export async function rpcLayout(
   input: LlamaServerProcessInput,
   rpcAddressFor: LlamaServerActorConfig['rpcAddressFor'],
-): Promise<{ rpc: string[]; tensorSplit: number[] }> {
+  deviceCount?: (address: string) => Promise<number>,
+): Promise<{ rpc: string[]; tensorSplit: number[]; devicesPerServer?: number[] }> {
   const { plan, ownRpcPort } = input;
   const last = plan.stages[plan.stages.length - 1];
   if (last === undefined || last.id !== plan.host) {
@@ -52,7 +63,15 @@ export async function rpcLayout(
   for (const stage of plan.stages) {
     rpc.push(stage.id === plan.host ? `127.0.0.1:${ownRpcPort}` : await rpcAddressFor(stage, plan));
   }
-  return { rpc, tensorSplit: plan.stages.map((s) => s.share) };
+  const tensorSplit = plan.stages.map((s) => s.share);
+  if (deviceCount === undefined) return { rpc, tensorSplit };
+  const devicesPerServer: number[] = [];
+  for (const address of rpc) {
+    const n = await deviceCount(address);
+    if (n < 1) throw new Error(`the rpc-server at ${address} has no device`);
+    devicesPerServer.push(n);
+  }
+  return { rpc, tensorSplit, devicesPerServer };
 }
 
 /**
@@ -71,7 +90,7 @@ export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
     let cleanedUp = false;
 
     (async () => {
-      const layout = await rpcLayout(input, config.rpcAddressFor);
+      const layout = await rpcLayout(input, config.rpcAddressFor, config.queryDeviceCounts === false ? undefined : (a) => rpcDeviceCount(a));
       ctrl.signal.throwIfAborted();
       return launchLlamaServer({
         binary: config.binary,

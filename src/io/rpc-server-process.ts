@@ -1,7 +1,7 @@
 // Runs this node's ggml-rpc-server: bound to 127.0.0.1 on a free port (only the mesh's authenticated
 // tunnels reach it), SIGPIPE ignored, serving tensors from the node's own GGUF when the binary has our
 // patch, and ready only once it has really answered an RPC HELLO.
-import { createServer } from 'node:net';
+import { connect, createServer } from 'node:net';
 import type { Logger } from './logger.ts';
 import { spawnManaged, summarizeTail, type ExitInfo, type ManagedProcess } from './processes.ts';
 import { rpcHello, type RpcServerVersion } from './rpc-traffic.ts';
@@ -162,6 +162,62 @@ function exitedBeforeReady(exit: ExitInfo): RpcServerStartError {
   const how = exit.signal !== null ? `signal ${exit.signal}` : `status ${exit.code}`;
   const last = summarizeTail(exit.tail).join(' | ');
   return new RpcServerStartError(`ggml-rpc-server exited (${how}) before it answered HELLO${last ? `: ${last}` : ''}`, exit.tail);
+}
+
+const RPC_CMD_HELLO = 14;
+const RPC_CMD_DEVICE_COUNT = 15;
+/** HELLO's request payload in protocol 6: connection capabilities, all zero for plain TCP. */
+const HELLO_CAPS_BYTES = 24;
+
+/**
+ * How many devices the rpc-server at `address` exposes (HELLO, then DEVICE_COUNT). llama-server numbers RPC
+ * devices across servers in `--rpc` order (RPC0, RPC1, ...), so a host needs these counts to name them in
+ * `-dev` and to give each one a share. A server busy with another client does not answer: bounded.
+ */
+export function rpcDeviceCount(address: string, timeoutMs = 5_000): Promise<number> {
+  const sep = address.lastIndexOf(':');
+  const host = address.slice(0, sep);
+  const port = Number(address.slice(sep + 1));
+  return new Promise((resolve, reject) => {
+    const sock = connect({ host, port, noDelay: true });
+    let buf = Buffer.alloc(0);
+    let stage: 'hello' | 'count' = 'hello';
+    const done = (err: Error | null, n?: number) => {
+      clearTimeout(timer);
+      sock.destroy();
+      if (err) reject(err);
+      else resolve(n!);
+    };
+    const timer = setTimeout(() => done(new RpcServerStartError(`rpc-server at ${address} did not answer DEVICE_COUNT within ${timeoutMs} ms (busy with another client?)`)), timeoutMs);
+    sock.once('error', (e) => done(new RpcServerStartError(`rpc-server at ${address}: ${e.message}`)));
+    sock.once('close', () => done(new RpcServerStartError(`rpc-server at ${address} closed the connection`)));
+    sock.once('connect', () => {
+      const hello = Buffer.alloc(9 + HELLO_CAPS_BYTES);
+      hello[0] = RPC_CMD_HELLO;
+      hello.writeBigUInt64LE(BigInt(HELLO_CAPS_BYTES), 1);
+      sock.write(hello);
+    });
+    sock.on('data', (chunk: Buffer) => {
+      buf = Buffer.concat([buf, chunk]);
+      for (;;) {
+        if (buf.length < 8) return;
+        const size = Number(buf.readBigUInt64LE(0));
+        if (size > 4096) return done(new RpcServerStartError(`rpc-server at ${address} sent a ${size}-byte reply: not an RPC server?`));
+        if (buf.length < 8 + size) return;
+        const payload = buf.subarray(8, 8 + size);
+        buf = buf.subarray(8 + size);
+        if (stage === 'hello') {
+          stage = 'count';
+          const req = Buffer.alloc(9);
+          req[0] = RPC_CMD_DEVICE_COUNT;
+          sock.write(req);
+        } else {
+          if (payload.length < 4) return done(new RpcServerStartError(`rpc-server at ${address} sent a short DEVICE_COUNT reply`));
+          return done(null, payload.readUInt32LE(0));
+        }
+      }
+    });
+  });
 }
 
 /** A TCP port on 127.0.0.1 that was free a moment ago (the caller checks it really got it). */
