@@ -5,7 +5,7 @@
 // Input: { facts: RouteFacts } (from `routeFacts(nodeSnapshot)`), output: the Route once decided.
 // Slot `watchMesh` (fromCallback, input {}): while the request waits, sends `mesh.updated {facts}` whenever
 // the node's snapshot changes (the composition root subscribes to the node actor).
-import { assign, setup } from 'xstate';
+import { assign, setup, type EventObject } from 'xstate';
 import type { EndpointId, Plan } from './mesh-types.ts';
 import { roleIn } from './node-plan.ts';
 import { unprovidedCallback } from './process-slot.ts';
@@ -63,7 +63,7 @@ export const proxyMachine = setup({
     output: {} as Route,
   },
   actors: {
-    watchMesh: unprovidedCallback<ProxyEvent, Record<string, never>>('watchMesh'),
+    watchMesh: unprovidedCallback<EventObject, Record<string, never>>('watchMesh'),
   },
   delays: {
     /** How long a request waits for a restarting mesh before it gets 503 with Retry-After. */
