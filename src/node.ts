@@ -193,7 +193,8 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
   let inspectorStop: (() => void) | null = null;
   let inspect: Observer<InspectionEvent> | undefined = extras.inspect;
   if (inspect === undefined && options.inspect !== null) {
-    const inspectorOptions = { sanitizeContext: sanitizeForInspector, sanitizeEvent: sanitizeForInspector as never };
+    // The first actors start before the socket is open: keep their events until it is (default: 200).
+    const inspectorOptions = { sanitizeContext: sanitizeForInspector, sanitizeEvent: sanitizeForInspector as never, maxDeferredEvents: 10_000 };
     const inspector =
       options.inspect.kind === 'sky'
         ? createSkyInspector({ ...inspectorOptions, onerror: (e: unknown) => log.warn({ err: String(e) }, 'inspector connection failed') })

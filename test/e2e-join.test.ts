@@ -92,7 +92,7 @@ describe('e2e: nodes joining a serving mesh', () => {
     const d = await startE2eNode({ name: 'd', model, vram: 0.3, join: a.token, dir: model.dir });
     nodes.push(d);
     await d.waitStatus((x) => x.plan?.id === before.plan?.id && x.node.state === 'serving', 60_000, 'd on the same plan');
-    await a.waitStatus((x) => x.links.includes(d.id) && x.view.some((v) => v.id === d.id), 30_000, 'a knowing d');
+    await a.waitStatus((x) => x.links.includes(d.id as never) && x.view.some((v) => v.id === d.id), 30_000, 'a knowing d');
     // Past the election's quiet window: a restart would have begun by now.
     await new Promise((r) => setTimeout(r, 1_500));
     const after = await a.status();

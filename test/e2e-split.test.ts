@@ -121,7 +121,7 @@ describe('e2e: host + worker + lite client', () => {
     const llamaPid = llamaChildren(host).find((p) => p.name === 'llama-server')!.pid;
     const client = await startE2eNode({ name: 'client', model: null, join: host.token, dir: model.dir });
     nodes.push(client);
-    await client.waitStatus((s) => s.plan?.kind === 'ready' && s.plan.host === host.id && s.links.includes(host.id), 60_000, 'the client following the host');
+    await client.waitStatus((s) => s.plan?.kind === 'ready' && s.plan.host === host.id && s.links.includes(host.id as never), 60_000, 'the client following the host');
     const viaClient = await greedyTokens(client, PROMPT, N_TOKENS);
     expect(viaClient.tokens).toEqual(reference);
     const stream = await client.client().chat.completions.create({
