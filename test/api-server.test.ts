@@ -198,6 +198,25 @@ describe('proxying over real HTTP', () => {
     ctrl.abort();
     await expect(Promise.race([closed.then(() => 'closed'), new Promise((r) => setTimeout(() => r('still open'), 10_000))])).resolves.toBe('closed');
   });
+
+  it('a client that goes away from a non-streaming request aborts it upstream too', async () => {
+    let upstreamClosed!: () => void;
+    const closed = new Promise<void>((r) => (upstreamClosed = r));
+    let arrived!: () => void;
+    const got = new Promise<void>((r) => (arrived = r));
+    const up = await upstreamServer((req, res) => {
+      req.resume();
+      arrived();
+      res.on('close', () => upstreamClosed()); // never answers: a long generation
+    });
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: up }) }));
+    const ctrl = new AbortController();
+    const pending = fetch(`${base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"prompt":"x"}', signal: ctrl.signal }).catch(() => 'aborted');
+    await got;
+    ctrl.abort();
+    expect(await pending).toBe('aborted');
+    await expect(Promise.race([closed.then(() => 'closed'), new Promise((r) => setTimeout(() => r('still open'), 10_000))])).resolves.toBe('closed');
+  });
 });
 
 describe('against a real llama-server', () => {

@@ -15,8 +15,9 @@ export interface NodeLike {
 
 /** The proxy machine's `watchMesh` slot: every change of the node's snapshot as `mesh.updated`. */
 export function watchMeshLogic(node: NodeLike) {
-  return fromCallback<ProxyEvent, Record<string, never>>(({ sendBack }) => {
-    const sub = node.subscribe((snapshot) => sendBack({ type: 'mesh.updated', facts: routeFacts(snapshot) }));
+  return fromCallback<EventObject, Record<string, never>>(({ sendBack }) => {
+    const send = (event: ProxyEvent) => sendBack(event);
+    const sub = node.subscribe((snapshot) => send({ type: 'mesh.updated', facts: routeFacts(snapshot) }));
     return () => sub.unsubscribe();
   });
 }

@@ -85,6 +85,9 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
     // Generations can take minutes: never cut a connection for being slow.
     requestTimeout: 0,
     connectionTimeout: 0,
+    // Closing is the node stopping: its llama-server goes too, so waiting for open streams (or for a
+    // client's idle keep-alive socket) would only delay the shutdown.
+    forceCloseConnections: true,
   });
   // Keep-alive to the upstream: the proxy's added latency per request is a measured figure (bench/).
   const agent = new Agent({ keepAlive: true, maxSockets: 64 });
@@ -199,7 +202,7 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
       if (problem !== null) return reply.code(400).send(problem);
       const stream = (body.json as { stream?: unknown }).stream === true;
       const up = await resolve(request, reply, route.path, init.resolveTimeoutMs ?? 65_000);
-      if (reply.raw.destroyed) return reply; // the client left while we waited
+      if (reply.raw.destroyed) return abandon(reply); // the client left while we waited
       if (up.kind === 'unavailable') return unavailable(reply, up);
       return stream
         ? proxyStream(request, reply, agent, up, route.path, body.raw)
@@ -282,7 +285,7 @@ async function proxyBuffered(
       .header('content-type', res.headers['content-type'] ?? 'application/json')
       .send(data);
   } catch (err) {
-    if (ctrl.signal.aborted) return reply; // nobody is listening any more
+    if (ctrl.signal.aborted) return abandon(reply); // nobody is listening any more
     request.log.warn({ err, path }, 'upstream request failed');
     if (isConnectError(err)) {
       return reply.code(503).header('retry-after', '5').send(apiError(`the model server is not reachable (${describeNetError(err)}); the mesh may be restarting`, 'server_error', 'upstream_unavailable'));
@@ -313,7 +316,7 @@ async function proxyStream(
     res = await upstreamCall(agent, up, 'POST', path, body, ctrl.signal);
   } catch (err) {
     raw.off('close', onClose);
-    if (ctrl.signal.aborted) return reply;
+    if (ctrl.signal.aborted) return abandon(reply);
     request.log.warn({ err, path }, 'upstream request failed');
     return reply.code(503).header('retry-after', '5').send(apiError(`the model server is not reachable (${describeNetError(err)}); the mesh may be restarting`, 'server_error', 'upstream_unavailable'));
   }
@@ -375,6 +378,16 @@ async function proxyStream(
       }
     });
   });
+  return reply;
+}
+
+/**
+ * The client is gone: take the reply out of fastify's hands, or fastify keeps waiting for a send that will
+ * never come (and `close()` waits for it).
+ */
+function abandon(reply: FastifyReply): FastifyReply {
+  reply.hijack();
+  if (!reply.raw.destroyed) reply.raw.destroy();
   return reply;
 }
 
