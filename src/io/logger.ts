@@ -27,10 +27,10 @@ export function isLogLevel(s: string): s is LevelWithSilent {
 export function createLogger(init: LoggerInit = {}): Logger {
   const level = init.level ?? 'info';
   const pretty = init.pretty ?? Boolean(process.stderr.isTTY);
-  if (init.destination !== undefined) return pino({ level }, init.destination);
   // Synchronous streams, not pino's worker-thread transports: the last lines of a node that is
   // crashing must still reach the terminal, and a transport thread can be cut off at exit.
-  return pino({ level }, pretty ? prettyStream() : pino.destination({ fd: 2, sync: true }));
+  if (pretty) return pino({ level }, prettyStream(init.destination ?? 2));
+  return pino({ level }, init.destination ?? pino.destination({ fd: 2, sync: true }));
 }
 
 /** A child logger whose lines carry `component: name`. */
@@ -43,14 +43,14 @@ export function silentLogger(): Logger {
   return pino({ level: 'silent' });
 }
 
-function prettyStream(): DestinationStream {
+function prettyStream(destination: DestinationStream | number): DestinationStream {
   // Loaded only in pretty mode, so JSON-mode nodes (services) never load pino-pretty.
   const require = createRequire(import.meta.url);
   const pinoPretty = require('pino-pretty') as (opts: object) => DestinationStream;
   return pinoPretty({
     colorize: true,
     sync: true,
-    destination: 2,
+    destination,
     translateTime: 'HH:MM:ss.l',
     ignore: 'pid,hostname,component',
     messageFormat: '{if component}[{component}] {end}{msg}',
