@@ -1,0 +1,242 @@
+// The whole mesh against plain llama.cpp, in one run on this machine, every node a real `mesh-inference`
+// process on loopback. Prints markdown tables:
+//  1. generation tokens/s: solo, 2-node and 3-node meshes, each next to direct llama.cpp RPC over raw TCP with
+//     the same split and layout (same llama-server flags, rpc-servers reached directly instead of through
+//     the mesh's QUIC tunnels), and the ratio;
+//  2. time from a mesh change to serving again (a joining node that changes the plan; a worker SIGKILLed);
+//  3. what the node's API adds per request: llama-server directly, the host's API, a worker's API (over the
+//     mesh's http tunnel).
+//
+//   npx tsx bench/mesh.bench.ts [--model PATH] [--reps 3] [--tokens 64] [--quick]
+//
+// The model is generated (random weights, cached under the user's cache dir) unless --model is given.
+// Threads: every rpc-server and llama-server gets -t 1 (MESH_INFERENCE_THREADS), direct baselines too.
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { cacheDir } from '../src/demo.ts';
+import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf-writer.ts';
+import { readModelIdentity } from '../src/io/gguf-reader.ts';
+import { findLlamaBinaries } from '../src/io/llama-binaries.ts';
+import { launchLlamaServer, type LlamaServerProcess } from '../src/io/llama-server-process.ts';
+import { stopAll } from '../src/io/processes.ts';
+import { startRpcServer, type RpcServerProcess } from '../src/io/rpc-server-process.ts';
+import { e2eBinDir, hostServing, servesPlan, startE2eNode, stopAllNodes, type E2eModel, type E2eNode } from '../test/e2e-support.ts';
+
+const args = process.argv.slice(2);
+const opt = (f: string): string | undefined => {
+  const i = args.indexOf(f);
+  return i >= 0 ? args[i + 1] : undefined;
+};
+const QUICK = args.includes('--quick');
+const REPS = Number(opt('--reps') ?? (QUICK ? 2 : 3));
+const TOKENS = Number(opt('--tokens') ?? 64);
+const LATENCY_N = QUICK ? 20 : 50;
+const THREADS = 1;
+const PROMPT = 'The mesh of ordinary machines serves one model, and the tokens';
+
+/** 8 layers of width 512 (~130 MB, F16): big enough that compute, not overhead, sets the pace. */
+const BENCH_MODEL: LlamaModelSpec = { layers: 8, embd: 512, ff: 2048, type: 'f16', seed: 5 };
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((p / 100) * xs.length))]!;
+const say = (s = '') => process.stdout.write(`${s}\n`);
+const log = (s: string) => process.stderr.write(`[bench] ${s}\n`);
+
+async function benchModel(): Promise<E2eModel> {
+  const given = opt('--model');
+  let path: string;
+  if (given) path = given;
+  else {
+    const s = BENCH_MODEL;
+    const dir = cacheDir();
+    await mkdir(dir, { recursive: true });
+    path = join(dir, `bench-${s.layers}x${s.embd}-ff${s.ff}-${s.type}-seed${s.seed}.gguf`);
+    if (!existsSync(path)) {
+      log(`generating ${path} ...`);
+      await generateLlamaGguf(path, s);
+    }
+  }
+  const { bytes } = await readModelIdentity(path);
+  const dir = await mkdtemp(join(tmpdir(), 'mesh-bench-'));
+  return { path, bytes, dir, vram: (share) => String(Math.floor(bytes * share)), remove: () => rm(dir, { recursive: true, force: true }) };
+}
+
+interface Timings {
+  readonly predictedPerSecond: number;
+  readonly promptPerSecond: number;
+}
+
+/** One greedy completion of TOKENS tokens; llama-server's own timings. */
+async function generate(baseUrl: string): Promise<Timings> {
+  const res = await fetch(`${baseUrl}/v1/completions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ prompt: PROMPT, max_tokens: TOKENS, temperature: 0, top_k: 1, seed: 1, cache_prompt: false, ignore_eos: true }),
+    signal: AbortSignal.timeout(300_000),
+  });
+  const body = (await res.json()) as { timings?: { predicted_per_second?: number; prompt_per_second?: number } };
+  if (!res.ok || body.timings?.predicted_per_second === undefined) throw new Error(`${baseUrl}: ${res.status} ${JSON.stringify(body).slice(0, 300)}`);
+  return { predictedPerSecond: body.timings.predicted_per_second, promptPerSecond: body.timings.prompt_per_second ?? NaN };
+}
+
+async function tokensPerSecond(baseUrl: string): Promise<{ tg: number; pp: number }> {
+  await generate(baseUrl); // warm-up
+  const runs: Timings[] = [];
+  for (let i = 0; i < REPS; i++) runs.push(await generate(baseUrl));
+  return { tg: median(runs.map((r) => r.predictedPerSecond)), pp: median(runs.map((r) => r.promptPerSecond)) };
+}
+
+/** Plain llama.cpp: rpc-servers reached over raw TCP, the last one the host's; the mesh's llama-server flags. */
+async function direct(model: E2eModel, shares: readonly number[]): Promise<{ tg: number; pp: number }> {
+  const bins = await findLlamaBinaries({ env: { ...process.env, MESH_LLAMA_BIN_DIR: e2eBinDir() } });
+  const servers: RpcServerProcess[] = [];
+  let llama: LlamaServerProcess | null = null;
+  try {
+    for (const _ of shares) {
+      servers.push(await startRpcServer({ binary: bins.rpcServer, gguf: model.path, ggufSupported: bins.setTensorGguf, threads: THREADS, env: { GGML_NO_BACKTRACE: '1' } }));
+    }
+    llama = await launchLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: servers.map((s) => s.address), tensorSplit: shares, threads: THREADS, env: { GGML_NO_BACKTRACE: '1' } });
+    await llama.waitHealthy({ timeoutMs: 300_000 });
+    return await tokensPerSecond(llama.url);
+  } finally {
+    await llama?.stop(1_000);
+    await Promise.all(servers.map((s) => s.stop(2_000)));
+  }
+}
+
+const nodeEnv = { MESH_INFERENCE_COUNT_RPC: '0', MESH_INFERENCE_THREADS: String(THREADS), MESH_INFERENCE_CTX: '4096' };
+
+async function mesh(model: E2eModel, vrams: readonly number[]): Promise<{ nodes: E2eNode[]; shares: number[] }> {
+  const nodes: E2eNode[] = [];
+  const first = await startE2eNode({ name: 'n1', model, vram: vrams[0]!, dir: model.dir, env: nodeEnv });
+  nodes.push(first);
+  for (let i = 1; i < vrams.length; i++) {
+    nodes.push(await startE2eNode({ name: `n${i + 1}`, model, vram: vrams[i]!, join: first.token, dir: model.dir, env: nodeEnv }));
+  }
+  const s = await first.waitStatus(
+    (x) => x.node.state === 'serving' && x.plan?.kind === 'ready' && x.plan.stages.length === vrams.length,
+    300_000,
+    `a ${vrams.length}-stage plan`,
+  );
+  if (s.plan?.kind !== 'ready') throw new Error('no plan');
+  const host = nodes.find((n) => n.id === (s.plan as { host: string }).host)!;
+  await host.waitStatus(hostServing, 300_000, 'the host serving');
+  return { nodes, shares: s.plan.stages.map((x) => x.share) };
+}
+
+async function hostOf(nodes: readonly E2eNode[]): Promise<E2eNode> {
+  const s = await nodes[0]!.status();
+  if (s.plan?.kind !== 'ready') throw new Error('no plan');
+  const host = s.plan.host;
+  return nodes.find((n) => n.id === host)!;
+}
+
+async function latency(url: string): Promise<number[]> {
+  const times: number[] = [];
+  for (let i = 0; i < LATENCY_N + 3; i++) {
+    const t0 = performance.now();
+    const res = await fetch(`${url}/v1/models`);
+    await res.arrayBuffer();
+    if (i >= 3) times.push(performance.now() - t0);
+  }
+  return times;
+}
+
+async function main(): Promise<void> {
+  const model = await benchModel();
+  const bins = await findLlamaBinaries({ env: { ...process.env, MESH_LLAMA_BIN_DIR: e2eBinDir() } });
+  log(`model ${model.path} (${(model.bytes / 2 ** 20).toFixed(0)} MiB); binaries ${bins.dir} (${bins.patches.join(', ') || 'stock'})`);
+  const rows: string[] = [];
+  const changes: string[] = [];
+  const lat: string[] = [];
+  try {
+    // ---- solo -------------------------------------------------------------------------------------
+    log('direct, one rpc-server');
+    const d1 = await direct(model, [1]);
+    log('mesh, solo');
+    {
+      const { nodes } = await mesh(model, [2]);
+      const m1 = await tokensPerSecond((await hostOf(nodes)).api);
+      rows.push(row('solo (host\'s own rpc-server)', '1', d1, m1));
+      await stopAllNodes(nodes);
+    }
+
+    // ---- 2 nodes: tokens/s, API latency, plan change, worker death ----------------------------------
+    log('mesh, 2 nodes');
+    {
+      const { nodes, shares } = await mesh(model, [0.7, 0.6]);
+      const host = await hostOf(nodes);
+      const worker = nodes.find((n) => n !== host)!;
+      const m2 = await tokensPerSecond(host.api);
+      log('direct, 2 rpc-servers');
+      const d2 = await direct(model, shares);
+      rows.push(row('2-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), d2, m2));
+
+      log('API latency');
+      const llamaPort = (await host.status()).processes.llamaServer.port!;
+      const base = await latency(`http://127.0.0.1:${llamaPort}`);
+      const viaHost = await latency(host.api);
+      const viaWorker = await latency(worker.api);
+      const p50 = median(base);
+      lat.push(`| llama-server directly | ${p50.toFixed(2)} | ${pct(base, 99).toFixed(2)} | - |`);
+      lat.push(`| the host's API (local route) | ${median(viaHost).toFixed(2)} | ${pct(viaHost, 99).toFixed(2)} | +${(median(viaHost) - p50).toFixed(2)} |`);
+      lat.push(`| a worker's API (http tunnel over QUIC) | ${median(viaWorker).toFixed(2)} | ${pct(viaWorker, 99).toFixed(2)} | +${(median(viaWorker) - p50).toFixed(2)} |`);
+
+      log('mesh change: a node with more VRAM than the worker joins');
+      const gen = (await host.status()).processes.llamaServer.generation;
+      const t0 = performance.now();
+      const joiner = await startE2eNode({ name: 'n3', model, vram: 0.65, join: host.token, dir: model.dir, env: nodeEnv });
+      nodes.push(joiner);
+      await host.waitStatus((x) => hostServing(x) && servesPlan([joiner.id, host.id])(x) && x.processes.llamaServer.generation === gen + 1, 300_000, 'the new plan served');
+      await generate(host.api);
+      changes.push(`| a node joins that changes the plan (process start -> first answer) | ${((performance.now() - t0) / 1000).toFixed(1)} |`);
+
+      log('mesh change: the worker SIGKILLed');
+      const t1 = performance.now();
+      joiner.kill();
+      await host.waitStatus((x) => hostServing(x) && servesPlan([worker.id, host.id])(x), 300_000, 'the old worker back');
+      await generate(host.api);
+      changes.push(`| a worker SIGKILLed (kill -> first answer; includes ~5 s of heartbeat detection) | ${((performance.now() - t1) / 1000).toFixed(1)} |`);
+      await stopAllNodes(nodes);
+    }
+
+    // ---- 3 nodes --------------------------------------------------------------------------------------
+    log('mesh, 3 nodes');
+    {
+      const { nodes, shares } = await mesh(model, [0.45, 0.4, 0.35]);
+      const m3 = await tokensPerSecond((await hostOf(nodes)).api);
+      await stopAllNodes(nodes);
+      log('direct, 3 rpc-servers');
+      const d3 = await direct(model, shares);
+      rows.push(row('3-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), d3, m3));
+    }
+  } finally {
+    await stopAll(2_000);
+    await model.remove();
+  }
+
+  const shape = opt('--model') ? opt('--model') : `${BENCH_MODEL.layers} layers, n_embd ${BENCH_MODEL.embd}, ff ${BENCH_MODEL.ff}, ${BENCH_MODEL.type}`;
+  say(`Model: ${shape} (${(model.bytes / 2 ** 20).toFixed(0)} MiB), ` +
+    `${TOKENS} generated tokens, median of ${REPS}; -t ${THREADS} everywhere; binaries: ${bins.patches.join(', ') || 'stock'}`);
+  say();
+  say('| setup | split (--rpc order, host last) | direct TCP tg tok/s | mesh tg tok/s | mesh / direct | direct pp tok/s | mesh pp tok/s |');
+  say('|---|---|---|---|---|---|---|');
+  for (const r of rows) say(r);
+  say();
+  say('| mesh change | seconds to serving again |');
+  say('|---|---|');
+  for (const r of changes) say(r);
+  say();
+  say(`| GET /v1/models, ${LATENCY_N} requests | p50 ms | p99 ms | added p50 ms |`);
+  say('|---|---|---|---|');
+  for (const r of lat) say(r);
+}
+
+function row(name: string, split: string, d: { tg: number; pp: number }, m: { tg: number; pp: number }): string {
+  return `| ${name} | ${split} | ${d.tg.toFixed(1)} | ${m.tg.toFixed(1)} | ${(m.tg / d.tg).toFixed(2)} | ${d.pp.toFixed(0)} | ${m.pp.toFixed(0)} |`;
+}
+
+await main();
+process.exit(0);
