@@ -253,6 +253,8 @@ describe('the llama-server machine with the real actor logic', () => {
       expect(ready).toMatchObject({ port: started[0]!.port, planId: 'plan-1', generation: 1 });
       expect(started[0]!.args.join(' ')).toContain(`--rpc ${worker.address},${own.address} -dev RPC0,RPC1 -ngl 999 --tensor-split 0.6,0.4`);
       expect(progress).toContain('plan-1/1:loading');
+      const models = (await (await fetch(`http://127.0.0.1:${ready.port}/v1/models`)).json()) as { data: { id: string }[] };
+      expect(models.data.map((m) => m.id)).toContain('tiny');
       const out = await greedyCompletion({ url: `http://127.0.0.1:${ready.port}` }, 'hello', 8);
       expect(out.tokens).toHaveLength(8);
 

@@ -99,6 +99,7 @@ export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
         ctxSize: config.ctxSize,
         threads: config.threads,
         parallel: config.parallel,
+        alias: input.plan.model.name,
         flashAttention: config.flashAttention,
         extraArgs: config.extraArgs,
         env: config.env,

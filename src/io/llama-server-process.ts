@@ -18,6 +18,7 @@
 //                         solo output; off keeps "mesh == solo" exact (configurable for GPU meshes)
 //   -c 4096               a bounded KV cache (default: the model's trained context, up to 128k+ tokens)
 //   --metrics             /metrics for the status page and the benchmark; costs nothing per token
+//   --alias NAME          the model's name in /v1/models and answers, not the host's file path
 //   (warmup kept)         the empty warm-up decode runs the whole pipeline once before /health says ok, so a
 //                         broken stage fails the start, not the first user's request
 // It runs in llama.cpp's own "router child" mode (env LLAMA_SERVER_ROUTER_PORT): that mode prints load
@@ -47,6 +48,8 @@ export interface LlamaServerInit {
   readonly threads?: number;
   /** Server slots (-np); default llama.cpp's (auto, with a unified KV cache). */
   readonly parallel?: number;
+  /** The model's name in the API (`--alias`); default llama.cpp's: the host's file path. */
+  readonly alias?: string;
   readonly extraArgs?: readonly string[];
   /** A fixed port; default a free one. */
   readonly port?: number;
@@ -168,6 +171,8 @@ export function llamaServerArgs(init: LlamaServerInit, port: number, flags: Llam
     '--metrics',
     ...(init.threads !== undefined ? ['-t', String(init.threads)] : []),
     ...(init.parallel !== undefined ? ['-np', String(init.parallel)] : []),
+    // Commas separate aliases for llama.cpp: a name with one would become two.
+    ...(init.alias ? ['--alias', init.alias.replace(/,/g, ' ')] : []),
     ...(init.extraArgs ?? []),
   ];
 }
