@@ -110,8 +110,9 @@ describe('e2e: host + worker + lite client', () => {
     expect(arrivals.length).toBeGreaterThan(32);
     const first = arrivals[0]!;
     const last = arrivals[arrivals.length - 1]!;
-    // Buffered proxying would deliver everything at once at the end.
-    expect(last - first).toBeGreaterThan((last * 0.3));
+    // Buffered proxying would deliver everything within a few ms at the end; generating 64 tokens takes far
+    // longer than 50 ms even on a fast machine with this model... and arrivals spread over many moments.
+    expect(last - first).toBeGreaterThan(50);
     const distinct = new Set(arrivals.map((t) => Math.round(t))).size;
     expect(distinct).toBeGreaterThan(10);
   });
