@@ -144,6 +144,7 @@ export const llamaServerMachine = setup({
         },
         loading: {
           invoke: {
+            id: 'healthy',
             src: 'waitLlamaHealthy',
             input: ({ context }) => ({ port: context.port ?? 0 }),
             onDone: 'ready',

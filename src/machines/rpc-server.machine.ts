@@ -118,6 +118,7 @@ export const rpcServerMachine = setup({
         },
         loading: {
           invoke: {
+            id: 'listening',
             src: 'waitRpcServerListening',
             input: ({ context }) => ({ port: context.port ?? 0 }),
             onDone: 'ready',
