@@ -251,7 +251,7 @@ async function detection(): Promise<void> {
     const t0 = performance.now();
     inbound.close('bye');
     await c.closed;
-    rows.push(`| graceful close by the peer | ${f2((performance.now() - t0) * 1000) } µs |`);
+    rows.push(`| graceful close by the peer | ${f2(performance.now() - t0)} ms |`);
     await other.close();
   }
   {

@@ -3,6 +3,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import type { EndpointId } from '../src/machines/mesh-types.ts';
 import {
+  CLOSE_CODES,
   STREAM_KIND_BYTES,
   StreamResetError,
   type MeshConnection,
@@ -16,14 +17,26 @@ export interface RemotePeer {
   readonly addrs: string[];
   /** Kill without a word (SIGKILL for a process). */
   kill(): void;
+  /** With `dialTo`: how the peer's own dial at start-up ended ('ok' or the error message). */
+  readonly dialed?: string;
+}
+
+export interface RemotePeerOptions {
+  /** A fixed identity (from `identityAbove`), to come back as the same endpoint id after a kill. */
+  readonly identity?: string;
+  /** Dial this endpoint at start-up (and report how it went in `dialed`). */
+  readonly dialTo?: { readonly id: EndpointId; readonly addrs: string[] };
 }
 
 export interface ContractBackend {
   readonly name: string;
   endpoint(): Promise<MeshEndpoint>;
-  rawEndpoint(): Promise<RawEndpoint>;
+  /** The bare backend, playing a foreign peer; with an identity, a second instance of that peer. */
+  rawEndpoint(identity?: string): Promise<RawEndpoint>;
   /** A peer that echoes control streams and can be killed silently. */
-  remotePeer(): Promise<RemotePeer>;
+  remotePeer(options?: RemotePeerOptions): Promise<RemotePeer>;
+  /** An identity whose endpoint id sorts above `id`. */
+  identityAbove(id: EndpointId): Promise<string>;
   /** Generous ceiling for noticing a killed peer without heartbeats (QUIC idle timeout for iroh). */
   readonly deathCeilingMs: number;
 }
@@ -342,6 +355,49 @@ export function transportContract(backend: ContractBackend): void {
       await s2.write(new Uint8Array([2]));
       expect(await within(s2.read(), 5_000, 'echo from the new peer')).toEqual(new Uint8Array([2]));
     }, 120_000);
+
+    it('lets a killed peer that comes back with the same id in at once, replacing our zombie connection', async () => {
+      // We are the smaller id and dialed it, so its new dial is the "duplicate" kind: only the probe tells
+      // that our connection is dead, long before QUIC's idle timeout would.
+      const a = await ep();
+      const identity = await backend.identityAbove(a.id);
+      const first = await backend.remotePeer({ identity });
+      const zombie = await a.dial(first.id, first.addrs);
+      const s = await zombie.openStream('control');
+      await s.write(new Uint8Array([1]));
+      expect(await within(s.read(), 5_000, 'echo')).toEqual(new Uint8Array([1]));
+      first.kill();
+      const t0 = performance.now();
+      const again = await backend.remotePeer({ identity, dialTo: { id: a.id, addrs: a.addrs() } });
+      cleanups.push(() => again.kill());
+      expect(again.id).toBe(first.id);
+      expect(again.dialed).toBe('ok');
+      const fresh = (await within(a.accept(), 5_000, 'the new connection'))!;
+      expect(fresh.remoteId).toBe(first.id);
+      expect(await within(zombie.closed, 5_000, 'zombie replaced')).toMatchObject({ byPeer: false });
+      expect(a.connection(first.id)).toBe(fresh);
+      // Well under the ~30 s a zombie would otherwise live.
+      expect(performance.now() - t0).toBeLessThan(15_000);
+      const s2 = await fresh.openStream('control');
+      await s2.write(new Uint8Array([2]));
+      expect(await within(s2.read(), 5_000, 'echo on the new connection')).toEqual(new Uint8Array([2]));
+    }, 60_000);
+
+    it('still refuses a crossing dial from the larger id while our connection to it answers', async () => {
+      const a = await ep();
+      const identity = await backend.identityAbove(a.id);
+      const peer = await backend.remotePeer({ identity });
+      cleanups.push(() => peer.kill());
+      const c = await a.dial(peer.id, peer.addrs);
+      // A second instance with the peer's identity dials us: our live connection must stay the pair's.
+      const twin = await backend.rawEndpoint(identity);
+      cleanups.push(() => twin.close());
+      const dup = await twin.dial(a.id, a.addrs(), new AbortController().signal);
+      const info = await within(dup.closed, 5_000, 'the duplicate is refused');
+      expect(info).toMatchObject({ code: CLOSE_CODES.duplicate, byPeer: true });
+      expect(a.connection(peer.id)).toBe(c);
+      expect(c.isClosed).toBe(false);
+    });
 
     it('resets a stream of an unknown or unhandled kind and keeps the connection', async () => {
       const b = await ep();

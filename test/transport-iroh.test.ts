@@ -7,7 +7,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { asEndpointId } from '../src/machines/mesh-types.ts';
 import { createIrohEndpoint, createIrohRawEndpoint } from '../src/io/iroh-transport.ts';
 import { ephemeralSecretKey } from '../src/io/secret-key.ts';
-import { transportContract, type RemotePeer } from './transport-contract.ts';
+import { SecretKey } from '@number0/iroh';
+import { transportContract, type RemotePeer, type RemotePeerOptions } from './transport-contract.ts';
 
 const children = new Set<ChildProcess>();
 afterAll(() => {
@@ -15,9 +16,10 @@ afterAll(() => {
 });
 
 /** A mesh endpoint in its own process (test/transport-peer.child.ts). */
-export async function spawnIrohPeer(): Promise<RemotePeer> {
+export async function spawnIrohPeer(options: RemotePeerOptions = {}): Promise<RemotePeer> {
   const script = fileURLToPath(new URL('./transport-peer.child.ts', import.meta.url));
-  const child = spawn(process.execPath, ['--import', 'tsx', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const args = [script, options.identity ?? '-', ...(options.dialTo ? [JSON.stringify(options.dialTo)] : [])];
+  const child = spawn(process.execPath, ['--import', 'tsx', ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
   children.add(child);
   child.on('exit', () => children.delete(child));
   const lines = createInterface({ input: child.stdout! });
@@ -25,15 +27,25 @@ export async function spawnIrohPeer(): Promise<RemotePeer> {
     lines.once('line', resolve);
     child.once('exit', (code) => reject(new Error(`peer process exited (${code}) before it was ready`)));
   });
-  const { id, addrs } = JSON.parse(first) as { id: string; addrs: string[] };
-  return { id: asEndpointId(id), addrs, kill: () => child.kill('SIGKILL') };
+  const { id, addrs, dialed } = JSON.parse(first) as { id: string; addrs: string[]; dialed?: string };
+  return { id: asEndpointId(id), addrs, dialed, kill: () => child.kill('SIGKILL') };
 }
 
 transportContract({
   name: 'iroh',
   endpoint: () => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' }),
-  rawEndpoint: () => createIrohRawEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' }),
+  rawEndpoint: (identity) =>
+    createIrohRawEndpoint({
+      secretKey: identity ? new Uint8Array(Buffer.from(identity, 'hex')) : ephemeralSecretKey(),
+      bindHost: '127.0.0.1',
+    }),
   remotePeer: spawnIrohPeer,
+  identityAbove: async (id) => {
+    for (;;) {
+      const key = ephemeralSecretKey();
+      if (SecretKey.fromBytes([...key]).public().toString() > id) return Buffer.from(key).toString('hex');
+    }
+  },
   // QUIC's idle timeout is ~30 s in iroh and not configurable from JS; MESH's heartbeats make it fast.
   deathCeilingMs: 60_000,
 });

@@ -3,18 +3,28 @@ import { describe, expect, it } from 'vitest';
 import { MemoryNetwork } from '../src/io/memory-transport.ts';
 import { echo, readAll, transportContract, within } from './transport-contract.ts';
 
-const net = new MemoryNetwork({ idleTimeoutMs: 300 });
+// Idle timeout long enough that a zombie connection outlives the restart tests' probe (1 s).
+const net = new MemoryNetwork({ idleTimeoutMs: 3_000 });
+let identities = 0;
 
 transportContract({
   name: 'memory',
   endpoint: async () => net.createEndpoint(),
-  rawEndpoint: async () => net.createRawEndpoint(),
-  remotePeer: async () => {
-    const p = net.createEndpoint();
+  rawEndpoint: async (identity) => net.createRawEndpoint(identity),
+  remotePeer: async (options = {}) => {
+    const p = net.createEndpoint({ id: options.identity });
     p.handle('control', (s) => echo(s));
-    return { id: p.id, addrs: p.addrs(), kill: () => net.kill(p.id) };
+    let dialed: string | undefined;
+    if (options.dialTo) {
+      dialed = await p.dial(options.dialTo.id, options.dialTo.addrs).then(
+        () => 'ok',
+        (e: unknown) => String(e),
+      );
+    }
+    return { id: p.id, addrs: p.addrs(), kill: () => net.kill(p.id), dialed };
   },
-  deathCeilingMs: 5_000,
+  identityAbove: async () => 'f'.repeat(48) + String(identities++).padStart(16, '0'),
+  deathCeilingMs: 10_000,
 });
 
 describe('memory transport', () => {

@@ -1,9 +1,12 @@
-// A mesh endpoint in its own process, for tests that SIGKILL a peer: it echoes control streams and
-// prints {"id","addrs"} as one JSON line once bound.
+// A mesh endpoint in its own process, for tests that SIGKILL a peer: it echoes control streams and prints
+// {"id","addrs","dialed"} as one JSON line once bound. Args: [secret key hex | -] [{"id","addrs"} to dial first].
 import { randomBytes } from 'node:crypto';
+import { asEndpointId } from '../src/machines/mesh-types.ts';
 import { createIrohEndpoint } from '../src/io/iroh-transport.ts';
 
-const ep = await createIrohEndpoint({ secretKey: new Uint8Array(randomBytes(32)), bindHost: '127.0.0.1' });
+const [keyHex, dialTo] = process.argv.slice(2);
+const key = keyHex && keyHex !== '-' ? new Uint8Array(Buffer.from(keyHex, 'hex')) : new Uint8Array(randomBytes(32));
+const ep = await createIrohEndpoint({ secretKey: key, bindHost: '127.0.0.1' });
 ep.handle('control', (s) => {
   void (async () => {
     for (;;) {
@@ -18,5 +21,13 @@ ep.handle('control', (s) => {
 void (async () => {
   while ((await ep.accept()) !== null);
 })();
-process.stdout.write(JSON.stringify({ id: ep.id, addrs: ep.addrs() }) + '\n');
+let dialed: string | undefined;
+if (dialTo) {
+  const t = JSON.parse(dialTo) as { id: string; addrs: string[] };
+  dialed = await ep.dial(asEndpointId(t.id), t.addrs).then(
+    () => 'ok',
+    (e: unknown) => String(e),
+  );
+}
+process.stdout.write(JSON.stringify({ id: ep.id, addrs: ep.addrs(), dialed }) + '\n');
 setInterval(() => {}, 1 << 30);

@@ -48,16 +48,22 @@ export class MemoryNetwork {
   }
 
   createEndpoint(options: MemoryEndpointOptions = {}): MeshEndpoint {
+    if (options.id !== undefined && this.endpoints.has(asEndpointId(options.id))) {
+      throw new Error(`memory endpoint ${options.id} exists already`);
+    }
     const raw = this.createRawEndpoint(options.id);
     return createMeshEndpoint(raw, options, { log: options.log ?? pino({ level: 'silent' }) });
   }
 
-  /** The bare backend without the mesh rules: for tests that play a foreign or broken peer. */
+  /**
+   * The bare backend without the mesh rules: for tests that play a foreign or broken peer. An id that is
+   * taken gives a second instance of that peer (as two processes with one key): it can dial out, and
+   * dials to the id still reach the first.
+   */
   createRawEndpoint(id?: string): RawEndpoint {
     const eid = asEndpointId(id ?? createHash('sha256').update(`memory-endpoint-${this.counter++}`).digest('hex'));
-    if (this.endpoints.has(eid)) throw new Error(`memory endpoint ${eid} exists already`);
     const raw = new MemoryRawEndpoint(eid, this);
-    this.endpoints.set(eid, raw);
+    if (!this.endpoints.has(eid)) this.endpoints.set(eid, raw);
     return raw;
   }
 

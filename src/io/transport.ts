@@ -18,7 +18,10 @@ export const STREAM_KIND_BYTES = {
 
 export type StreamKind = keyof typeof STREAM_KIND_BYTES;
 
-/** Transport-internal kind: the acceptor's "this connection is the one we keep" (see dial() below). */
+/**
+ * Transport-internal kind 0x00. From the acceptor: the verdict, "this connection is the one we keep" (see
+ * dial()). From the dialer: a liveness probe, answered by a reset (see probeThenDecide()).
+ */
 const KIND_VERDICT = 0x00;
 
 const KIND_BY_BYTE: ReadonlyMap<number, StreamKind> = new Map(
@@ -206,6 +209,8 @@ export interface MeshEndpointComponents {
 export interface MeshEndpointInit {
   /** How long an opened stream may take to send its kind byte before we reset it. Default 10 s. */
   readonly kindTimeoutMs?: number;
+  /** How long a connection may take to answer a liveness probe before it counts as dead. Default 1 s. */
+  readonly probeTimeoutMs?: number;
   readonly defaultDialTimeoutMs?: number;
 }
 
@@ -226,6 +231,7 @@ export function shortId(id: string): string {
  *  - The remote is the smaller id: its connections always win; any other one we hold is replaced.
  *  - The remote is the larger id: refuse it while we have our own dial to it in flight or alive (ours
  *    wins); otherwise the peer has lost what we had (restart), so the newer one replaces the old.
+ * "Alive" is checked by EndpointCore.probeThenDecide when this says no because of a connection we hold.
  */
 export function keepIncoming(self: EndpointId, remote: EndpointId, weAreDialing: boolean, weHoldOwnDial: boolean): boolean {
   if (remote < self) return true;
@@ -376,8 +382,9 @@ class ConnectionImpl implements MeshConnection {
       return;
     }
     const byte = first[0]!;
-    if (byte === KIND_VERDICT && this.dialer === 'local') {
-      this.resolveVerdict();
+    if (byte === KIND_VERDICT) {
+      if (this.dialer === 'local') this.resolveVerdict();
+      // As the acceptor, 0x00 is the dialer's liveness probe: any answer proves we are alive.
       raw.reset(RESET_CODES.cancelled);
       return;
     }
@@ -410,6 +417,7 @@ class EndpointCore implements MeshEndpoint {
   readonly handlers = new Map<StreamKind, StreamHandler>();
   readonly log: Logger;
   readonly kindTimeoutMs: number;
+  private readonly probeTimeoutMs: number;
   private readonly defaultDialTimeoutMs: number;
   private readonly current = new Map<EndpointId, ConnectionImpl>();
   private readonly pending = new Map<EndpointId, PendingDial>();
@@ -425,6 +433,7 @@ class EndpointCore implements MeshEndpoint {
   ) {
     this.log = components.log ?? pino({ level: 'silent' });
     this.kindTimeoutMs = init.kindTimeoutMs ?? 10_000;
+    this.probeTimeoutMs = init.probeTimeoutMs ?? 1_000;
     this.defaultDialTimeoutMs = init.defaultDialTimeoutMs ?? 10_000;
     void this.acceptLoop();
   }
@@ -592,11 +601,26 @@ class EndpointCore implements MeshEndpoint {
     const peer = raw.remoteId;
     const cur = this.connection(peer) as ConnectionImpl | undefined;
     const dialing = this.pending.has(peer);
-    if (!keepIncoming(this.id, peer, dialing, cur?.dialer === 'local')) {
-      this.log.debug({ peer: shortId(peer) }, 'simultaneous dial: refusing the duplicate dialed by the larger id');
-      raw.close(CLOSE_CODES.duplicate, 'duplicate connection: the one dialed by the smaller id is kept');
+    if (keepIncoming(this.id, peer, dialing, cur?.dialer === 'local')) {
+      this.keep(raw);
       return;
     }
+    if (!dialing && cur !== undefined) {
+      // The larger id dials us although we hold the connection we dialed to it: a dial that crossed ours,
+      // or the peer restarted and ours is a zombie that QUIC would keep for ~30 s. A probe tells which.
+      void this.probeThenDecide(raw, cur);
+      return;
+    }
+    this.refuse(raw);
+  }
+
+  private refuse(raw: RawConnection): void {
+    this.log.debug({ peer: shortId(raw.remoteId) }, 'simultaneous dial: refusing the duplicate dialed by the larger id');
+    raw.close(CLOSE_CODES.duplicate, 'duplicate connection: the one dialed by the smaller id is kept');
+  }
+
+  private keep(raw: RawConnection): void {
+    const peer = raw.remoteId;
     const conn = this.track(new ConnectionImpl(raw, 'remote', this));
     // The verdict goes first, so it is the dialer's first stream; it need not be awaited before install.
     void raw
@@ -607,6 +631,44 @@ class EndpointCore implements MeshEndpoint {
     const p = this.pending.get(peer);
     if (p) p.adopt(conn);
     else this.incoming.push(conn);
+  }
+
+  private async probeThenDecide(raw: RawConnection, cur: ConnectionImpl): Promise<void> {
+    const alive = await this.probe(cur);
+    if (this.isClosed) {
+      raw.close(CLOSE_CODES.endpointClosing, 'endpoint closing');
+      return;
+    }
+    const now = this.connection(raw.remoteId);
+    if (alive && now === cur) {
+      this.refuse(raw);
+      return;
+    }
+    if (now === cur) {
+      this.log.info({ peer: shortId(raw.remoteId) }, 'the peer dialed again and our connection to it is unresponsive: replacing it');
+    }
+    this.keep(raw);
+  }
+
+  /** Whether `conn` answers a 0x00 stream (with a reset, or anything) within probeTimeoutMs. */
+  private async probe(conn: ConnectionImpl): Promise<boolean> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<false>((r) => (timer = setTimeout(() => r(false), this.probeTimeoutMs)));
+    const answer = (async (): Promise<boolean> => {
+      const s = await conn.raw.openBi();
+      await s.write(Uint8Array.of(KIND_VERDICT));
+      try {
+        await s.read();
+        return true;
+      } catch (err) {
+        return err instanceof StreamResetError;
+      }
+    })().catch(() => false);
+    try {
+      return await Promise.race([answer, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   async close(): Promise<void> {
