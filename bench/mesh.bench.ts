@@ -81,29 +81,43 @@ async function generate(baseUrl: string): Promise<Timings> {
   return { predictedPerSecond: body.timings.predicted_per_second, promptPerSecond: body.timings.prompt_per_second ?? NaN };
 }
 
-async function tokensPerSecond(baseUrl: string): Promise<{ tg: number; pp: number }> {
-  await generate(baseUrl); // warm-up
-  const runs: Timings[] = [];
-  for (let i = 0; i < REPS; i++) runs.push(await generate(baseUrl));
-  return { tg: median(runs.map((r) => r.predictedPerSecond)), pp: median(runs.map((r) => r.promptPerSecond)) };
-}
-
 /** Plain llama.cpp: rpc-servers reached over raw TCP, the last one the host's; the mesh's llama-server flags. */
-async function direct(model: E2eModel, shares: readonly number[]): Promise<{ tg: number; pp: number }> {
+async function startDirect(model: E2eModel, shares: readonly number[]): Promise<{ url: string; stop(): Promise<void> }> {
   const bins = await findLlamaBinaries({ env: { ...process.env, MESH_LLAMA_BIN_DIR: e2eBinDir() } });
   const servers: RpcServerProcess[] = [];
   let llama: LlamaServerProcess | null = null;
+  const stop = async () => {
+    await llama?.stop(1_000);
+    await Promise.all(servers.map((s) => s.stop(2_000)));
+  };
   try {
     for (const _ of shares) {
       servers.push(await startRpcServer({ binary: bins.rpcServer, gguf: model.path, ggufSupported: bins.setTensorGguf, threads: THREADS, env: { GGML_NO_BACKTRACE: '1' } }));
     }
     llama = await launchLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: servers.map((s) => s.address), tensorSplit: shares, threads: THREADS, env: { GGML_NO_BACKTRACE: '1' } });
     await llama.waitHealthy({ timeoutMs: 300_000 });
-    return await tokensPerSecond(llama.url);
-  } finally {
-    await llama?.stop(1_000);
-    await Promise.all(servers.map((s) => s.stop(2_000)));
+    return { url: llama.url, stop };
+  } catch (err) {
+    await stop();
+    throw err;
   }
+}
+
+/**
+ * Mesh and direct, alternating run by run (this machine is shared, and its load drifts: alternating keeps
+ * the drift out of the ratio); medians of each.
+ */
+async function compare(meshUrl: string, directUrl: string): Promise<{ mesh: { tg: number; pp: number }; direct: { tg: number; pp: number } }> {
+  await generate(meshUrl);
+  await generate(directUrl);
+  const m: Timings[] = [];
+  const d: Timings[] = [];
+  for (let i = 0; i < REPS; i++) {
+    m.push(await generate(meshUrl));
+    d.push(await generate(directUrl));
+  }
+  const med = (xs: Timings[]) => ({ tg: median(xs.map((r) => r.predictedPerSecond)), pp: median(xs.map((r) => r.promptPerSecond)) });
+  return { mesh: med(m), direct: med(d) };
 }
 
 const nodeEnv = { MESH_INFERENCE_COUNT_RPC: '0', MESH_INFERENCE_THREADS: String(THREADS), MESH_INFERENCE_CTX: '4096' };
@@ -133,13 +147,16 @@ async function hostOf(nodes: readonly E2eNode[]): Promise<E2eNode> {
   return nodes.find((n) => n.id === host)!;
 }
 
-async function latency(url: string): Promise<number[]> {
-  const times: number[] = [];
+/** GET /v1/models against each URL in turn, request by request (the load drifts alike for all). */
+async function latencies(urls: readonly string[]): Promise<number[][]> {
+  const times: number[][] = urls.map(() => []);
   for (let i = 0; i < LATENCY_N + 3; i++) {
-    const t0 = performance.now();
-    const res = await fetch(`${url}/v1/models`);
-    await res.arrayBuffer();
-    if (i >= 3) times.push(performance.now() - t0);
+    for (const [k, url] of urls.entries()) {
+      const t0 = performance.now();
+      const res = await fetch(`${url}/v1/models`);
+      await res.arrayBuffer();
+      if (i >= 3) times[k]!.push(performance.now() - t0);
+    }
   }
   return times;
 }
@@ -153,13 +170,13 @@ async function main(): Promise<void> {
   const lat: string[] = [];
   try {
     // ---- solo -------------------------------------------------------------------------------------
-    log('direct, one rpc-server');
-    const d1 = await direct(model, [1]);
-    log('mesh, solo');
+    log('solo: mesh and direct (one rpc-server)');
     {
       const { nodes } = await mesh(model, [2]);
-      const m1 = await tokensPerSecond((await hostOf(nodes)).api);
-      rows.push(row('solo (host\'s own rpc-server)', '1', d1, m1));
+      const d = await startDirect(model, [1]);
+      const r = await compare((await hostOf(nodes)).api, d.url);
+      rows.push(row("solo (the host's own rpc-server)", '1', r.direct, r.mesh));
+      await d.stop();
       await stopAllNodes(nodes);
     }
 
@@ -169,16 +186,15 @@ async function main(): Promise<void> {
       const { nodes, shares } = await mesh(model, [0.7, 0.6]);
       const host = await hostOf(nodes);
       const worker = nodes.find((n) => n !== host)!;
-      const m2 = await tokensPerSecond(host.api);
-      log('direct, 2 rpc-servers');
-      const d2 = await direct(model, shares);
-      rows.push(row('2-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), d2, m2));
+      log('direct, 2 rpc-servers, alternating with the mesh');
+      const d2 = await startDirect(model, shares);
+      const r2 = await compare(host.api, d2.url);
+      await d2.stop();
+      rows.push(row('2-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), r2.direct, r2.mesh));
 
       log('API latency');
       const llamaPort = (await host.status()).processes.llamaServer.port!;
-      const base = await latency(`http://127.0.0.1:${llamaPort}`);
-      const viaHost = await latency(host.api);
-      const viaWorker = await latency(worker.api);
+      const [base, viaHost, viaWorker] = (await latencies([`http://127.0.0.1:${llamaPort}`, host.api, worker.api])) as [number[], number[], number[]];
       const p50 = median(base);
       lat.push(`| llama-server directly | ${p50.toFixed(2)} | ${pct(base, 99).toFixed(2)} | - |`);
       lat.push(`| the host's API (local route) | ${median(viaHost).toFixed(2)} | ${pct(viaHost, 99).toFixed(2)} | +${(median(viaHost) - p50).toFixed(2)} |`);
@@ -206,11 +222,12 @@ async function main(): Promise<void> {
     log('mesh, 3 nodes');
     {
       const { nodes, shares } = await mesh(model, [0.45, 0.4, 0.35]);
-      const m3 = await tokensPerSecond((await hostOf(nodes)).api);
+      log('direct, 3 rpc-servers, alternating with the mesh');
+      const d3 = await startDirect(model, shares);
+      const r3 = await compare((await hostOf(nodes)).api, d3.url);
+      await d3.stop();
       await stopAllNodes(nodes);
-      log('direct, 3 rpc-servers');
-      const d3 = await direct(model, shares);
-      rows.push(row('3-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), d3, m3));
+      rows.push(row('3-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), r3.direct, r3.mesh));
     }
   } finally {
     await stopAll(2_000);
@@ -219,7 +236,7 @@ async function main(): Promise<void> {
 
   const shape = opt('--model') ? opt('--model') : `${BENCH_MODEL.layers} layers, n_embd ${BENCH_MODEL.embd}, ff ${BENCH_MODEL.ff}, ${BENCH_MODEL.type}`;
   say(`Model: ${shape} (${(model.bytes / 2 ** 20).toFixed(0)} MiB), ` +
-    `${TOKENS} generated tokens, median of ${REPS}; -t ${THREADS} everywhere; binaries: ${bins.patches.join(', ') || 'stock'}`);
+    `${TOKENS} generated tokens, median of ${REPS} alternating mesh/direct runs; -t ${THREADS} everywhere; binaries: ${bins.patches.join(', ') || 'stock'}`);
   say();
   say('| setup | split (--rpc order, host last) | direct TCP tg tok/s | mesh tg tok/s | mesh / direct | direct pp tok/s | mesh pp tok/s |');
   say('|---|---|---|---|---|---|---|');
