@@ -323,8 +323,55 @@ async function llama(quick: boolean): Promise<void> {
     const t = mean(tg.get(name)!);
     console.log(`| ${name} | ${f2(p)} | ${f2(t)} | ${f3(p / dpp)} | ${f3(t / dtg)} | ${f2(1000 / t)} |`);
   }
+  await trafficPerToken(h, modelPath, workerRpc, hostRpc);
   await workerRpc.stop();
   await hostRpc.stop();
+}
+
+/**
+ * What one generated token puts through the tunnel, per codec: QUIC writes and bytes each way. Both tunnel
+ * ends run in this process here (only counters are read, no timings).
+ */
+async function trafficPerToken(
+  h: typeof import('../test/helpers/llama.ts'),
+  modelPath: string,
+  workerRpc: { port: number },
+  hostRpc: { address: string },
+): Promise<void> {
+  console.log('\n## Tunnel traffic per generated token (llama-server, 32 tokens, counters of both tunnel ends)\n');
+  console.log('| codec | host -> worker: writes | bytes in | bytes on the wire | worker -> host: writes | bytes on the wire |');
+  console.log('|---|---|---|---|---|---|');
+  for (const codec of ['raw', 'deflate'] as const) {
+    const host = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+    const worker = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+    const wt = new TunnelService({ allow: () => ({ host: '127.0.0.1', port: workerRpc.port }) }, { endpoint: worker });
+    wt.start();
+    const ht = new TunnelService({ allow: () => ({ refuse: 'host' }), codec }, { endpoint: host });
+    await host.dial(worker.id, worker.addrs());
+    const l = await ht.listen(worker.id, 'rpc');
+    const s = await h.startLlamaServer({ model: modelPath, rpc: [`127.0.0.1:${l.port}`, hostRpc.address], tensorSplit: [1, 1] });
+    try {
+      await h.greedyCompletion(s, 'hello world', 1);
+      const snap = () => ({ h: ht.stats(), w: wt.stats() });
+      const a = snap();
+      await h.greedyCompletion(s, 'hello world', 1);
+      const b = snap();
+      await h.greedyCompletion(s, 'hello world', 33, { ignore_eos: true });
+      const c = snap();
+      // The same request with 33 tokens instead of 1: the difference is 32 tokens of generation alone.
+      type K = 'quicWrites' | 'tcpBytesIn' | 'quicBytesOut';
+      const per = (side: 'h' | 'w', k: K): string => ((c[side][k] - b[side][k] - (b[side][k] - a[side][k])) / 32).toFixed(1);
+      console.log(
+        `| ${codec} | ${per('h', 'quicWrites')} | ${per('h', 'tcpBytesIn')} | ${per('h', 'quicBytesOut')} | ${per('w', 'quicWrites')} | ${per('w', 'quicBytesOut')} |`,
+      );
+    } finally {
+      await s.stop();
+      await ht.close();
+      await wt.close();
+      await host.close();
+      await worker.close();
+    }
+  }
 }
 
 const role = args[0];

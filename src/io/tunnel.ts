@@ -159,6 +159,21 @@ export interface TunnelListener {
 export interface TunnelStats {
   readonly pipes: number;
   readonly listeners: number;
+  /** QUIC writes and bytes written (after the codec), over all pipes ever: what a message costs. */
+  readonly quicWrites: number;
+  readonly quicBytesOut: number;
+  /** TCP bytes taken from local sockets (before the codec). */
+  readonly tcpBytesIn: number;
+  /** QUIC reads (chunks received). */
+  readonly quicReads: number;
+}
+
+/** Counters shared by a service's pipes (plain increments on the hot path). */
+interface Counters {
+  quicWrites: number;
+  quicBytesOut: number;
+  tcpBytesIn: number;
+  quicReads: number;
 }
 
 /** One socket joined to one stream; ends when both directions have ended or either side failed. */
@@ -186,6 +201,7 @@ class Pipe {
     private codec: TunnelCodec | undefined,
     private readonly highWater: number,
     private readonly log: Logger,
+    private readonly counters: Counters,
     private readonly onEnd: (p: Pipe) => void,
   ) {
     if (codec !== undefined) this.useCodec(codec);
@@ -212,6 +228,7 @@ class Pipe {
   }
 
   private fromTcp(b: Buffer): void {
+    this.counters.tcpBytesIn += b.length;
     this.queue.push(b);
     this.queued += b.length;
     if (this.queued >= this.highWater && !this.paused) {
@@ -230,6 +247,8 @@ class Pipe {
       this.queued = 0;
       this.writing = true;
       const out = this.encoder ? this.encoder.encode(joined) : joined;
+      this.counters.quicWrites++;
+      this.counters.quicBytesOut += out.length;
       this.stream.write(out).then(
         () => {
           this.writing = false;
@@ -263,6 +282,7 @@ class Pipe {
       for (;;) {
         let chunk = await next;
         if (chunk === null) break;
+        this.counters.quicReads++;
         next = this.stream.read();
         next.catch(() => {});
         if (this.done) return;
@@ -339,6 +359,7 @@ export class TunnelService {
   private readonly connectTimeoutMs: number;
   private readonly codec: TunnelCodec;
   private readonly pipes = new Set<Pipe>();
+  private readonly counters: Counters = { quicWrites: 0, quicBytesOut: 0, tcpBytesIn: 0, quicReads: 0 };
   /** Incoming tunnels whose local TCP connect is still in progress (closeFrom must reach them too). */
   private readonly connecting = new Set<{ peer: EndpointId; socket: Socket; stream: MeshStream }>();
   private readonly listeners = new Set<{ server: Server; peer: EndpointId; sockets: Set<Socket> }>();
@@ -420,7 +441,7 @@ export class TunnelService {
   }
 
   stats(): TunnelStats {
-    return { pipes: this.pipes.size + this.connecting.size, listeners: this.listeners.size };
+    return { pipes: this.pipes.size + this.connecting.size, listeners: this.listeners.size, ...this.counters };
   }
 
   async close(): Promise<void> {
@@ -477,7 +498,7 @@ export class TunnelService {
       stream.reset(TUNNEL_TCP_FAILED);
       return;
     }
-    this.track(new Pipe(peer, kind, socket, stream, this.codec, this.highWater, this.log, this.ended));
+    this.track(new Pipe(peer, kind, socket, stream, this.codec, this.highWater, this.log, this.counters, this.ended));
     socket.resume();
   }
 
@@ -504,7 +525,7 @@ export class TunnelService {
       connected = true;
       clearTimeout(timer);
       if (!this.connecting.delete(pending)) return; // closed for the hand-off meanwhile
-      this.track(new Pipe(peer, kind, socket, stream, undefined, this.highWater, this.log, this.ended));
+      this.track(new Pipe(peer, kind, socket, stream, undefined, this.highWater, this.log, this.counters, this.ended));
     });
     socket.once('error', (err) => {
       clearTimeout(timer);
