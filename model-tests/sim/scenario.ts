@@ -200,9 +200,9 @@ export function runScenario(seed: number, options: ScenarioOptions): ScenarioRes
     return false;
   };
 
-  // Phase 0: the mesh forms.
-  const initial = Math.min(options.maxNodes, rng.int(2, 5));
-  const starters = [...specs.filter((s) => !isClient(s)).slice(0, initial)];
+  // Phase 0: between half and all of the nodes form the mesh (lite clients come later, as churn).
+  const initial = rng.int(Math.max(2, Math.ceil(options.maxNodes / 2)), options.maxNodes);
+  const starters = specs.filter((s) => !isClient(s)).slice(0, initial);
   let t = 0;
   for (const spec of starters) {
     world.sched.runUntil(t);
