@@ -95,7 +95,7 @@ export interface NodeContext {
   readonly stopReason: string | null;
 }
 
-/** Fallback when the election machine's settle window is overridden without this one. */
+/** Electing waits twice the election's settle window: long enough for a burst to settle and a plan to arrive. */
 export const ELECTION_QUIET_MS = SETTLE_MS * 2;
 
 export const nodeMachine = setup({
