@@ -87,6 +87,44 @@ describe('iroh transport', () => {
     }
   });
 
+  it('with a relay of our own that is down, starts within the bound and says so; a malformed URL is refused', async () => {
+    const t0 = performance.now();
+    const ep = await createIrohEndpoint({
+      secretKey: ephemeralSecretKey(),
+      bindHost: '127.0.0.1',
+      relay: { url: 'http://127.0.0.1:9/' },
+      relayWaitMs: 1_000,
+    });
+    expect(performance.now() - t0).toBeLessThan(10_000);
+    expect(ep.relayStatus).toMatchObject({ state: 'unreachable', reason: expect.stringMatching(/relays answered/) });
+    await ep.close();
+    await expect(createIrohEndpoint({ secretKey: ephemeralSecretKey(), relay: { url: 'not a url' } })).rejects.toThrow(/bad relay setting/);
+  });
+
+  it('with a relay URL that answers HTTP but is no relay, binds with it and reports no home relay in time', async () => {
+    const { createServer } = await import('node:http');
+    const http = createServer((_req, res) => res.end('not a relay'));
+    await new Promise<void>((r) => http.listen(0, '127.0.0.1', r));
+    const port = (http.address() as { port: number }).port;
+    try {
+      const ep = await createIrohEndpoint({
+        secretKey: ephemeralSecretKey(),
+        bindHost: '127.0.0.1',
+        relay: { url: `http://127.0.0.1:${port}/` },
+        relayWaitMs: 1_000,
+      });
+      expect(ep.relayStatus).toEqual({ state: 'unreachable', reason: 'no home relay within 1000 ms' });
+      // Direct dials still work.
+      const b = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+      const c = await ep.dial(b.id, b.addrs().filter((a) => !a.startsWith('http')));
+      expect(c.isDirect()).toBe(true);
+      await b.close();
+      await ep.close();
+    } finally {
+      http.close();
+    }
+  });
+
   it('refuses a wrong key length and a malformed endpoint id clearly', async () => {
     await expect(createIrohEndpoint({ secretKey: new Uint8Array(31) })).rejects.toThrow(/32 bytes/);
     const a = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });

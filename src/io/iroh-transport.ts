@@ -41,7 +41,8 @@ const READ_CHUNK = 64 * 1024;
 /** How many streams a peer may have open to us at once (iroh's default of 100 blocks the 101st silently). */
 const MAX_CONCURRENT_BI_STREAMS = 4096n;
 
-export type RelaySetting = 'none' | 'default';
+/** `none`: LAN and tests. `default`: iroh's public relays and discovery. `{ url }`: one relay of our own (no discovery). */
+export type RelaySetting = 'none' | 'default' | { readonly url: string };
 
 export interface IrohTransportInit extends MeshEndpointInit {
   /** 32 bytes (see secret-key.ts): a fixed key keeps the endpoint id across restarts. */
@@ -50,7 +51,7 @@ export interface IrohTransportInit extends MeshEndpointInit {
   readonly bindPort?: number;
   /** Address to bind; default 0.0.0.0 (all interfaces), tests use 127.0.0.1. */
   readonly bindHost?: string;
-  /** `none` (LAN and tests) or iroh's public relays and discovery. Default `none`. */
+  /** Default `none`; the CLI's default is `default`. */
   readonly relay?: RelaySetting;
   /** With relays on: the longest we wait for a home relay at start-up. Default 5 s. */
   readonly relayWaitMs?: number;
@@ -345,14 +346,8 @@ class IrohRawEndpoint implements RawEndpoint {
   }
 }
 
-/** Whether any of iroh's default relays answers HTTP within `ms` (offline: fails fast or at the bound). */
-async function relaysReachable(ms: number): Promise<{ ok: true } | { ok: false; reason: string }> {
-  let urls: string[];
-  try {
-    urls = RelayMode.defaultMode().relayMap().urls();
-  } catch (err) {
-    return { ok: false, reason: `no relay map: ${firstLine(err)}` };
-  }
+/** Whether any of `urls` answers HTTP within `ms` (offline: fails fast or at the bound). */
+async function relaysReachable(urls: string[], ms: number): Promise<{ ok: true } | { ok: false; reason: string }> {
   const signal = AbortSignal.timeout(ms);
   const tries = urls.map(async (u) => {
     const res = await fetch(u, { signal, method: 'HEAD' });
@@ -372,8 +367,12 @@ async function relaysReachable(ms: number): Promise<{ ok: true } | { ok: false; 
 
 async function bindIroh(init: IrohTransportInit, useRelays: boolean): Promise<Endpoint> {
   const b = Endpoint.builder();
-  if (useRelays) presetN0(b);
-  else presetMinimal(b);
+  const relay = init.relay ?? 'none';
+  if (useRelays && relay === 'default') presetN0(b);
+  else {
+    presetMinimal(b);
+    if (useRelays && typeof relay === 'object') b.relayMode(RelayMode.customFromUrls([relay.url]));
+  }
   b.alpns([ALPN_BYTES]);
   b.secretKey(toNumberArray(init.secretKey));
   b.bindAddr(`${init.bindHost ?? '0.0.0.0'}:${init.bindPort ?? 0}`);
@@ -404,12 +403,18 @@ export async function createIrohEndpoint(
 ): Promise<IrohMeshEndpoint> {
   const log = components.log ?? pino({ level: 'silent' });
   if (init.secretKey.length !== 32) throw new TransportError(`secret key must be 32 bytes, got ${init.secretKey.length}`);
-  const relayWanted = (init.relay ?? 'none') === 'default';
+  const relay = init.relay ?? 'none';
   const relayWaitMs = init.relayWaitMs ?? 5_000;
   let relayStatus: RelayStatus = { state: 'disabled' };
   let useRelays = false;
-  if (relayWanted) {
-    const probe = await relaysReachable(relayWaitMs);
+  if (relay !== 'none') {
+    let urls: string[];
+    try {
+      urls = relay === 'default' ? RelayMode.defaultMode().relayMap().urls() : [new URL(relay.url).toString()];
+    } catch (err) {
+      throw new TransportError(`bad relay setting ${JSON.stringify(relay)}: ${firstLine(err)}`);
+    }
+    const probe = await relaysReachable(urls, relayWaitMs);
     if (probe.ok) useRelays = true;
     else {
       relayStatus = { state: 'unreachable', reason: probe.reason };
