@@ -8,12 +8,13 @@
 //   -dev RPC0,...,RPCn    every layer on the rpc-servers even where the host has a local GPU: one code path,
 //                         and the host's GPU is reached through its own rpc-server like any worker's
 //   -ngl 999              offload every layer (to those devices)
-//   --tensor-split        the plan's shares, one per device in `--rpc` order
+//   --tensor-split        the plan's shares, one per device in `--rpc` order (a stage with several devices
+//                         has its share divided among them)
 //   -lm none              no mmap (mmap crashes unified-memory machines with less VRAM than the model);
 //                         `--no-mmap` on releases older than `--load-mode`
 //   --cache-ram 0         no prompt cache in host RAM: it copies the KV back from the servers at each request
-//   -fit off              the plan already sized everything; fitting probes every device's memory over RPC
-//                         at start (round trips per device) and might shrink the context behind our back
+//   -fit off              the plan already sized everything; fitting asks every device for its free memory
+//                         at start (an RPC round trip each) and may shrink the context behind our back
 //   -fa off               CPU flash attention depends on thread counts, so split output would differ from
 //                         solo output; off keeps "mesh == solo" exact (configurable for GPU meshes)
 //   -c 4096               a bounded KV cache (default: the model's trained context, up to 128k+ tokens)
@@ -22,8 +23,8 @@
 //   (warmup kept)         the empty warm-up decode runs the whole pipeline once before /health says ok, so a
 //                         broken stage fails the start, not the first user's request
 // It runs in llama.cpp's own "router child" mode (env LLAMA_SERVER_ROUTER_PORT): that mode prints load
-// progress as JSON lines on stdout, and exits once its stdin (our watchdog pipe) closes: a second guard
-// against orphans on top of processes.ts.
+// progress as JSON lines on stdout, and, once loaded, exits when its stdin (our watchdog pipe) closes: a
+// second guard against orphans on top of processes.ts.
 import { execFile } from 'node:child_process';
 import type { Logger } from './logger.ts';
 import { spawnManaged, summarizeTail, type ExitInfo, type ManagedProcess } from './processes.ts';
