@@ -91,4 +91,62 @@ describe('rpc tunnel with real llama.cpp', () => {
       expect(hostTunnels.stats().pipes).toBe(0);
     }
   }, 240_000);
+
+  it('hand-off: closeFrom(old host) frees the worker rpc-server for the new host at once', async () => {
+    const model: TempModel = await makeTempModel();
+    stops.push(() => model.remove());
+    const workerRpc = await startRpcServer();
+    stops.push(() => workerRpc.stop());
+    const ownA = await startRpcServer();
+    stops.push(() => ownA.stop());
+    const ownB = await startRpcServer();
+    stops.push(() => ownB.stop());
+    const mk = () => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+    const worker = await mk();
+    const hostA = await mk();
+    const hostB = await mk();
+    stops.push(() => worker.close(), () => hostA.close(), () => hostB.close());
+    // The worker's plan names its host; the policy follows it.
+    let planHost: EndpointId = hostA.id;
+    const workerTunnels = new TunnelService(
+      { allow: (id, kind) => (kind === 'rpc' && id === planHost ? { host: '127.0.0.1', port: workerRpc.port } : { refuse: 'not the host of our plan' }) },
+      { endpoint: worker },
+    );
+    workerTunnels.start();
+    stops.push(() => workerTunnels.close());
+    const route = async (host: typeof hostA) => {
+      await host.dial(worker.id, worker.addrs());
+      const t = new TunnelService({ allow: () => ({ refuse: 'host' }) }, { endpoint: host });
+      stops.push(() => t.close());
+      return t.listen(worker.id, 'rpc');
+    };
+    const viaA = await route(hostA);
+    const viaB = await route(hostB);
+
+    const serverA = await startLlamaServer({ model: model.path, rpc: [`127.0.0.1:${viaA.port}`, ownA.address], tensorSplit: [1, 1] });
+    stops.push(() => serverA.stop());
+    const tokensA = (await greedyCompletion(serverA, 'hand over', 16)).tokens;
+    expect(tokensA).toHaveLength(16);
+
+    // The plan changes: B hosts now. A's llama-server still holds its rpc session (idle, connected).
+    planHost = hostB.id;
+    expect(await workerTunnels.closeFrom(hostA.id)).toBeGreaterThan(0);
+    const serverB = await startLlamaServer({
+      model: model.path,
+      rpc: [`127.0.0.1:${viaB.port}`, ownB.address],
+      tensorSplit: [1, 1],
+      // Without the hand-off the rpc-server would still serve A, and B would hang here.
+      readyTimeoutMs: 60_000,
+    });
+    stops.push(() => serverB.stop());
+    const tokensB = (await greedyCompletion(serverB, 'hand over', 16)).tokens;
+    expect(tokensB).toEqual(tokensA);
+    // A's new tunnels are refused now.
+    const before = workerTunnels.stats().pipes;
+    const { createConnection } = await import('node:net');
+    const probe = createConnection({ host: '127.0.0.1', port: viaA.port });
+    probe.on('error', () => {});
+    await new Promise((r) => probe.once('close', r));
+    expect(workerTunnels.stats().pipes).toBe(before);
+  }, 240_000);
 });
