@@ -274,7 +274,7 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
   };
   /** Closes every tunnel of `peer` (and forgets our listeners to it, which closeFrom closes too). */
   const closeTunnelsOf = (peer: EndpointId, why: string) => {
-    rpcRoutes.delete(peer);
+    dropRpcRoute(peer);
     httpRoutes.delete(peer);
     void tunnels.closeFrom(peer).then((n) => {
       if (n > 0) log.info({ peer: peer.slice(0, 10), tunnels: n, why }, 'closed the tunnels of a peer');
