@@ -113,9 +113,9 @@ describe.skipIf(buildDisabled() && !existsSync(join(buildBinDir('mesh'), 'llama-
   it('finds the binaries and the patch they carry; the build record names the patch', async () => {
     expect(mesh.source).toBe('native-build');
     expect(mesh.setTensorGguf).toBe(true);
-    expect(mesh.patches).toEqual(['set-tensor-gguf/1']);
+    expect(mesh.patches).toEqual(['rpc-keepalive/1', 'set-tensor-gguf/1']);
     expect(mesh.build?.variant).toBe('mesh');
-    expect(mesh.build?.patch).toMatch(/0001-rpc-set-tensor-gguf\.patch [0-9a-f]{16}/);
+    expect(mesh.build?.patch).toMatch(/0001-rpc-set-tensor-gguf\.patch [0-9a-f]{16}, 0002-rpc-keepalive\.patch [0-9a-f]{16}/);
     expect(mesh.llamaBench).toBeDefined();
     const help = spawnSync(mesh.rpcServer, ['--help'], { encoding: 'utf8' });
     expect(`${help.stdout}${help.stderr}`).toMatch(/--gguf PATH/);

@@ -156,6 +156,9 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
       expect(ggufCalls(s)).toBeGreaterThan(0);
       expect(s.commands.SET_TENSOR_GGUF!.roundTrips).toBe(s.commands.SET_TENSOR_GGUF!.count);
       expect((s.commands.GRAPH_COMPUTE?.count ?? 0) + (s.commands.GRAPH_RECOMPUTE?.count ?? 0)).toBeGreaterThan(0);
+      // patch 0002 (rpc-keepalive): one connection and one HELLO per rpc-server for the whole load
+      expect(s.connectionsOpened).toBe(1);
+      expect(s.commands.HELLO?.count).toBe(1);
     }
     expect(sent).toBeLessThan(headerA.fileBytes * 0.01);
     expect(run.tokens).toEqual(reference.tokens);
@@ -196,7 +199,11 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
       } finally {
         await llama.stop();
       }
-      for (const p of proxies) expect(ggufCalls(p.snapshot())).toBe(0);
+      for (const p of proxies) {
+        expect(ggufCalls(p.snapshot())).toBe(0);
+        // what patch 0002 removes: the stock client reconnects (TCP + HELLO) for short-lived users
+        expect(p.snapshot().connectionsOpened).toBeGreaterThan(1);
+      }
     } finally {
       for (const p of proxies) await p.close();
       await a.stop();
@@ -225,12 +232,12 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
   let client: RawRpcClient;
   let base = 0n;
   let bufPtr = 0n;
-  let bufSize = 0n;
   // blk.0.attn_q.weight: F16 [256, 256] = 128 KiB
   const NAME = 'blk.0.attn_q.weight';
   const BYTES = 256 * 256 * 2;
   let fileBytes: Buffer;
   let truncated = '';
+  let hello: Awaited<ReturnType<RawRpcClient['hello']>>;
 
   beforeAll(async () => {
     const info = headerA.tensors.find((t) => t.name === NAME)!;
@@ -238,11 +245,10 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
     fileBytes = (await readFile(modelA)).subarray(info.absoluteOffset, info.absoluteOffset + BYTES);
     server = await rpcServer(hold.mesh!, ['--gguf', modelA]);
     client = await RawRpcClient.connect(server.address);
-    await client.hello();
+    hello = await client.hello();
     // twice the tensor, so that a request can stay inside the buffer yet outside the GGUF tensor
     const buf = await client.allocBuffer(2 * BYTES);
     bufPtr = buf.ptr;
-    bufSize = buf.size;
     base = await client.bufferBase(buf.ptr);
     truncated = join(hold.dir, 'truncated.gguf');
     await copyFile(modelA, truncated);
@@ -253,15 +259,10 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
   const dest = (ne: number[] = [256, 256], type = 1, elementBytes = 2) =>
     encodeRpcTensor({ type, ne, elementBytes, buffer: bufPtr, data: base, name: 'dest' });
 
-  it('a patched server announces the capability without changing the version a stock client checks', async () => {
-    const c = await RawRpcClient.connect(server.address);
-    try {
-      // a stock client refuses a server whose minor version is newer than its own: it must stay 6.0
-      expect(await c.hello()).toEqual({ major: 6, minor: 0, patch: 0, meshCaps: 0x81 });
-    } finally {
-      c.close();
-    }
-  }, 60_000);
+  it('a patched server announces the capability without changing the version a stock client checks', () => {
+    // a stock client refuses a server whose minor version is newer than its own: it must stay 6.0
+    expect(hello).toEqual({ major: 6, minor: 0, patch: 0, meshCaps: 0x81 });
+  });
 
   it('loads a tensor by name when the hash matches, and the destination then holds the file\'s bytes', async () => {
     expect(await client.setTensorGguf(dest(), NAME, 0, BYTES, xxh64(fileBytes))).toBe(GGUF_RESULT.LOADED);
@@ -290,17 +291,28 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
   });
 
   it('closes the connection on a destination outside its buffer (offset or size overflowing), and keeps serving others', async () => {
-    for (const [offset, size] of [[0xffffffffffffff00n, 256n], [0n, 0xffffffffffffffffn], [bufSize, 16n]] as [bigint, bigint][]) {
-      const c = await RawRpcClient.connect(server.address);
-      await c.hello();
-      await expect(c.setTensorGgufRaw(dest(), NAME, offset, size, 0n)).rejects.toThrow(/closed the connection/);
-      c.close();
-    }
-    const c = await RawRpcClient.connect(server.address);
+    // its own server: an rpc-server serves one connection at a time, and `client` holds the shared one
+    const s = await rpcServer(hold.mesh!, ['--gguf', modelA]);
     try {
-      expect((await c.hello()).meshCaps).toBe(0x81);
+      for (const [offset, size] of [[0xffffffffffffff00n, 256n], [0n, 0xffffffffffffffffn], [-1n, 0n]] as [bigint, bigint][]) {
+        const c = await RawRpcClient.connect(s.address);
+        await c.hello();
+        const buf = await c.allocBuffer(BYTES);
+        const b = await c.bufferBase(buf.ptr);
+        const t = encodeRpcTensor({ type: 1, ne: [256, 256], elementBytes: 2, buffer: buf.ptr, data: b });
+        // -1n: the first byte past the buffer
+        const off = offset === -1n ? buf.size : offset;
+        await expect(c.setTensorGgufRaw(t, NAME, off, size === 0n ? 16n : size, 0n)).rejects.toThrow(/closed the connection/);
+        c.close();
+      }
+      const c = await RawRpcClient.connect(s.address);
+      try {
+        expect((await c.hello()).meshCaps).toBe(0x81);
+      } finally {
+        c.close();
+      }
     } finally {
-      c.close();
+      await s.stop();
     }
   });
 
