@@ -13,7 +13,7 @@
 // Threads: every rpc-server and llama-server gets -t 1 (MESH_INFERENCE_THREADS), direct baselines too.
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cacheDir } from '../src/demo.ts';
 import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf-writer.ts';
@@ -30,7 +30,7 @@ const opt = (f: string): string | undefined => {
   return i >= 0 ? args[i + 1] : undefined;
 };
 const QUICK = args.includes('--quick');
-const REPS = Number(opt('--reps') ?? (QUICK ? 2 : 3));
+const REPS = Number(opt('--reps') ?? (QUICK ? 2 : 5));
 const TOKENS = Number(opt('--tokens') ?? 64);
 const LATENCY_N = QUICK ? 20 : 50;
 const THREADS = 1;
@@ -103,11 +103,24 @@ async function startDirect(model: E2eModel, shares: readonly number[]): Promise<
   }
 }
 
+interface Side {
+  readonly tg: number;
+  readonly tgMin: number;
+  readonly tgMax: number;
+  readonly pp: number;
+}
+interface Comparison {
+  readonly mesh: Side;
+  readonly direct: Side;
+  /** Median of the ratios of neighbouring runs (mesh run i / direct run i). */
+  readonly ratio: number;
+}
+
 /**
  * Mesh and direct, alternating run by run (this machine is shared, and its load drifts: alternating keeps
- * the drift out of the ratio); medians of each.
+ * the drift out of the ratio, which is taken pair by pair).
  */
-async function compare(meshUrl: string, directUrl: string): Promise<{ mesh: { tg: number; pp: number }; direct: { tg: number; pp: number } }> {
+async function compare(meshUrl: string, directUrl: string): Promise<Comparison> {
   await generate(meshUrl);
   await generate(directUrl);
   const m: Timings[] = [];
@@ -116,8 +129,11 @@ async function compare(meshUrl: string, directUrl: string): Promise<{ mesh: { tg
     m.push(await generate(meshUrl));
     d.push(await generate(directUrl));
   }
-  const med = (xs: Timings[]) => ({ tg: median(xs.map((r) => r.predictedPerSecond)), pp: median(xs.map((r) => r.promptPerSecond)) });
-  return { mesh: med(m), direct: med(d) };
+  const side = (xs: Timings[]): Side => {
+    const tg = xs.map((r) => r.predictedPerSecond);
+    return { tg: median(tg), tgMin: Math.min(...tg), tgMax: Math.max(...tg), pp: median(xs.map((r) => r.promptPerSecond)) };
+  };
+  return { mesh: side(m), direct: side(d), ratio: median(m.map((x, i) => x.predictedPerSecond / d[i]!.predictedPerSecond)) };
 }
 
 const nodeEnv = { MESH_INFERENCE_COUNT_RPC: '0', MESH_INFERENCE_THREADS: String(THREADS), MESH_INFERENCE_CTX: '4096' };
@@ -162,6 +178,7 @@ async function latencies(urls: readonly string[]): Promise<number[][]> {
 }
 
 async function main(): Promise<void> {
+  const loadStart = loadavg().map((x) => x.toFixed(1)).join(' ');
   const model = await benchModel();
   const bins = await findLlamaBinaries({ env: { ...process.env, MESH_LLAMA_BIN_DIR: e2eBinDir() } });
   log(`model ${model.path} (${(model.bytes / 2 ** 20).toFixed(0)} MiB); binaries ${bins.dir} (${bins.patches.join(', ') || 'stock'})`);
@@ -175,7 +192,7 @@ async function main(): Promise<void> {
       const { nodes } = await mesh(model, [2]);
       const d = await startDirect(model, [1]);
       const r = await compare((await hostOf(nodes)).api, d.url);
-      rows.push(row("solo (the host's own rpc-server)", '1', r.direct, r.mesh));
+      rows.push(row("solo (the host's own rpc-server)", '1', r));
       await d.stop();
       await stopAllNodes(nodes);
     }
@@ -190,7 +207,7 @@ async function main(): Promise<void> {
       const d2 = await startDirect(model, shares);
       const r2 = await compare(host.api, d2.url);
       await d2.stop();
-      rows.push(row('2-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), r2.direct, r2.mesh));
+      rows.push(row('2-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), r2));
 
       log('API latency');
       const llamaPort = (await host.status()).processes.llamaServer.port!;
@@ -227,7 +244,7 @@ async function main(): Promise<void> {
       const r3 = await compare((await hostOf(nodes)).api, d3.url);
       await d3.stop();
       await stopAllNodes(nodes);
-      rows.push(row('3-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), r3.direct, r3.mesh));
+      rows.push(row('3-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), r3));
     }
   } finally {
     await stopAll(2_000);
@@ -238,7 +255,9 @@ async function main(): Promise<void> {
   say(`Model: ${shape} (${(model.bytes / 2 ** 20).toFixed(0)} MiB), ` +
     `${TOKENS} generated tokens, median of ${REPS} alternating mesh/direct runs; -t ${THREADS} everywhere; binaries: ${bins.patches.join(', ') || 'stock'}`);
   say();
-  say('| setup | split (--rpc order, host last) | direct TCP tg tok/s | mesh tg tok/s | mesh / direct | direct pp tok/s | mesh pp tok/s |');
+  say(`Load average (2 cores, shared with other work): ${loadStart} at the start, ${loadavg().map((x) => x.toFixed(1)).join(' ')} at the end.`);
+  say();
+  say('| setup | split (--rpc order, host last) | direct TCP tg tok/s, median (min-max) | mesh tg tok/s | mesh / direct (pairwise median) | direct pp tok/s | mesh pp tok/s |');
   say('|---|---|---|---|---|---|---|');
   for (const r of rows) say(r);
   say();
@@ -251,8 +270,9 @@ async function main(): Promise<void> {
   for (const r of lat) say(r);
 }
 
-function row(name: string, split: string, d: { tg: number; pp: number }, m: { tg: number; pp: number }): string {
-  return `| ${name} | ${split} | ${d.tg.toFixed(1)} | ${m.tg.toFixed(1)} | ${(m.tg / d.tg).toFixed(2)} | ${d.pp.toFixed(0)} | ${m.pp.toFixed(0)} |`;
+function row(name: string, split: string, c: Comparison): string {
+  const tg = (x: Side) => `${x.tg.toFixed(1)} (${x.tgMin.toFixed(0)}-${x.tgMax.toFixed(0)})`;
+  return `| ${name} | ${split} | ${tg(c.direct)} | ${tg(c.mesh)} | ${c.ratio.toFixed(2)} | ${c.direct.pp.toFixed(0)} | ${c.mesh.pp.toFixed(0)} |`;
 }
 
 await main();
