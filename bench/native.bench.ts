@@ -4,16 +4,20 @@
 //
 //   npx tsx bench/native.bench.ts [--layers 6 --embd 768 --ff 6912 --type f16] [--model FILE]
 //                                 [--reps 2] [--tokens 32] [--threads 1] [--md FILE]
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { readGgufHeader } from '../src/io/gguf-reader.ts';
 import { generateLlamaGguf, type WeightType } from '../src/io/gguf-writer.ts';
 import { buildBinDir, ensureLlamaBinaries, LlamaBinariesError, type LlamaBinaries } from '../src/io/llama-binaries.ts';
-import { spawnManaged, stopAll } from '../src/io/processes.ts';
+import { stopAll } from '../src/io/processes.ts';
 import { diffRpcSnapshots, startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../src/io/rpc-traffic.ts';
 import { greedyCompletion } from '../test/helpers/llama.ts';
 import { MESH_RPC_COMMANDS, startNativeLlamaServer, startNativeRpcServer, type NativeRpcServer } from '../test/native-support.ts';
+
+const execFileP = promisify(execFile);
 
 const USAGE = `usage: npx tsx bench/native.bench.ts [options]
   --model FILE   use this GGUF (default: generate one into .cache/bench/)
@@ -125,7 +129,9 @@ async function loadRun(bins: LlamaBinaries, model: string, mode: 'bytes' | 'gguf
       const load = proxies.map((p) => p.snapshot());
       let perToken: RpcTrafficSnapshot[] | undefined;
       if (measureTokens) {
-        // prompt + 1 token, then prompt + 1 + TOKENS: the difference is what TOKENS more tokens cost
+        // prompt + 1 token, then prompt + 1 + TOKENS: the difference is what TOKENS more tokens cost. A first
+        // request warms the client's caches (GET_ALLOC_SIZE answers per graph shape), as any earlier request would.
+        await greedyCompletion(llama, PROMPT, 1 + TOKENS, { ignore_eos: true });
         const before = proxies.map((p) => p.snapshot());
         await greedyCompletion(llama, PROMPT, 1, { ignore_eos: true });
         const mid = proxies.map((p) => p.snapshot());
@@ -164,12 +170,15 @@ async function llamaBench(bins: LlamaBinaries, model: string, rpc: string[] | nu
   if (!bins.llamaBench) throw new LlamaBinariesError(`no llama-bench in ${bins.dir}: rebuild with native/build.sh (its default targets include it)`);
   const argv = ['-m', model, '-p', '64', '-n', '64', '-fa', '0', '-t', String(THREADS), '-r', '3', '-o', 'json', '-ngl', '99'];
   if (rpc) argv.push('--rpc', rpc.join(','), '-ts', '1/1');
-  const proc = spawnManaged({ name: 'llama-bench', file: bins.llamaBench, args: argv, env: { GGML_RPC_NO_RDMA: '1' }, tailLines: 5000 });
-  const info = await proc.exited;
-  const text = info.tail.join('\n');
-  const start = text.indexOf('[');
-  if (info.code !== 0 || start < 0) throw new Error(`llama-bench failed (exit ${info.code}):\n${info.tail.slice(-30).join('\n')}`);
-  const json = JSON.parse(text.slice(start, text.lastIndexOf(']') + 1)) as { n_prompt: number; n_gen: number; avg_ts: number; stddev_ts: number }[];
+  // stdout alone carries the JSON (the logs go to stderr); async, so the rpc-servers' output keeps draining
+  let stdout: string;
+  try {
+    ({ stdout } = await execFileP(bins.llamaBench, argv, { env: { ...process.env, GGML_RPC_NO_RDMA: '1' }, maxBuffer: 64 << 20, timeout: 20 * 60_000 }));
+  } catch (e) {
+    const err = e as { code?: number; stderr?: string };
+    throw new Error(`llama-bench failed (exit ${err.code}):\n${(err.stderr ?? '').split('\n').slice(-30).join('\n')}`);
+  }
+  const json = JSON.parse(stdout) as { n_prompt: number; n_gen: number; avg_ts: number; stddev_ts: number }[];
   return json.map((r) => ({ test: r.n_prompt > 0 ? `pp${r.n_prompt}` : `tg${r.n_gen}`, tps: r.avg_ts, sd: r.stddev_ts }));
 }
 

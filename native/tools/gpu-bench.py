@@ -114,7 +114,14 @@ def load_llama_server(binary, model, rpc_ports, env, logdir, tag, devices=None) 
                 raise RuntimeError(f"llama-server not healthy after 300 s: {p.tail()}")
             time.sleep(0.02)
         secs = time.perf_counter() - t0
-        return secs, lo_bytes() - before
+        loaded = lo_bytes() - before
+        # greedy tokens, to check that every mode computes the same thing
+        body = json.dumps({"prompt": "Once upon a time, in a land far away,", "n_predict": 32, "temperature": 0, "top_k": 1,
+                           "cache_prompt": False, "return_tokens": True, "ignore_eos": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body, headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            tokens = json.loads(r.read())["tokens"]
+        return secs, loaded, tokens
     finally:
         p.stop()
 
@@ -166,8 +173,7 @@ def main() -> int:
     # but fresh processes keep the runs alike).
     loads = {"solo": [], "bytes": [], "gguf": []}
     for rep in range(a.reps):
-        secs, _ = load_llama_server(srv_bin, a.model, [], {}, a.logdir, f"solo{rep}", devices="CUDA0")
-        loads["solo"].append((secs, 0))
+        loads["solo"].append(load_llama_server(srv_bin, a.model, [], {}, a.logdir, f"solo{rep}", devices="CUDA0"))
         for mode in ("bytes", "gguf"):
             procs = []
             try:
@@ -197,6 +203,14 @@ def main() -> int:
         emit(f"| {label[mode]} | {s:.2f} | {b / 1048576:.1f} | {100 * b / size:.2f} |")
     emit()
     emit(f"load time ratio gguf/bytes = {med['gguf'][0] / med['bytes'][0]:.2f}; bytes ratio = {med['bytes'][1] / max(1, med['gguf'][1]):.0f}x")
+    emit()
+    ref = loads["solo"][0][2]
+    same = all(x[2] == ref for m in loads for x in loads[m])
+    emit(f"greedy tokens (32, after each load): {'identical in every run and mode' if same else 'DIFFER between runs/modes'}; "
+         f"{len(set(ref))} distinct ids in the solo run")
+    if not same:
+        for m in loads:
+            emit(f"  {m}: {[x[2] for x in loads[m]]}")
     emit()
 
     # Throughput

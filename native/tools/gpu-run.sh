@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU run, in two phases that each fit one device call (a command may run 10 minutes):
 #   native/tools/gpu-run.sh build   CUDA build with native/build.sh (the npm tarball travels in native/cache)
-#   native/tools/gpu-run.sh bench   generate a model with python3 + gguf-py, then native/tools/gpu-bench.py
+#   native/tools/gpu-run.sh bench   per model in GPU_MODELS ("layers:embd:ff:type ..."), generate it with python3 +
+#                                   gguf-py, then run native/tools/gpu-bench.py
 # Writes logs and the tables under $OUT (the device tool brings that folder back).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/gpu-out}"
 mkdir -p "$OUT"
 BIN=native/build/mesh/build/bin
-MODEL=/tmp/mesh-gpu-model.gguf
 
 case "${1:-}" in
   build)
@@ -35,15 +35,22 @@ case "${1:-}" in
   bench)
     src=native/build/mesh/src
     [ -x "$BIN/llama-server" ] || { echo "no build in $BIN: run '$0 build' first (on the same warm machine)"; exit 1; }
-    start=$(date +%s)
-    PYTHONUNBUFFERED=1 python3 native/tools/make-model.py --src "$src" --out "$MODEL" \
-      --layers "${GPU_LAYERS:-16}" --embd "${GPU_EMBD:-2048}" --ff "${GPU_FF:-5632}" --type "${GPU_TYPE:-f16}" 2>&1 | tail -2
-    echo "model made in $(( $(date +%s) - start )) s"
-    PYTHONUNBUFFERED=1 python3 native/tools/gpu-bench.py --bin "$BIN" --model "$MODEL" --md "$OUT/gpu-tables.md" \
-      --logdir "$OUT/logs" --reps "${GPU_REPS:-2}" 2>&1 | tee "$OUT/bench.txt"
-    rc=${PIPESTATUS[0]}
-    # keep only the logs that explain a failure small enough to come back
-    [ "$rc" = 0 ] && rm -rf "$OUT/logs" || (cd "$OUT/logs" && tail -n 40 ./* > "$OUT/logs-tail.txt" 2>/dev/null; rm -rf "$OUT/logs")
+    rc=0
+    # layers:embd:ff:type, one table set per model
+    for spec in ${GPU_MODELS:-16:2048:5632:f16}; do
+      IFS=: read -r layers embd ff type <<<"$spec"
+      model="/tmp/mesh-gpu-$layers-$embd-$ff-$type.gguf"
+      start=$(date +%s)
+      PYTHONUNBUFFERED=1 python3 native/tools/make-model.py --src "$src" --out "$model" \
+        --layers "$layers" --embd "$embd" --ff "$ff" --type "$type" 2>&1 | tail -1
+      echo "model made in $(( $(date +%s) - start )) s"
+      PYTHONUNBUFFERED=1 python3 native/tools/gpu-bench.py --bin "$BIN" --model "$model" --md "$OUT/gpu-$layers-$embd-$type.md" \
+        --logdir "/tmp/gpu-logs-$type" --reps "${GPU_REPS:-2}" 2>&1 | tee -a "$OUT/bench.txt"
+      r=${PIPESTATUS[0]}
+      # on failure, bring back the ends of the logs that explain it
+      [ "$r" = 0 ] || { rc=$r; (cd "/tmp/gpu-logs-$type" && tail -n 40 ./* > "$OUT/logs-tail-$type.txt" 2>/dev/null); }
+      rm -f "$model"
+    done
     exit "$rc"
     ;;
   *) echo "usage: $0 build|bench" >&2; exit 2 ;;
