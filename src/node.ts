@@ -389,7 +389,7 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
     logger: componentLogger(logger, 'api'),
   });
 
-  actor.start();
+  // The API port first: when it is taken, nothing has started yet that would have to be stopped.
   let apiPort: number;
   try {
     await api.listen({ host: options.apiHost, port: options.port });
@@ -397,9 +397,14 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
     apiPort = typeof addr === 'object' && addr !== null ? addr.port : options.port;
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
-    await teardown(`the API could not listen: ${e.message}`);
+    sub.unsubscribe();
+    await api.close().catch(() => {});
+    await tunnels.close().catch(() => {});
+    await endpoint.close().catch(() => {});
+    inspectorStop?.();
     throw new Error(e.code === 'EADDRINUSE' ? `port ${options.port} is already in use (another mesh-inference? pick one with --port)` : `the API could not listen: ${e.message}`);
   }
+  actor.start();
   const apiUrl = `http://${options.apiHost === '0.0.0.0' ? '127.0.0.1' : options.apiHost}:${apiPort}`;
 
   let stopping: Promise<void> | null = null;
