@@ -44,9 +44,10 @@ let modelB = '';
 let headerA: GgufHeader;
 const children: { stop(): Promise<void> }[] = [];
 
-async function makeModel(path: string, seed: number): Promise<void> {
+async function makeModel(path: string, seed: number, type: LlamaModelSpec['type'] = SHAPE.type): Promise<void> {
   const spec: LlamaModelSpec = {
     ...SHAPE,
+    type,
     seed,
     vocabPath: join(buildBinDir('mesh'), '..', '..', 'src', 'models', 'ggml-vocab-llama-spm.gguf'),
   };
@@ -61,12 +62,12 @@ interface Run {
 }
 
 /** llama-server through a counting proxy per rpc-server, all layers on the rpc-servers (split 1:1). */
-async function runThrough(servers: readonly NativeRpcServer[], env: Record<string, string> = {}): Promise<Run> {
+async function runThrough(servers: readonly NativeRpcServer[], env: Record<string, string> = {}, model = modelA): Promise<Run> {
   const proxies: RpcTrafficProxy[] = [];
   try {
     for (const s of servers) proxies.push(await startRpcTrafficProxy({ target: s.address, extraCommands: MESH_RPC_COMMANDS }));
     const llama = await startNativeLlamaServer(hold.mesh!.llamaServer, {
-      model: modelA,
+      model,
       rpc: proxies.map((p) => p.address),
       extraArgs: ['--tensor-split', servers.map(() => '1').join(',')],
       env,
@@ -209,6 +210,30 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
       await a.stop();
       await b.stop();
     }
+  }, 180_000);
+
+  it('quantized weights (Q8_0, rows not a multiple of 512: the INIT_TENSOR path) load by name too, same tokens', async () => {
+    const q8 = join(hold.dir, 'q8.gguf');
+    await makeModel(q8, 1, 'q8_0');
+    const qHeader = await readGgufHeader(q8);
+    const runs: Run[] = [];
+    for (const env of [{ GGML_RPC_NO_GGUF: '1' }, {}]) {
+      const a = await rpcServer(hold.mesh!, ['--gguf', q8]);
+      const b = await rpcServer(hold.mesh!, ['--gguf', q8]);
+      runs.push(await runThrough([a, b], env, q8));
+      await a.stop();
+      await b.stop();
+    }
+    const [bytes, gguf] = runs as [Run, Run];
+    expect(bytes.load.reduce((x, s) => x + bytesIn(s), 0)).toBeGreaterThanOrEqual(offloadedBytes(qHeader));
+    // this model is half the F16 one, so the fixed traffic (graphs, alloc-size queries: ~200 KB) weighs more:
+    // the weights' own traffic (SET_TENSOR: norms and warm-up inputs) stays under 1%
+    const setBytes = (s: RpcTrafficSnapshot): number => s.commands.SET_TENSOR?.bytesToServer ?? 0;
+    expect(gguf.load.reduce((x, s) => x + setBytes(s), 0)).toBeLessThan(qHeader.fileBytes * 0.01);
+    expect(gguf.load.reduce((x, s) => x + bytesIn(s), 0)).toBeLessThan(qHeader.fileBytes * 0.02);
+    expect(gguf.load.every((s) => (s.commands.INIT_TENSOR?.count ?? 0) > 0)).toBe(true);
+    expect(new Set(bytes.tokens).size).toBeGreaterThanOrEqual(8);
+    expect(gguf.tokens).toEqual(bytes.tokens);
   }, 180_000);
 
   it('a worker whose GGUF is another model is refused per tensor, gets the bytes, and the tokens are the same', async () => {
