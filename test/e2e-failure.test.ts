@@ -22,7 +22,7 @@ const N_TOKENS = 32;
 /** Generous: detection (heartbeats, ~5 s) + kill + fresh start, on two busy cores. */
 const RECOVERY_BOUND_MS = 60_000;
 
-describe('e2e: a worker and then the host killed', () => {
+describe('e2e: a worker and then the host killed', { timeout: 240_000 }, () => {
   let model: E2eModel;
   let a: E2eNode;
   let b: E2eNode;

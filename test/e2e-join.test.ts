@@ -27,7 +27,7 @@ function llamaArgs(node: E2eNode): { pid: number; rpc: string[]; split: string[]
   return { pid: p.pid, rpc: after('--rpc').split(','), split: after('--tensor-split').split(',') };
 }
 
-describe('e2e: nodes joining a serving mesh', () => {
+describe('e2e: nodes joining a serving mesh', { timeout: 240_000 }, () => {
   let model: E2eModel;
   let a: E2eNode;
   let b: E2eNode;

@@ -13,7 +13,7 @@ import {
   type E2eNode,
 } from './e2e-support.ts';
 
-describe('e2e: a solo node', () => {
+describe('e2e: a solo node', { timeout: 240_000 }, () => {
   let model: E2eModel;
   let node: E2eNode;
 

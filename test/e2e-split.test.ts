@@ -22,7 +22,7 @@ import type { NodeStatus } from '../src/node.ts';
 const PROMPT = 'The mesh of machines shares one model, and every token';
 const N_TOKENS = 48;
 
-describe('e2e: host + worker + lite client', () => {
+describe('e2e: host + worker + lite client', { timeout: 240_000 }, () => {
   let model: E2eModel;
   let host: E2eNode;
   let worker: E2eNode;
