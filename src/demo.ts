@@ -114,7 +114,12 @@ export async function runDemo(): Promise<void> {
     });
     void proc.exited.then((exit) => {
       if (stopping) return;
-      process.stderr.write(`mesh-inference demo: ${name} exited (${exit.signal ?? `status ${exit.code}`}); last output:\n${exit.tail.slice(-15).join('\n')}\n`);
+      const portTaken = exit.tail.some((l) => /already in use/.test(l));
+      process.stderr.write(
+        portTaken
+          ? `mesh-inference demo: port ${port} is already in use; stop what holds it, or pick another: ${DEMO_PORT_ENV}=9400 npm start\n`
+          : `mesh-inference demo: ${name} exited (${exit.signal ?? `status ${exit.code}`}); last output:\n${exit.tail.slice(-15).join('\n')}\n`,
+      );
       void stopAllNodes(1);
     });
     nodes.push(node);
