@@ -177,8 +177,11 @@ describe('generator -> reader round trip', () => {
     await generateLlamaGguf(c, small({ seed: 43, name: 'same' }));
     expect(await sha256(a)).toBe(await sha256(b));
     expect(await sha256(a)).not.toBe(await sha256(c));
-    // Same header (names, shapes, metadata): the fingerprint cannot tell weights apart, the size can.
+    // Same header (names, shapes, metadata): the header's fingerprint cannot tell the weights apart, the
+    // model identity (which samples every tensor's bytes) can; the same file gives the same identity.
     expect((await readGgufHeader(a)).fingerprint).toBe((await readGgufHeader(c)).fingerprint);
+    expect((await readModelIdentity(a)).fingerprint).toBe((await readModelIdentity(b)).fingerprint);
+    expect((await readModelIdentity(a)).fingerprint).not.toBe((await readModelIdentity(c)).fingerprint);
   });
 
   it('gives different fingerprints to different shapes and a ModelIdentity from the header', async () => {
