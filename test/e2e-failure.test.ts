@@ -1,7 +1,8 @@
 // End to end, failures: a worker SIGKILLed in the middle of a streamed answer (the client gets a completed
 // answer or a clean error, never a hang; the mesh serves again with another worker), then the host
-// SIGKILLed (another node becomes host and serves). Four nodes, VRAM caps: a .70, b .60, d .58, c .56 of
-// the model; 1.1 x is needed, so a+b serve first, then a+d, then d+c.
+// SIGKILLed (another node becomes host and serves), then a worker hung (SIGSTOP) mid-stream and woken
+// again. Four nodes, VRAM caps: a .70, b .60, d .58, c .56 of the model; 1.1 x is needed, so a+b serve
+// first, then a+d, then d+c (and d alone waits while c hangs).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { greedyCompletion, startLlamaServer } from './helpers/llama.ts';
 import {
@@ -110,6 +111,45 @@ describe('e2e: a worker and then the host killed', { timeout: 240_000 }, () => {
     console.log(`host killed -> a new host serving: ${(performance.now() - t0).toFixed(0)} ms`);
     expect(aChildren.filter((p) => isAlive(p.pid))).toEqual([]);
     expect((await greedyTokens(c, PROMPT, N_TOKENS)).tokens).toEqual(reference);
+    expect((await greedyTokens(d, PROMPT, N_TOKENS)).tokens).toEqual(reference);
+  });
+
+  it('a worker that hangs (SIGSTOP) mid-stream: the stream ends instead of hanging; once it wakes, the mesh serves again', async () => {
+    const stream = await d.client(RECOVERY_BOUND_MS).chat.completions.create({
+      model: 'mesh',
+      messages: [{ role: 'user', content: 'Talk for a long time.' }],
+      max_tokens: 600,
+      temperature: 0,
+      stream: true,
+    });
+    let chunks = 0;
+    let finish: string | null | undefined;
+    let error: Error | null = null;
+    let stoppedAt = 0;
+    try {
+      for await (const chunk of stream) {
+        chunks++;
+        finish ??= chunk.choices[0]?.finish_reason;
+        if (chunks === 5) {
+          // The node process only: its rpc-server runs on, unreachable, as behind a silent network.
+          c.proc.kill('SIGSTOP');
+          stoppedAt = performance.now();
+        }
+      }
+    } catch (err) {
+      error = err as Error;
+    }
+    const endedMs = performance.now() - stoppedAt;
+    expect(stoppedAt).toBeGreaterThan(0);
+    expect(error !== null || finish !== undefined).toBe(true);
+    expect(endedMs).toBeLessThan(RECOVERY_BOUND_MS);
+    console.log(`worker hung after 5 chunks: the stream ended ${error ? 'with an error' : `complete (${finish})`} ${endedMs.toFixed(0)} ms later`);
+    // d alone (.58) cannot hold the model: the plan waits, and the API says why instead of hanging.
+    await d.waitStatus((s) => s.plan?.kind === 'waiting', RECOVERY_BOUND_MS, 'a waiting plan');
+    const t0 = performance.now();
+    c.proc.kill('SIGCONT');
+    await d.waitStatus((s) => hostServing(s) && servesPlan([c.id, d.id])(s), 90_000, 'd hosting with c again');
+    console.log(`hung worker woke -> serving again: ${(performance.now() - t0).toFixed(0)} ms`);
     expect((await greedyTokens(d, PROMPT, N_TOKENS)).tokens).toEqual(reference);
   });
 });
