@@ -145,6 +145,20 @@ case "$BACKEND" in
   metal) CMAKE_ARGS+=(-DGGML_METAL=ON -DGGML_METAL_EMBED_LIBRARY=ON) ;;
   cpu) CMAKE_ARGS+=(-DGGML_CUDA=OFF -DGGML_METAL=OFF) ;;
 esac
+# No AMX. -march=native enables it wherever the CPU announces it, but a VM can announce AMX without
+# letting a process use the tile state: llama-server then dies of SIGILL (tilezero) as soon as it
+# repacks Q8_0 weights for AMX on its own CPU (seen on this project's dev VM). ggml ignores its
+# GGML_AMX_* options under GGML_NATIVE, so the ISA is turned off at the compiler: GCC and clang let
+# an explicit -mno-* win over -march=native whatever the order. These flags are in CMAKE_ARGS, hence in
+# the options key: a build made before them is rebuilt, and ccache hashes the command line.
+case "$ARCH" in
+  x86_64|amd64|i?86)
+    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    # shellcheck disable=SC2086 # a list of flags
+    if echo 'int main(void) { return 0; }' | "$CC_BIN" -march=native $NO_AMX -x c -o /dev/null - >/dev/null 2>&1; then
+      CMAKE_ARGS+=(-DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX")
+    fi ;;
+esac
 if [ -n "${MESH_LLAMA_CMAKE_ARGS:-}" ]; then
   # shellcheck disable=SC2206 # word splitting is the point: a list of -D options
   EXTRA=( ${MESH_LLAMA_CMAKE_ARGS} )
