@@ -206,7 +206,11 @@ describe('node graph', () => {
           expect(live(llamas).length, trail).toBe(role === 'host' ? 1 : 0);
           if (role === 'host') expect(live(llamas)[0]!.input.plan.id, trail).toBe(c.running!.id);
         }
-        if (snap.value === 'starting' && role === 'worker') expect(c.rpcTunnelPolicy, trail).toEqual({ host: H, planId: c.running!.id });
+        // A worker admits its host exactly when it has told it rpc-ready for this plan and rpc-server.
+        if (role === 'worker' && (snap.value === 'starting' || snap.value === 'serving')) {
+          expect(c.rpcTunnelPolicy, trail).toEqual(c.rpcReadySent === c.running!.id ? { host: H, planId: c.running!.id } : null);
+        }
+        if (role !== 'worker' && snap.value !== 'electing') expect(c.rpcTunnelPolicy, trail).toBeNull();
         if (snap.value === 'stopping' || snap.value === 'leaving') expect(c.rpcTunnelPolicy, trail).toBeNull();
         if (snap.status === 'done') {
           expect(live(rpcs), `${trail}: processes outlive the node`).toHaveLength(0);

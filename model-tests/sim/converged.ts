@@ -5,16 +5,33 @@ import type { Announcement, EndpointId, Plan, View } from '../../src/machines/me
 import { PROTOCOL_VERSION } from '../../src/machines/mesh-types.ts';
 import type { SimNode, SimWorld } from './world.ts';
 
-/** The nodes that can reach each other right now: a hung node is a part of its own. */
+/**
+ * The connected parts of the true world: nodes that can reach each other (same side of a partition, not hung)
+ * and that find each other, directly or through gossip (at least one of each linked pair has heard of the
+ * other). A joiner whose only invites sit across a partition is a part of its own until the partition heals.
+ */
 export function trueParts(world: SimWorld): SimNode[][] {
-  const parts = new Map<string, SimNode[]>();
-  for (const n of world.upNodes()) {
-    const key = world.net.isHung(n.spec.id) ? `hung:${n.spec.id}` : `group:${world.net.groupOf(n.spec.id)}`;
-    const list = parts.get(key) ?? [];
-    list.push(n);
-    parts.set(key, list);
+  const up = world.upNodes();
+  const side = (n: SimNode) => (world.net.isHung(n.spec.id) ? `hung:${n.spec.id}` : `group:${world.net.groupOf(n.spec.id)}`);
+  const linked = (a: SimNode, b: SimNode) =>
+    side(a) === side(b) && (world.willDial(a.spec.id, b.spec.id) || world.willDial(b.spec.id, a.spec.id));
+  const parts: SimNode[][] = [];
+  const placed = new Set<SimNode>();
+  for (const start of up) {
+    if (placed.has(start)) continue;
+    const part = [start];
+    placed.add(start);
+    for (let i = 0; i < part.length; i++) {
+      for (const other of up) {
+        if (!placed.has(other) && linked(part[i]!, other)) {
+          placed.add(other);
+          part.push(other);
+        }
+      }
+    }
+    parts.push(part);
   }
-  return [...parts.values()];
+  return parts;
 }
 
 /** The plan a part must run: `elect` over the part's true facts (everyone connected to everyone). */

@@ -57,6 +57,7 @@ export class SimNetwork {
   private hung = new Set<EndpointId>();
   private linkCount = 0;
   private closeListeners: ((a: EndpointId, b: EndpointId) => void)[] = [];
+  private deliverListeners: ((to: EndpointId, event: NetworkEvent) => void)[] = [];
   conditions: NetworkConditions = CALM;
 
   /** Every message accepted onto a connection. */
@@ -256,10 +257,18 @@ export class SimNetwork {
     for (const fn of this.closeListeners) fn(link.a, link.b);
   }
 
+  /** Every event really handed to a node, for whoever tracks what nodes have learned. */
+  onDeliver(fn: (to: EndpointId, event: NetworkEvent) => void): void {
+    this.deliverListeners.push(fn);
+  }
+
   private emit(to: EndpointId, event: NetworkEvent): void {
     // A hung node's event loop is stuck: what reaches it is lost with the connection's patience.
     if (this.hung.has(to)) return;
-    this.endpoints.get(to)?.(event);
+    const deliver = this.endpoints.get(to);
+    if (deliver === undefined) return;
+    for (const fn of this.deliverListeners) fn(to, event);
+    deliver(event);
   }
 
   private later(fn: () => void): void {

@@ -5,7 +5,7 @@ import { createActor, fromCallback, type Actor } from 'xstate';
 import { llamaServerMachine } from '../../src/machines/llama-server.machine.ts';
 import { PROTOCOL_VERSION, asEndpointId, type Announcement, type EndpointId, type ModelIdentity, type RolePreference } from '../../src/machines/mesh-types.ts';
 import { nodeMachine } from '../../src/machines/node.machine.ts';
-import type { NetworkCommand } from '../../src/machines/protocol.ts';
+import type { NetworkCommand, NetworkEvent } from '../../src/machines/protocol.ts';
 import { rpcServerMachine } from '../../src/machines/rpc-server.machine.ts';
 import { SimNetwork } from './network.ts';
 import { Prng } from './prng.ts';
@@ -82,6 +82,33 @@ export class SimWorld {
       onSpawn: (p) => this.checkSpawn(p),
     });
     this.net.onLinkClosed((a, b) => this.table.dropTunnelsBetween(a, b));
+    this.net.onDeliver((to, event) => this.learn(to, event));
+  }
+
+  // ---- what each node can know, from what the network really delivered -------------------------------
+  // A node dials every node it has heard of (its invites, every announcement gossiped to it, every peer that
+  // connected to it), except one it saw leave, until it hears of a newer epoch of it.
+  private heard = new Map<EndpointId, Map<EndpointId, number>>();
+  private sawLeave = new Map<EndpointId, Map<EndpointId, number>>();
+
+  private learn(to: EndpointId, event: NetworkEvent): void {
+    const heard = this.heard.get(to);
+    if (heard === undefined) return;
+    const note = (id: EndpointId, epoch: number) => {
+      if (id !== to && (heard.get(id) ?? -Infinity) < epoch) heard.set(id, epoch);
+    };
+    if (event.type === 'net.peer.connected') note(event.id, this.nodes.get(event.id)?.epoch ?? -1);
+    if (event.type !== 'net.message') return;
+    if (event.message.type === 'gossip') for (const a of event.message.announcements) note(a.id, a.epoch);
+    if (event.message.type === 'leaving') this.sawLeave.get(to)?.set(event.from, this.nodes.get(event.from)?.epoch ?? -1);
+  }
+
+  /** Whether `a` will dial `b` once it can reach it. */
+  willDial(a: EndpointId, b: EndpointId): boolean {
+    const epoch = this.heard.get(a)?.get(b);
+    if (epoch === undefined) return false;
+    const left = this.sawLeave.get(a)?.get(b);
+    return left === undefined || epoch > left;
   }
 
   now(): number {
@@ -135,6 +162,9 @@ export class SimWorld {
       clock: this.sched,
       input: { self, bootstrap: bootstrap.map((id) => ({ id, addrs: [`sim:${id}`] })) },
     });
+    // A fresh run remembers nothing but its invites.
+    this.heard.set(spec.id, new Map(bootstrap.map((id) => [id, -1])));
+    this.sawLeave.set(spec.id, new Map());
     const node: SimNode = { spec, epoch, actor, status: 'up', gracefulClose: true };
     holder.node = node;
     this.nodes.set(spec.id, node);

@@ -14,10 +14,12 @@
 // root provides their own process slots (`rpcServerMachine.provide(...)`) and passes them in here.
 //
 // Hand-off (ARCHITECTURE.md): `rpcTunnelPolicy` in the context names the only host, and the only plan, whose
-// rpc tunnels this node's rpc-server accepts (null: none). The tunnel layer watches it, admits a tunnel only
-// when the host names that plan id as it opens the stream, and closes every other tunnel at once. (The plan
-// id matters: a host acting on an rpc-ready of our previous rpc-server must not reach the fresh one.) A worker tells its plan's host `rpc-ready {planId}` only after a fresh rpc-server came up under that
-// policy; a host starts llama-server only when every remote stage said rpc-ready for the plan it runs.
+// rpc tunnels this node's rpc-server accepts (null: none). A worker sets it at the moment it tells its plan's
+// host `rpc-ready {planId}` (after a fresh rpc-server came up), and clears it when the plan changes or the
+// rpc-server goes down. The tunnel layer watches it, admits a tunnel only from that host (ideally also only
+// when the host names that plan id as it opens the stream), and closes every other tunnel at once. So a host
+// acting on an rpc-ready of our previous rpc-server, or of another plan, is refused. A host starts
+// llama-server only when every remote stage said rpc-ready for the plan it runs.
 import { assign, enqueueActions, not, raise, sendTo, setup, type ActorRefFrom, type AnyActorRef } from 'xstate';
 import { electionMachine, SETTLE_MS, type ElectionEvent, type ElectionPlannedEvent } from './election.machine.ts';
 import { emptyView, mergeAnnouncements, mutuallyConnected, setSelf } from './gossip.ts';
@@ -243,23 +245,27 @@ export const nodeMachine = setup({
 
     // ---- plan -----------------------------------------------------------------------------------------
     takePlan: assign((_, params: { plan: Plan }) => ({ plan: params.plan })),
-    // Entering starting: run the latest plan; the tunnel layer follows the policy at once.
+    // Entering starting: run the latest plan. A new plan admits nobody until we tell its host rpc-ready.
     adoptPlan: assign(({ context }) => {
       const running = context.plan;
-      const role = roleIn(running, context.self.id);
-      const rpcTunnelPolicy: RpcTunnelPolicy | null =
-        role === 'worker' && running?.kind === 'ready' ? { host: running.host, planId: running.id } : null;
       const changed = running?.id !== context.running?.id;
-      return { running, rpcTunnelPolicy, rpcReadySent: changed ? null : context.rpcReadySent };
+      return {
+        running,
+        rpcTunnelPolicy: changed ? null : context.rpcTunnelPolicy,
+        rpcReadySent: changed ? null : context.rpcReadySent,
+      };
     }),
     startRpc: enqueueActions(({ enqueue }) => {
       enqueue.assign({ rpc: 'starting' });
       enqueue.sendTo('rpcServer', { type: 'rpc.start' } satisfies RpcServerCommand);
     }),
+    // The policy opens for exactly the host we tell, for this plan and this rpc-server: a host acting on an
+    // rpc-ready of an earlier rpc-server (or plan) finds its tunnel refused.
     tellHostRpcReady: enqueueActions(({ context, enqueue }) => {
       const plan = context.running;
       if (plan === null || plan.kind !== 'ready') return;
-      enqueue.assign({ rpcReadySent: plan.id });
+      const rpcTunnelPolicy: RpcTunnelPolicy = { host: plan.host, planId: plan.id };
+      enqueue.assign({ rpcReadySent: plan.id, rpcTunnelPolicy });
       enqueue.sendTo('network', {
         type: 'net.send',
         to: plan.host,
@@ -294,8 +300,9 @@ export const nodeMachine = setup({
 
     // ---- process notices ------------------------------------------------------------------------------
     rpcUp: assign((_, params: { port: number }) => ({ rpc: 'ready' as const, rpcPort: params.port })),
-    // An rpc-ready we sent spoke for the rpc-server that just went away: the next one must be told anew.
-    rpcDown: assign({ rpc: 'down' as const, rpcPort: null, rpcReadySent: null }),
+    // An rpc-ready we sent spoke for the rpc-server that just went away: the next one must be told anew, and
+    // until then nobody may reach it.
+    rpcDown: assign({ rpc: 'down' as const, rpcPort: null, rpcReadySent: null, rpcTunnelPolicy: null }),
     llamaUp: assign((_, params: { port: number }) => ({ llama: 'ready' as const, llamaPort: params.port })),
     llamaDown: assign({ llama: 'down' as const, llamaPort: null }),
     raiseMeshChanged: raise({ type: 'mesh.changed' }),
