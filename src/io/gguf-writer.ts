@@ -1,7 +1,8 @@
 // Writes GGUF files: a header encoder, and a generator of random-weight llama models with a real
 // tokenizer, deterministic by seed and streamed to disk, for tests, benchmarks and the demo.
+import { existsSync } from 'node:fs';
 import { open, rename, rm } from 'node:fs/promises';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import {
   GGML_TYPES,
   GGUF_DEFAULT_ALIGNMENT,
@@ -15,6 +16,7 @@ import {
   type GgufScalar,
   type GgufValue,
 } from './gguf-reader.ts';
+import { buildSourceDir } from './llama-binaries.ts';
 
 /** One row of the tensor table: `offset` is relative to the start of the data section. */
 export interface GgufTensorEntry {
@@ -130,10 +132,14 @@ const WEIGHT_TYPES: Record<WeightType, { ggml: number; fileType: number }> = {
   q8_0: { ggml: GgmlType.Q8_0, fileType: 7 }, // LLAMA_FTYPE_MOSTLY_Q8_0
 };
 
-/** The vocab-only GGUF of the pinned llama.cpp source: a real 32000-token SentencePiece tokenizer. */
-export const DEFAULT_VOCAB_PATH = fileURLToPath(
-  new URL('../../native/build/llama.cpp/models/ggml-vocab-llama-spm.gguf', import.meta.url),
-);
+/**
+ * The vocab-only GGUF of the pinned llama.cpp source that native/build.sh checked out (`npm install`
+ * does): a real 32000-token SentencePiece tokenizer. The patched tree's, else the stock tree's.
+ */
+export const DEFAULT_VOCAB_PATH = ((): string => {
+  const [mesh, stock] = (['mesh', 'stock'] as const).map((v) => join(buildSourceDir(v), 'models', 'ggml-vocab-llama-spm.gguf'));
+  return existsSync(mesh!) || !existsSync(stock!) ? mesh! : stock!;
+})();
 
 export interface LlamaModelSpec {
   /** Transformer blocks. */

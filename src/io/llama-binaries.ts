@@ -43,10 +43,18 @@ export interface FindOptions {
   readonly env?: NodeJS.ProcessEnv;
 }
 
+function buildRoot(env: NodeJS.ProcessEnv): string {
+  return env.MESH_LLAMA_BUILD_ROOT ? resolve(env.MESH_LLAMA_BUILD_ROOT) : join(NATIVE_DIR, 'build');
+}
+
 /** Where native/build.sh puts a variant's binaries. */
 export function buildBinDir(variant: LlamaVariant = 'mesh', env: NodeJS.ProcessEnv = process.env): string {
-  const root = env.MESH_LLAMA_BUILD_ROOT ? resolve(env.MESH_LLAMA_BUILD_ROOT) : join(NATIVE_DIR, 'build');
-  return join(root, variant, 'build', 'bin');
+  return join(buildRoot(env), variant, 'build', 'bin');
+}
+
+/** Where native/build.sh checks out a variant's llama.cpp source (the pinned release; patched for mesh). */
+export function buildSourceDir(variant: LlamaVariant = 'mesh', env: NodeJS.ProcessEnv = process.env): string {
+  return join(buildRoot(env), variant, 'src');
 }
 
 function executable(path: string): boolean {
