@@ -8,6 +8,7 @@ import { fileURLToPath } from 'node:url';
 import OpenAI from 'openai';
 import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf-writer.ts';
 import { readModelIdentity } from '../src/io/gguf-reader.ts';
+import { buildBinDir } from '../src/io/llama-binaries.ts';
 import { spawnManaged, type ManagedProcess } from '../src/io/processes.ts';
 import type { NodeStatus } from '../src/node.ts';
 
@@ -21,9 +22,9 @@ const BIN = join(ROOT, 'bin/mesh-inference.js');
 export function e2eBinDir(): string {
   const fromEnv = process.env['MESH_LLAMA_BIN_DIR'];
   if (fromEnv) return fromEnv;
-  const mesh = join(ROOT, 'native/build/mesh/build/bin');
+  const mesh = buildBinDir('mesh');
   const complete = (d: string) => existsSync(join(d, 'llama-server')) && existsSync(join(d, 'ggml-rpc-server'));
-  const dir = complete(mesh) && existsSync(join(mesh, 'mesh-build.txt')) ? mesh : join(ROOT, 'native/build/llama.cpp/build/bin');
+  const dir = complete(mesh) && existsSync(join(mesh, 'mesh-build.txt')) ? mesh : buildBinDir('stock');
   if (!complete(dir)) throw new Error(`no llama.cpp binaries in ${dir}: run \`npm run build:native\` or set MESH_LLAMA_BIN_DIR`);
   return dir;
 }

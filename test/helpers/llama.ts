@@ -5,14 +5,10 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { generateLlamaGguf, type LlamaModelSpec } from '../../src/io/gguf-writer.ts';
 import { buildBinDir, type LlamaVariant } from '../../src/io/llama-binaries.ts';
 import { spawnManaged, type ManagedProcess } from '../../src/io/processes.ts';
 import { rpcHello } from '../../src/io/rpc-traffic.ts';
-
-// The pristine clone that docs/TEAM.md describes, built by hand: stock binaries outside native/build.sh.
-const TEAM_STOCK_BIN_DIR = fileURLToPath(new URL('../../native/build/llama.cpp/build/bin', import.meta.url));
 
 /** The binaries are not there: the message says how to get them. */
 export class LlamaBinariesMissing extends Error {
@@ -46,7 +42,7 @@ export function llamaBinaries(opts: LlamaBinariesOptions = {}): LlamaBinaries {
   if (!opts.variant && userDir) candidates.push({ dir: userDir, variant: 'user' });
   if (!opts.variant || opts.variant === 'mesh') candidates.push({ dir: buildBinDir('mesh'), variant: 'mesh' });
   if (!opts.variant || opts.variant === 'stock') {
-    candidates.push({ dir: buildBinDir('stock'), variant: 'stock' }, { dir: TEAM_STOCK_BIN_DIR, variant: 'stock' });
+    candidates.push({ dir: buildBinDir('stock'), variant: 'stock' });
   }
   // An explicit MESH_LLAMA_BIN_DIR is the user's choice: no falling back past it.
   const searched = candidates[0]?.variant === 'user' ? candidates.slice(0, 1) : candidates;
