@@ -3,17 +3,9 @@
 // state, and the OpenAI-compatible API routed by one proxy machine per request. `startNode` is used by the
 // CLI, the demo and the end-to-end tests; it returns a handle that stops everything it started.
 //
-// Tunnels, as the node machine's context drives them:
-//  - host: one loopback listener per remote worker of the running plan (kind rpc); llama-server's `--rpc`
-//    lists them in plan order and the host's own rpc-server last. Listeners of peers that are no longer
-//    stages are closed.
-//  - worker: incoming rpc streams reach the local rpc-server only from `rpcTunnelPolicy.host`; when the
-//    policy leaves a host, every tunnel of that host is closed at once (the hand-off), so the rpc-server is
-//    free for the next host.
-//  - every node: incoming http streams reach the local llama-server only while this node hosts and it is up;
-//    a worker or lite client reaches the host's llama-server through a loopback listener (kind http).
-//  - a peer whose link goes down loses its tunnels at once, so a llama-server waiting on a dead worker
-//    fails now instead of hanging until QUIC's idle timeout.
+// The tunnels follow the node machine's context (src/actors/tunnels.actor.ts): the host's loopback port per
+// remote worker for `--rpc`, the worker's accept policy and the hand-off, http tunnels to the host's
+// llama-server, and a dead link's tunnels failed at once.
 import { createActor, waitFor, type Actor, type InspectionEvent, type Observer } from 'xstate';
 import { createSkyInspector, createWebSocketInspector } from '@statelyai/inspect';
 import type { FastifyInstance } from 'fastify';
@@ -21,6 +13,7 @@ import { llamaServerProcessLogic, waitLlamaHealthyLogic } from './actors/llama-s
 import { createMeshNetworkLogic } from './actors/mesh-network.actor.ts';
 import { meshUpstreamResolver } from './actors/api-server.actor.ts';
 import { rpcServerProcessLogic, waitRpcServerListeningLogic } from './actors/rpc-server.actor.ts';
+import { NodeTunnels } from './actors/tunnels.actor.ts';
 import { buildApiServer } from './io/api-server.ts';
 import type { CliOptions } from './io/cli-args.ts';
 import { readModelIdentity } from './io/gguf-reader.ts';
@@ -29,19 +22,14 @@ import { createMeshId, createMeshSecret, encodeInviteToken, inviteAddrs } from '
 import { findLlamaBinaries, type LlamaBinaries } from './io/llama-binaries.ts';
 import { componentLogger, createLogger, type Logger } from './io/logger.ts';
 import { liveProcesses, stopAll } from './io/processes.ts';
-import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from './io/rpc-traffic.ts';
+import type { RpcTrafficSnapshot } from './io/rpc-traffic.ts';
 import { ephemeralSecretKey, loadOrCreateSecretKey } from './io/secret-key.ts';
 import { discoverPublicAddress } from './io/stun.ts';
-import { TunnelService, type TunnelListener } from './io/tunnel.ts';
 import { detectVram, formatBytes, type VramInfo } from './io/vram.ts';
 import { llamaServerMachine } from './machines/llama-server.machine.ts';
 import { PROTOCOL_VERSION, type Announcement, type EndpointId, type ModelIdentity } from './machines/mesh-types.ts';
-import { nodeMachine, runningRole, type NodeContext, type RpcTunnelPolicy } from './machines/node.machine.ts';
-import { remoteWorkers } from './machines/node-plan.ts';
+import { nodeMachine, runningRole, type NodeContext } from './machines/node.machine.ts';
 import { rpcServerMachine } from './machines/rpc-server.machine.ts';
-
-/** The patched rpc-server's extra command, for the counting proxy (native/patches/0001). */
-const MESH_RPC_COMMANDS = { 18: { name: 'SET_TENSOR_GGUF', reply: true } } as const;
 
 /** SIGTERM -> SIGKILL grace for llama-server (see where it is used). */
 const LLAMA_KILL_GRACE_MS = 1_000;
@@ -207,79 +195,10 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
   // ---- tunnels ---------------------------------------------------------------------------------------
   // `actorRef` is set right below; the policy only runs once streams arrive, after that.
   let actorRef: Actor<typeof nodeMachine> | null = null;
-  const ctx = (): NodeContext | null => actorRef?.getSnapshot().context ?? null;
-  const tunnels = new TunnelService(
-    {
-      allow: (remote, kind) => {
-        const c = ctx();
-        if (c === null) return { refuse: 'the node is starting' };
-        if (kind === 'rpc') {
-          const policy = c.rpcTunnelPolicy;
-          if (policy === null || policy.host !== remote) return { refuse: `rpc tunnels are accepted only from this node's host (${policy?.host.slice(0, 10) ?? 'none'})` };
-          if (c.rpc !== 'ready' || c.rpcPort === null) return { refuse: 'the rpc-server is not ready' };
-          return { host: '127.0.0.1', port: c.rpcPort };
-        }
-        if (runningRole(c) !== 'host' || c.llama !== 'ready' || c.llamaPort === null) return { refuse: 'this node does not serve the model right now' };
-        return { host: '127.0.0.1', port: c.llamaPort };
-      },
-    },
-    { endpoint, log: componentLogger(logger, 'tunnel') },
+  const tunnels = new NodeTunnels(
+    { countRpc: extras.countRpc },
+    { endpoint, log: componentLogger(logger, 'tunnel'), context: () => actorRef?.getSnapshot().context ?? null },
   );
-  tunnels.start();
-
-  /** Host side: one listener (and optional counting proxy) per remote worker. */
-  const rpcRoutes = new Map<EndpointId, Promise<{ listener: TunnelListener; proxy: RpcTrafficProxy | null; address: string }>>();
-  const rpcTraffic = new Map<EndpointId, { proxies: RpcTrafficProxy[] }>();
-  const rpcRoute = (peer: EndpointId) => {
-    let r = rpcRoutes.get(peer);
-    if (r === undefined) {
-      r = (async () => {
-        const listener = await tunnels.listen(peer, 'rpc');
-        let proxy: RpcTrafficProxy | null = null;
-        if (extras.countRpc) {
-          proxy = await startRpcTrafficProxy({ target: { host: '127.0.0.1', port: listener.port }, extraCommands: MESH_RPC_COMMANDS });
-          const t = rpcTraffic.get(peer) ?? { proxies: [] };
-          t.proxies.push(proxy);
-          rpcTraffic.set(peer, t);
-        }
-        return { listener, proxy, address: proxy?.address ?? `127.0.0.1:${listener.port}` };
-      })();
-      rpcRoutes.set(peer, r);
-      r.catch(() => rpcRoutes.delete(peer));
-    }
-    return r;
-  };
-  const dropRpcRoute = (peer: EndpointId) => {
-    const r = rpcRoutes.get(peer);
-    if (r === undefined) return;
-    rpcRoutes.delete(peer);
-    void r.then(
-      async ({ listener, proxy }) => {
-        await proxy?.close();
-        await listener.close();
-      },
-      () => {},
-    );
-  };
-  /** Worker and client side: one http listener per host. */
-  const httpRoutes = new Map<EndpointId, Promise<TunnelListener>>();
-  const httpRoute = (host: EndpointId) => {
-    let r = httpRoutes.get(host);
-    if (r === undefined) {
-      r = tunnels.listen(host, 'http');
-      httpRoutes.set(host, r);
-      r.catch(() => httpRoutes.delete(host));
-    }
-    return r;
-  };
-  /** Closes every tunnel of `peer` (and forgets our listeners to it, which closeFrom closes too). */
-  const closeTunnelsOf = (peer: EndpointId, why: string) => {
-    dropRpcRoute(peer);
-    httpRoutes.delete(peer);
-    void tunnels.closeFrom(peer).then((n) => {
-      if (n > 0) log.info({ peer: peer.slice(0, 10), tunnels: n, why }, 'closed the tunnels of a peer');
-    });
-  };
 
   // ---- the machine, provided ---------------------------------------------------------------------------
   const network = createMeshNetworkLogic(
@@ -312,7 +231,7 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
               llamaServerProcess: llamaServerProcessLogic({
                 binary: binaries.llamaServer,
                 model: options.model!,
-                rpcAddressFor: async (stage) => (await rpcRoute(stage.id)).address,
+                rpcAddressFor: (stage) => tunnels.rpcAddressFor(stage.id),
                 threads: extras.threads,
                 ctxSize: extras.ctxSize,
                 parallel: extras.parallel,
@@ -337,26 +256,13 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
   });
   actorRef = actor;
 
-  // ---- follow the machine: hand-off, listeners, logs ----------------------------------------------------
-  let lastPolicy: RpcTunnelPolicy | null = null;
-  let lastLinks: readonly EndpointId[] = [];
+  // ---- follow the machine: tunnels (hand-off, dead links, listeners), logs -------------------------------
   let lastState = '';
   let lastPlanId: string | null = null;
   const sub = actor.subscribe({
     next: (snap) => {
       const c = snap.context;
-      // Hand-off: the moment the policy leaves a host, nothing of that host may reach our rpc-server.
-      if (lastPolicy !== null && (c.rpcTunnelPolicy === null || c.rpcTunnelPolicy.host !== lastPolicy.host || c.rpcTunnelPolicy.planId !== lastPolicy.planId)) {
-        closeTunnelsOf(lastPolicy.host, 'hand-off: the rpc tunnel policy changed');
-      }
-      lastPolicy = c.rpcTunnelPolicy;
-      // A peer that went down: its tunnels are dead; fail them now.
-      for (const p of lastLinks) if (!c.links.includes(p)) closeTunnelsOf(p, 'the link went down');
-      lastLinks = c.links;
-      // Host: rpc listeners only for the workers of the running plan.
-      const workers = runningRole(c) === 'host' ? remoteWorkers(c.running) : [];
-      for (const peer of [...rpcRoutes.keys()]) if (!workers.includes(peer)) dropRpcRoute(peer);
-
+      tunnels.follow(c);
       const state = JSON.stringify(snap.value);
       if (state !== lastState) {
         lastState = state;
@@ -377,11 +283,11 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
   });
 
   // ---- the API ---------------------------------------------------------------------------------------
-  const status = (): NodeStatus => nodeStatus(actor, { meshId, tunnels: tunnels.stats(), rpcTraffic });
+  const status = (): NodeStatus => nodeStatus(actor, { meshId, tunnels: tunnels.stats(), rpcTraffic: tunnels.traffic() });
   const api: FastifyInstance = buildApiServer({
     upstream: meshUpstreamResolver({
       node: actor as never,
-      remoteBaseUrl: async (host) => `http://127.0.0.1:${(await httpRoute(host)).port}`,
+      remoteBaseUrl: (host) => tunnels.httpBaseUrl(host),
       inspect,
     }),
     status,
@@ -419,7 +325,6 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
     sub.unsubscribe();
     actor.stop();
     await api.close().catch(() => {});
-    for (const peer of [...rpcRoutes.keys()]) dropRpcRoute(peer);
     await tunnels.close().catch(() => {});
     // The network's `leaving` frames need a moment on the wire before the connections go.
     await new Promise((r) => setTimeout(r, 200));
@@ -459,15 +364,13 @@ const valueOf = (ref: Snapshotted): unknown => ref?.getSnapshot().value ?? null;
 
 function nodeStatus(
   actor: Actor<typeof nodeMachine>,
-  extra: { meshId: string; tunnels: { pipes: number; listeners: number }; rpcTraffic: Map<EndpointId, { proxies: RpcTrafficProxy[] }> },
+  extra: { meshId: string; tunnels: { pipes: number; listeners: number }; rpcTraffic: Record<string, RpcTrafficSnapshot> },
 ): NodeStatus {
   const snap = actor.getSnapshot();
   const c = snap.context;
   const children = snap.children as Record<string, Snapshotted>;
   const peers: Record<string, unknown> = {};
   for (const [id, ref] of Object.entries(c.peers)) peers[id] = valueOf(ref as Snapshotted);
-  const rpcTraffic: Record<string, RpcTrafficSnapshot> = {};
-  for (const [peer, t] of extra.rpcTraffic) rpcTraffic[peer] = sumSnapshots(t.proxies.map((p) => p.snapshot()));
   return {
     node: {
       id: c.self.id,
@@ -504,30 +407,8 @@ function nodeStatus(
       llamaServer: { state: c.llama, port: c.llamaPort, generation: c.generation },
     },
     tunnels: extra.tunnels,
-    rpcTraffic,
+    rpcTraffic: extra.rpcTraffic,
   };
-}
-
-/** One snapshot summing several (a worker's proxies over llama-server generations). */
-function sumSnapshots(list: readonly RpcTrafficSnapshot[]): RpcTrafficSnapshot {
-  const commands: Record<string, { count: number; bytesToServer: number; bytesToClient: number; roundTrips: number; waitMs: number }> = {};
-  const totals = { count: 0, bytesToServer: 0, bytesToClient: 0, roundTrips: 0, waitMs: 0 };
-  let rawBytesToServer = 0;
-  let rawBytesToClient = 0;
-  let connectionsOpened = 0;
-  const notes: string[] = [];
-  for (const s of list) {
-    for (const [name, st] of Object.entries(s.commands)) {
-      const into = (commands[name] ??= { count: 0, bytesToServer: 0, bytesToClient: 0, roundTrips: 0, waitMs: 0 });
-      for (const k of Object.keys(into) as (keyof typeof into)[]) into[k] += st[k];
-    }
-    for (const k of Object.keys(totals) as (keyof typeof totals)[]) totals[k] += s.totals[k];
-    rawBytesToServer += s.rawBytesToServer;
-    rawBytesToClient += s.rawBytesToClient;
-    connectionsOpened += s.connectionsOpened;
-    notes.push(...s.notes.slice(0, 10));
-  }
-  return { commands, totals, rawBytesToServer, rawBytesToClient, connectionsOpened, notes };
 }
 
 /**

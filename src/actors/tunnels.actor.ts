@@ -1,0 +1,179 @@
+// The TCP<->QUIC tunnels of one node, driven by its node machine's context (src/machines/node.machine.ts):
+// which incoming rpc and http streams may reach local processes (the policy), the host's loopback port per
+// remote worker for llama-server's `--rpc`, a worker's or lite client's port to the host's llama-server, and
+// the hand-off. The composition root feeds it every snapshot of the node actor through `follow()`.
+import type { Logger } from '../io/logger.ts';
+import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../io/rpc-traffic.ts';
+import { TunnelService, type TunnelKind, type TunnelListener, type TunnelTarget } from '../io/tunnel.ts';
+import type { MeshEndpoint } from '../io/transport.ts';
+import type { EndpointId } from '../machines/mesh-types.ts';
+import { runningRole, type NodeContext, type RpcTunnelPolicy } from '../machines/node.machine.ts';
+import { remoteWorkers } from '../machines/node-plan.ts';
+
+/** The patched rpc-server's extra command, for the counting proxy (native/patches/0001). */
+const MESH_RPC_COMMANDS = { 18: { name: 'SET_TENSOR_GGUF', reply: true } } as const;
+
+/** What the node machine's context allows for an incoming stream of `kind` from `remote`. Pure. */
+export function tunnelDecision(c: NodeContext | null, remote: EndpointId, kind: TunnelKind): TunnelTarget | { readonly refuse: string } {
+  if (c === null) return { refuse: 'the node is starting' };
+  if (kind === 'rpc') {
+    // The hand-off: only the host of this worker's current plan reaches its rpc-server.
+    const policy = c.rpcTunnelPolicy;
+    if (policy === null || policy.host !== remote) {
+      return { refuse: `rpc tunnels are accepted only from this node's host (${policy?.host.slice(0, 10) ?? 'none'})` };
+    }
+    if (c.rpc !== 'ready' || c.rpcPort === null) return { refuse: 'the rpc-server is not ready' };
+    return { host: '127.0.0.1', port: c.rpcPort };
+  }
+  if (runningRole(c) !== 'host' || c.llama !== 'ready' || c.llamaPort === null) return { refuse: 'this node does not serve the model right now' };
+  return { host: '127.0.0.1', port: c.llamaPort };
+}
+
+export interface NodeTunnelsInit {
+  /** On the host, a counting proxy in front of every worker's tunnel (traffic() reports it). */
+  readonly countRpc?: boolean;
+}
+
+export interface NodeTunnelsComponents {
+  readonly endpoint: MeshEndpoint;
+  readonly log: Logger;
+  /** The node machine's current context (null before it exists). */
+  readonly context: () => NodeContext | null;
+}
+
+interface RpcRoute {
+  readonly listener: TunnelListener;
+  readonly proxy: RpcTrafficProxy | null;
+  readonly address: string;
+}
+
+export class NodeTunnels {
+  private readonly service: TunnelService;
+  private readonly log: Logger;
+  private readonly countRpc: boolean;
+  /** Host side: one listener (and optional counting proxy) per remote worker. */
+  private readonly rpcRoutes = new Map<EndpointId, Promise<RpcRoute>>();
+  /** Every counting proxy ever made per worker: the traffic adds up over llama-server generations. */
+  private readonly proxies = new Map<EndpointId, RpcTrafficProxy[]>();
+  /** Worker and lite-client side: one http listener per host. */
+  private readonly httpRoutes = new Map<EndpointId, Promise<TunnelListener>>();
+  private lastPolicy: RpcTunnelPolicy | null = null;
+  private lastLinks: readonly EndpointId[] = [];
+
+  constructor(init: NodeTunnelsInit, components: NodeTunnelsComponents) {
+    this.log = components.log;
+    this.countRpc = init.countRpc ?? false;
+    this.service = new TunnelService({ allow: (remote, kind) => tunnelDecision(components.context(), remote, kind) }, { endpoint: components.endpoint, log: components.log });
+    this.service.start();
+  }
+
+  /** Every snapshot of the node: the hand-off, dead links, listeners of workers that are no longer stages. */
+  follow(c: NodeContext): void {
+    const last = this.lastPolicy;
+    // Hand-off: the moment the policy leaves a host, nothing of that host may reach our rpc-server.
+    if (last !== null && (c.rpcTunnelPolicy === null || c.rpcTunnelPolicy.host !== last.host || c.rpcTunnelPolicy.planId !== last.planId)) {
+      this.closeTunnelsOf(last.host, 'hand-off: the rpc tunnel policy changed');
+    }
+    this.lastPolicy = c.rpcTunnelPolicy;
+    // A peer whose link went down: its tunnels are dead; fail them now rather than at QUIC's idle timeout.
+    for (const p of this.lastLinks) if (!c.links.includes(p)) this.closeTunnelsOf(p, 'the link went down');
+    this.lastLinks = c.links;
+    const workers = runningRole(c) === 'host' ? remoteWorkers(c.running) : [];
+    for (const peer of [...this.rpcRoutes.keys()]) if (!workers.includes(peer)) this.dropRpcRoute(peer);
+  }
+
+  /** Host: "127.0.0.1:PORT" through which llama-server reaches `peer`'s rpc-server. */
+  async rpcAddressFor(peer: EndpointId): Promise<string> {
+    let r = this.rpcRoutes.get(peer);
+    if (r === undefined) {
+      r = this.openRpcRoute(peer);
+      this.rpcRoutes.set(peer, r);
+      r.catch(() => this.rpcRoutes.delete(peer));
+    }
+    return (await r).address;
+  }
+
+  /** Worker or lite client: "http://127.0.0.1:PORT" that reaches `host`'s llama-server. */
+  async httpBaseUrl(host: EndpointId): Promise<string> {
+    let r = this.httpRoutes.get(host);
+    if (r === undefined) {
+      r = this.service.listen(host, 'http');
+      this.httpRoutes.set(host, r);
+      r.catch(() => this.httpRoutes.delete(host));
+    }
+    return `http://127.0.0.1:${(await r).port}`;
+  }
+
+  stats(): { pipes: number; listeners: number } {
+    return this.service.stats();
+  }
+
+  /** Counting proxies only: RPC traffic to each worker, summed over its llama-server generations. */
+  traffic(): Record<string, RpcTrafficSnapshot> {
+    const out: Record<string, RpcTrafficSnapshot> = {};
+    for (const [peer, list] of this.proxies) out[peer] = sumSnapshots(list.map((p) => p.snapshot()));
+    return out;
+  }
+
+  async close(): Promise<void> {
+    for (const peer of [...this.rpcRoutes.keys()]) this.dropRpcRoute(peer);
+    await this.service.close();
+    await Promise.all([...this.proxies.values()].flat().map((p) => p.close().catch(() => {})));
+  }
+
+  private async openRpcRoute(peer: EndpointId): Promise<RpcRoute> {
+    const listener = await this.service.listen(peer, 'rpc');
+    if (!this.countRpc) return { listener, proxy: null, address: `127.0.0.1:${listener.port}` };
+    const proxy = await startRpcTrafficProxy({ target: { host: '127.0.0.1', port: listener.port }, extraCommands: MESH_RPC_COMMANDS });
+    const list = this.proxies.get(peer) ?? [];
+    list.push(proxy);
+    this.proxies.set(peer, list);
+    return { listener, proxy, address: proxy.address };
+  }
+
+  private dropRpcRoute(peer: EndpointId): void {
+    const r = this.rpcRoutes.get(peer);
+    if (r === undefined) return;
+    this.rpcRoutes.delete(peer);
+    void r.then(
+      async ({ listener, proxy }) => {
+        await proxy?.close();
+        await listener.close();
+      },
+      () => {},
+    );
+  }
+
+  /** Closes every tunnel of `peer`, both ways, and forgets our listeners to it (closeFrom closes those). */
+  private closeTunnelsOf(peer: EndpointId, why: string): void {
+    this.dropRpcRoute(peer);
+    this.httpRoutes.delete(peer);
+    void this.service.closeFrom(peer).then((n) => {
+      if (n > 0) this.log.info({ peer: peer.slice(0, 10), tunnels: n, why }, 'closed the tunnels of a peer');
+    });
+  }
+}
+
+/** One snapshot summing several (a worker's proxies over llama-server generations). */
+function sumSnapshots(list: readonly RpcTrafficSnapshot[]): RpcTrafficSnapshot {
+  type Stats = { count: number; bytesToServer: number; bytesToClient: number; roundTrips: number; waitMs: number };
+  const zero = (): Stats => ({ count: 0, bytesToServer: 0, bytesToClient: 0, roundTrips: 0, waitMs: 0 });
+  const add = (into: Stats, s: Stats) => {
+    for (const k of Object.keys(into) as (keyof Stats)[]) into[k] += s[k];
+  };
+  const commands: Record<string, Stats> = {};
+  const totals = zero();
+  let rawBytesToServer = 0;
+  let rawBytesToClient = 0;
+  let connectionsOpened = 0;
+  const notes: string[] = [];
+  for (const s of list) {
+    for (const [name, st] of Object.entries(s.commands)) add((commands[name] ??= zero()), st);
+    add(totals, s.totals);
+    rawBytesToServer += s.rawBytesToServer;
+    rawBytesToClient += s.rawBytesToClient;
+    connectionsOpened += s.connectionsOpened;
+    notes.push(...s.notes.slice(0, 10));
+  }
+  return { commands, totals, rawBytesToServer, rawBytesToClient, connectionsOpened, notes };
+}
