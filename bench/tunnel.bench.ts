@@ -82,9 +82,9 @@ async function sendN(s: Socket, n: number): Promise<void> {
   }
 }
 
-async function roleWorker(targetPort: number): Promise<void> {
+async function roleWorker(targetPort: number, batchRpc: boolean): Promise<void> {
   const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
-  const t = new TunnelService({ allow: () => ({ host: '127.0.0.1', port: targetPort }) }, { endpoint: ep });
+  const t = new TunnelService({ allow: () => ({ host: '127.0.0.1', port: targetPort }), batchRpc }, { endpoint: ep });
   t.start();
   void (async () => {
     while ((await ep.accept()) !== null);
@@ -92,9 +92,9 @@ async function roleWorker(targetPort: number): Promise<void> {
   process.stdout.write(JSON.stringify({ id: ep.id, addrs: ep.addrs() }) + '\n');
 }
 
-async function roleHost(workerId: string, workerAddrs: string[], codec: TunnelCodec): Promise<void> {
+async function roleHost(workerId: string, workerAddrs: string[], codec: TunnelCodec, batchRpc: boolean): Promise<void> {
   const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
-  const t = new TunnelService({ allow: () => ({ refuse: 'host' }), codec }, { endpoint: ep });
+  const t = new TunnelService({ allow: () => ({ refuse: 'host' }), codec, batchRpc }, { endpoint: ep });
   await ep.dial(asEndpointId(workerId), workerAddrs);
   const l = await t.listen(asEndpointId(workerId), 'rpc');
   process.stdout.write(JSON.stringify({ port: l.port }) + '\n');
@@ -201,9 +201,10 @@ async function main(): Promise<void> {
   const quick = flag('--quick');
   const n = quick ? 500 : 3000;
   const server = await child<{ port: number }>('server');
-  const worker = await child<{ id: string; addrs: string[] }>('worker', String(server.info.port));
-  const raw = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs), 'raw');
-  const deflate = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs), 'deflate');
+  const worker = await child<{ id: string; addrs: string[] }>('worker', String(server.info.port), '0');
+  const raw = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs), 'raw', '0');
+  const deflate = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs), 'deflate', '0');
+  // Random echo traffic is not RPC, so RPC batching would switch itself off here: codecs only.
   const paths: [string, number][] = [
     ['direct TCP', server.info.port],
     ['tunnel, raw codec', raw.info.port],
@@ -255,7 +256,7 @@ async function detection(): Promise<void> {
     await other.close();
   }
   {
-    const peer = await child<{ id: string; addrs: string[] }>('worker', String(server.info.port));
+    const peer = await child<{ id: string; addrs: string[] }>('worker', String(server.info.port), '0');
     const c = await ep.dial(asEndpointId(peer.info.id), peer.info.addrs);
     const t0 = performance.now();
     peer.proc.kill('SIGKILL');
@@ -288,16 +289,19 @@ async function llama(quick: boolean): Promise<void> {
   }
   const workerRpc = await h.startRpcServer();
   const hostRpc = await h.startRpcServer();
-  const worker = await child<{ id: string; addrs: string[] }>('worker', String(workerRpc.port));
-  const addrs = JSON.stringify(worker.info.addrs);
-  const raw = await child<{ port: number }>('host', worker.info.id, addrs, 'raw');
-  const deflate = await child<{ port: number }>('host', worker.info.id, addrs, 'deflate');
-  const reps = quick ? 2 : 3;
-  const rounds = quick ? 1 : 2;
+  // A plain worker (every TCP chunk sent at once) for the plain tunnel, a batching one for the others.
+  const plainWorker = await child<{ id: string; addrs: string[] }>('worker', String(workerRpc.port), '0');
+  const worker = await child<{ id: string; addrs: string[] }>('worker', String(workerRpc.port), '1');
+  const host = async (w: typeof worker, codec: TunnelCodec, batch: boolean): Promise<string> =>
+    `127.0.0.1:${(await child<{ port: number }>('host', w.info.id, JSON.stringify(w.info.addrs), codec, batch ? '1' : '0')).info.port}`;
+  const reps = 2;
+  // Many short alternating rounds rather than a few long ones: on a shared machine load comes in bursts.
+  const rounds = quick ? 1 : 3;
   const paths: [string, string][] = [
     ['directly over TCP', workerRpc.address],
-    ['tunnel, raw codec', `127.0.0.1:${raw.info.port}`],
-    ['tunnel, deflate codec', `127.0.0.1:${deflate.info.port}`],
+    ['tunnel, plain (raw codec, no batching)', await host(plainWorker, 'raw', false)],
+    ['tunnel, raw codec + RPC batching', await host(worker, 'raw', true)],
+    ['tunnel, deflate codec + RPC batching (default)', await host(worker, 'deflate', true)],
   ];
   const pp = new Map<string, number[]>(paths.map(([n]) => [n, []]));
   const tg = new Map<string, number[]>(paths.map(([n]) => [n, []]));
@@ -312,16 +316,26 @@ async function llama(quick: boolean): Promise<void> {
       for (const row of JSON.parse(stdout) as BenchRow[]) (row.n_gen > 0 ? tg : pp).get(name)!.push(row.avg_ts);
     }
   }
-  const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length;
-  const dpp = mean(pp.get(paths[0]![0])!);
-  const dtg = mean(tg.get(paths[0]![0])!);
-  console.log(`\n## llama-bench through the tunnel (${modelPath}; -ts 1/1 -fa 0 -t 1 -p 64 -n 64 -r ${reps}, ${rounds} round(s); the host's own rpc-server is direct and last)\n`);
+  const median = (xs: number[]): number => {
+    const v = [...xs].sort((a, b) => a - b);
+    const m = Math.floor(v.length / 2);
+    return v.length % 2 ? v[m]! : (v[m - 1]! + v[m]!) / 2;
+  };
+  const range = (xs: number[]): string => `${f2(Math.min(...xs))}-${f2(Math.max(...xs))}`;
+  const dpp = median(pp.get(paths[0]![0])!);
+  const dtg = median(tg.get(paths[0]![0])!);
+  console.log(
+    `\n## llama-bench through the tunnel (${modelPath}; -ts 1/1 -fa 0 -t 1 -p 64 -n 64 -r ${reps}; ${rounds} alternating round(s); the host's own rpc-server is direct and last)\n`,
+  );
+  console.log('Medians of the rounds (min-max in brackets); ratios are medians over direct\'s median.\n');
   console.log('| first rpc-server reached | pp64 tok/s | tg64 tok/s | pp ratio | tg ratio | ms per generated token |');
   console.log('|---|---|---|---|---|---|');
   for (const [name] of paths) {
-    const p = mean(pp.get(name)!);
-    const t = mean(tg.get(name)!);
-    console.log(`| ${name} | ${f2(p)} | ${f2(t)} | ${f3(p / dpp)} | ${f3(t / dtg)} | ${f2(1000 / t)} |`);
+    const p = pp.get(name)!;
+    const t = tg.get(name)!;
+    console.log(
+      `| ${name} | ${f2(median(p))} (${range(p)}) | ${f2(median(t))} (${range(t)}) | ${f3(median(p) / dpp)} | ${f3(median(t) / dtg)} | ${f2(1000 / median(t))} |`,
+    );
   }
   await trafficPerToken(h, modelPath, workerRpc, hostRpc);
   await workerRpc.stop();
@@ -339,14 +353,19 @@ async function trafficPerToken(
   hostRpc: { address: string },
 ): Promise<void> {
   console.log('\n## Tunnel traffic per generated token (llama-server, 32 tokens, counters of both tunnel ends)\n');
-  console.log('| codec | host -> worker: writes | bytes in | bytes on the wire | worker -> host: writes | bytes on the wire |');
+  console.log('| tunnel | host -> worker: writes | bytes in | bytes on the wire | worker -> host: writes | bytes on the wire |');
   console.log('|---|---|---|---|---|---|');
-  for (const codec of ['raw', 'deflate'] as const) {
+  const variants: [string, TunnelCodec, boolean][] = [
+    ['raw, no batching', 'raw', false],
+    ['raw + RPC batching', 'raw', true],
+    ['deflate + RPC batching', 'deflate', true],
+  ];
+  for (const [label, codec, batchRpc] of variants) {
     const host = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
     const worker = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
-    const wt = new TunnelService({ allow: () => ({ host: '127.0.0.1', port: workerRpc.port }) }, { endpoint: worker });
+    const wt = new TunnelService({ allow: () => ({ host: '127.0.0.1', port: workerRpc.port }), batchRpc }, { endpoint: worker });
     wt.start();
-    const ht = new TunnelService({ allow: () => ({ refuse: 'host' }), codec }, { endpoint: host });
+    const ht = new TunnelService({ allow: () => ({ refuse: 'host' }), codec, batchRpc }, { endpoint: host });
     await host.dial(worker.id, worker.addrs());
     const l = await ht.listen(worker.id, 'rpc');
     const s = await h.startLlamaServer({ model: modelPath, rpc: [`127.0.0.1:${l.port}`, hostRpc.address], tensorSplit: [1, 1] });
@@ -362,7 +381,7 @@ async function trafficPerToken(
       type K = 'quicWrites' | 'tcpBytesIn' | 'quicBytesOut';
       const per = (side: 'h' | 'w', k: K): string => ((c[side][k] - b[side][k] - (b[side][k] - a[side][k])) / 32).toFixed(1);
       console.log(
-        `| ${codec} | ${per('h', 'quicWrites')} | ${per('h', 'tcpBytesIn')} | ${per('h', 'quicBytesOut')} | ${per('w', 'quicWrites')} | ${per('w', 'quicBytesOut')} |`,
+        `| ${label} | ${per('h', 'quicWrites')} | ${per('h', 'tcpBytesIn')} | ${per('h', 'quicBytesOut')} | ${per('w', 'quicWrites')} | ${per('w', 'quicBytesOut')} |`,
       );
     } finally {
       await s.stop();
@@ -376,8 +395,8 @@ async function trafficPerToken(
 
 const role = args[0];
 if (role === 'server') await roleServer();
-else if (role === 'worker') await roleWorker(Number(args[1]));
-else if (role === 'host') await roleHost(args[1]!, JSON.parse(args[2]!) as string[], args[3] as TunnelCodec);
+else if (role === 'worker') await roleWorker(Number(args[1]), args[2] === '1');
+else if (role === 'host') await roleHost(args[1]!, JSON.parse(args[2]!) as string[], args[3] as TunnelCodec, args[4] === '1');
 else
   await main().catch((err: unknown) => {
     console.error(err);

@@ -80,6 +80,16 @@ describe('tunnel frame codec', () => {
     expect(() => new FrameDecoder().push(Buffer.concat([header(0, 3, 4), Buffer.from([1, 2, 3])]))).toThrow(/wrong length/);
   });
 
+  it('passes a stored frame on as it arrives, without waiting for its end', () => {
+    const dec = new FrameDecoder();
+    const payload = Buffer.from(randomBytes(1000));
+    const wire = Buffer.concat([header(0, 1000, 1000), payload]);
+    expect(Buffer.concat(dec.push(wire.subarray(0, 509)))).toEqual(payload.subarray(0, 500));
+    expect(dec.midFrame).toBe(true);
+    expect(Buffer.concat(dec.push(wire.subarray(509)))).toEqual(payload.subarray(500));
+    expect(dec.midFrame).toBe(false);
+  });
+
   it('knows when the stream ended inside a frame', () => {
     const dec = new FrameDecoder();
     dec.push(header(0, 10, 10).subarray(0, 5));

@@ -85,53 +85,145 @@ function frame(type: 0 | 1, payload: Uint8Array, original: number): Buffer {
   return out;
 }
 
-/** Reassembles frames from stream reads (split anywhere) and returns their bytes; throws TunnelProtocolError. */
+/**
+ * Turns stream reads (split anywhere) back into bytes; throws TunnelProtocolError. A stored frame's bytes
+ * are passed on as they arrive (a 1 MiB frame need not be complete first); a deflated one is inflated once
+ * all of it is there.
+ */
 export class FrameDecoder {
-  private pending: Buffer | null = null;
+  private header = Buffer.alloc(FRAME_HEADER);
+  private headerFill = 0;
+  /** The frame being received, if any. */
+  private frame: { type: 0 | 1; remaining: number; original: number; parts: Buffer[]; len: number } | null = null;
 
   push(chunk: Uint8Array): Buffer[] {
-    let buf = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
-    if (this.pending) {
-      buf = Buffer.concat([this.pending, buf]);
-      this.pending = null;
-    }
+    const buf = Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length);
     const out: Buffer[] = [];
     let o = 0;
-    while (buf.length - o >= FRAME_HEADER) {
-      const type = buf[o]!;
-      const len = buf.readUInt32LE(o + 1);
-      const original = buf.readUInt32LE(o + 5);
-      if (type > 1) throw new TunnelProtocolError(`unknown frame type ${type}`);
-      if (len > MAX_FRAME_BYTES || original > MAX_FRAME_BYTES) {
-        throw new TunnelProtocolError(`frame of ${Math.max(len, original)} bytes is over the ${MAX_FRAME_BYTES} cap`);
+    while (o < buf.length) {
+      if (this.frame === null) {
+        const n = Math.min(FRAME_HEADER - this.headerFill, buf.length - o);
+        buf.copy(this.header, this.headerFill, o, o + n);
+        this.headerFill += n;
+        o += n;
+        if (this.headerFill < FRAME_HEADER) break;
+        this.headerFill = 0;
+        this.frame = this.parseHeader();
       }
-      if (buf.length - o - FRAME_HEADER < len) break;
-      const payload = buf.subarray(o + FRAME_HEADER, o + FRAME_HEADER + len);
-      o += FRAME_HEADER + len;
-      if (type === 0) {
-        if (original !== len) throw new TunnelProtocolError('stored frame with a wrong length');
-        out.push(payload);
-        continue;
+      const f = this.frame;
+      const n = Math.min(f.remaining, buf.length - o);
+      const piece = buf.subarray(o, o + n);
+      o += n;
+      f.remaining -= n;
+      if (f.type === 0) {
+        if (n > 0) out.push(piece);
+      } else {
+        f.parts.push(piece);
       }
-      let plain: Buffer;
-      try {
-        // The cap makes a deflate bomb fail instead of filling memory.
-        plain = inflateRawSync(payload, { maxOutputLength: Math.max(1, original) });
-      } catch (err) {
-        throw new TunnelProtocolError(`bad deflated frame: ${firstLine(err)}`);
+      if (f.remaining === 0) {
+        this.frame = null;
+        if (f.type === 1) out.push(inflate(f.parts.length === 1 ? f.parts[0]! : Buffer.concat(f.parts, f.len), f.original));
       }
-      if (plain.length !== original) throw new TunnelProtocolError('deflated frame with a wrong length');
-      out.push(plain);
     }
-    if (o < buf.length) this.pending = Buffer.from(buf.subarray(o));
     return out;
+  }
+
+  private parseHeader(): { type: 0 | 1; remaining: number; original: number; parts: Buffer[]; len: number } {
+    const type = this.header[0]!;
+    const len = this.header.readUInt32LE(1);
+    const original = this.header.readUInt32LE(5);
+    if (type > 1) throw new TunnelProtocolError(`unknown frame type ${type}`);
+    if (len > MAX_FRAME_BYTES || original > MAX_FRAME_BYTES) {
+      throw new TunnelProtocolError(`frame of ${Math.max(len, original)} bytes is over the ${MAX_FRAME_BYTES} cap`);
+    }
+    if (type === 0 && original !== len) throw new TunnelProtocolError('stored frame with a wrong length');
+    return { type: type as 0 | 1, remaining: len, original, parts: [], len };
   }
 
   /** Bytes of an incomplete frame at the end of the stream are a protocol error. */
   get midFrame(): boolean {
-    return this.pending !== null;
+    return this.frame !== null || this.headerFill > 0;
   }
 }
+
+function inflate(payload: Buffer, original: number): Buffer {
+  let plain: Buffer;
+  try {
+    // The cap makes a deflate bomb fail instead of filling memory.
+    plain = inflateRawSync(payload, { maxOutputLength: Math.max(1, original) });
+  } catch (err) {
+    throw new TunnelProtocolError(`bad deflated frame: ${firstLine(err)}`);
+  }
+  if (plain.length !== original) throw new TunnelProtocolError('deflated frame with a wrong length');
+  return plain;
+}
+
+/**
+ * Where llama.cpp RPC messages end in a byte stream, so that a tunnel can send each message's pieces as one
+ * QUIC write instead of one per TCP segment (llama.cpp writes a message in 2-3 send() calls, and a host
+ * sends 7 commands per token: each QUIC write costs a wake-up of both processes).
+ * Requests (host -> worker) are `cmd u8 | size u64 | payload`; fire-and-forget commands may wait for the
+ * next command that needs a reply, which follows at once. Replies (worker -> host) are `size u64 | payload`.
+ * Anything that does not parse as RPC turns the scanner off (every chunk is then sent at once): it only
+ * ever decides *when* bytes leave, never what they are.
+ */
+export class RpcBoundaryScanner {
+  private header = Buffer.alloc(9);
+  private headerFill = 0;
+  private payloadLeft = 0;
+  private cmd = -1;
+  /** Off: not RPC (or a version we do not know); every chunk is urgent. */
+  off = false;
+
+  constructor(private readonly direction: 'requests' | 'replies') {}
+
+  /** Feeds a chunk; true when it ends a message that someone waits for (flush now). */
+  scan(b: Uint8Array): boolean {
+    if (this.off) return true;
+    const headerLen = this.direction === 'requests' ? 9 : 8;
+    let urgent = false;
+    let o = 0;
+    while (o < b.length) {
+      if (this.payloadLeft === 0 && this.headerFill < headerLen) {
+        const n = Math.min(headerLen - this.headerFill, b.length - o);
+        this.header.set(b.subarray(o, o + n), this.headerFill);
+        this.headerFill += n;
+        o += n;
+        if (this.headerFill < headerLen) break;
+        const sizeAt = this.direction === 'requests' ? 1 : 0;
+        const size = this.header.readBigUInt64LE(sizeAt);
+        this.cmd = this.direction === 'requests' ? this.header[0]! : -1;
+        if (size > BigInt(Number.MAX_SAFE_INTEGER) || (this.direction === 'requests' && !RPC_COMMANDS_KNOWN.has(this.cmd))) {
+          this.off = true;
+          return true;
+        }
+        this.payloadLeft = Number(size);
+        if (this.payloadLeft === 0) {
+          urgent = this.complete() || urgent;
+          continue;
+        }
+      }
+      const n = Math.min(this.payloadLeft, b.length - o);
+      this.payloadLeft -= n;
+      o += n;
+      if (this.payloadLeft === 0) urgent = this.complete() || urgent;
+    }
+    return urgent;
+  }
+
+  /** A message ended: urgent unless it is a request that gets no reply. */
+  private complete(): boolean {
+    this.headerFill = 0;
+    return this.direction === 'replies' || !RPC_FIRE_AND_FORGET.has(this.cmd);
+  }
+}
+
+/** RPC protocol 6 commands (FIELD-FACTS.md): 0..17. */
+const RPC_COMMANDS_KNOWN = new Set(Array.from({ length: 18 }, (_, i) => i));
+/** FREE_BUFFER, BUFFER_CLEAR, SET_TENSOR, GRAPH_COMPUTE, INIT_TENSOR, GRAPH_RECOMPUTE, MEMSET_TENSOR: no reply. */
+const RPC_FIRE_AND_FORGET = new Set([4, 5, 6, 10, 12, 16, 17]);
+/** The longest fire-and-forget bytes wait for a command that needs a reply. */
+const RPC_HOLD_MS = 2;
 
 export interface TunnelInit {
   readonly allow: TunnelPolicy;
@@ -141,6 +233,8 @@ export interface TunnelInit {
   readonly highWaterBytes?: number;
   /** How long connecting to a local target may take. Default 5 s. */
   readonly connectTimeoutMs?: number;
+  /** Send each llama.cpp RPC message as one QUIC write (RpcBoundaryScanner). Default true. */
+  readonly batchRpc?: boolean;
 }
 
 export interface TunnelComponents {
@@ -191,6 +285,11 @@ class Pipe {
   private paused = false;
   private encoder: FrameEncoder | undefined;
   private decoder: FrameDecoder | undefined;
+  /** rpc kind: where messages end, so that their pieces leave together (null: send every chunk at once). */
+  private readonly scanner: RpcBoundaryScanner | null;
+  /** Queued bytes include the end of a message someone waits for: send them as soon as we can. */
+  private urgent = false;
+  private holdTimer: NodeJS.Timeout | undefined;
 
   /** `codec` undefined: we accepted the stream and learn it from its first byte. */
   constructor(
@@ -203,8 +302,11 @@ class Pipe {
     private readonly log: Logger,
     private readonly counters: Counters,
     private readonly onEnd: (p: Pipe) => void,
+    batchRpc: boolean,
   ) {
     if (codec !== undefined) this.useCodec(codec);
+    // The opener's TCP peer is llama-server (requests); the acceptor's is the rpc-server (replies).
+    this.scanner = kind === 'rpc' && batchRpc ? new RpcBoundaryScanner(codec !== undefined ? 'requests' : 'replies') : null;
     socket.setNoDelay(true);
     socket.on('data', (b: Buffer) => this.fromTcp(b));
     socket.on('end', () => {
@@ -235,13 +337,25 @@ class Pipe {
       this.paused = true;
       this.socket.pause();
     }
+    if (this.scanner === null || this.scanner.scan(b) || this.queued >= this.highWater / 4) this.urgent = true;
+    else if (this.holdTimer === undefined) {
+      // Bytes nobody waits for yet: a short hold, so the command that needs a reply joins them.
+      this.holdTimer = setTimeout(() => {
+        this.holdTimer = undefined;
+        this.urgent = true;
+        this.flush();
+      }, RPC_HOLD_MS);
+    }
     this.flush();
   }
 
   /** Sends what TCP gave us; whatever arrives meanwhile goes in the next write, joined into one. */
   private flush(): void {
     if (this.writing || this.done || this.codec === undefined) return;
-    if (this.queued > 0) {
+    if (this.queued > 0 && (this.urgent || this.tcpEnded)) {
+      this.urgent = false;
+      clearTimeout(this.holdTimer);
+      this.holdTimer = undefined;
       const joined = this.queue.length === 1 ? this.queue[0]! : Buffer.concat(this.queue, this.queued);
       this.queue = [];
       this.queued = 0;
@@ -262,7 +376,7 @@ class Pipe {
       );
       return;
     }
-    if (this.tcpEnded && !this.finishSent) {
+    if (this.tcpEnded && !this.finishSent && this.queued === 0) {
       this.finishSent = true;
       this.writing = true;
       this.stream.finish().then(
@@ -335,6 +449,7 @@ class Pipe {
   fail(why: string, code: number): void {
     if (this.done) return;
     this.done = true;
+    clearTimeout(this.holdTimer);
     this.log.debug({ peer: shortId(this.peer), kind: this.kind, why }, 'tunnel closed');
     this.stream.reset(code);
     this.socket.destroy();
@@ -358,6 +473,7 @@ export class TunnelService {
   private readonly highWater: number;
   private readonly connectTimeoutMs: number;
   private readonly codec: TunnelCodec;
+  private readonly batchRpc: boolean;
   private readonly pipes = new Set<Pipe>();
   private readonly counters: Counters = { quicWrites: 0, quicBytesOut: 0, tcpBytesIn: 0, quicReads: 0 };
   /** Incoming tunnels whose local TCP connect is still in progress (closeFrom must reach them too). */
@@ -371,6 +487,7 @@ export class TunnelService {
     this.allow = init.allow;
     this.highWater = init.highWaterBytes ?? 1024 * 1024;
     this.codec = init.codec ?? 'deflate';
+    this.batchRpc = init.batchRpc ?? true;
     this.connectTimeoutMs = init.connectTimeoutMs ?? 5_000;
   }
 
@@ -498,7 +615,7 @@ export class TunnelService {
       stream.reset(TUNNEL_TCP_FAILED);
       return;
     }
-    this.track(new Pipe(peer, kind, socket, stream, this.codec, this.highWater, this.log, this.counters, this.ended));
+    this.track(new Pipe(peer, kind, socket, stream, this.codec, this.highWater, this.log, this.counters, this.ended, this.batchRpc));
     socket.resume();
   }
 
@@ -525,7 +642,7 @@ export class TunnelService {
       connected = true;
       clearTimeout(timer);
       if (!this.connecting.delete(pending)) return; // closed for the hand-off meanwhile
-      this.track(new Pipe(peer, kind, socket, stream, undefined, this.highWater, this.log, this.counters, this.ended));
+      this.track(new Pipe(peer, kind, socket, stream, undefined, this.highWater, this.log, this.counters, this.ended, this.batchRpc));
     });
     socket.once('error', (err) => {
       clearTimeout(timer);
