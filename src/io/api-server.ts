@@ -247,12 +247,20 @@ function upstreamCall(
     headers['content-type'] = 'application/json';
     headers['content-length'] = body.length;
   }
-  return new Promise((resolve, reject) => {
-    const req = httpRequest(url, { method, headers, agent, signal });
-    req.once('response', resolve);
-    req.once('error', reject);
-    req.end(body ?? undefined);
-  });
+  const attempt = (retriesLeft: number): Promise<IncomingMessage> =>
+    new Promise((resolve, reject) => {
+      const req = httpRequest(url, { method, headers, agent, signal });
+      req.once('response', resolve);
+      req.once('error', (err: NodeJS.ErrnoException) => {
+        // A kept-alive socket that llama-server closed meanwhile (it does after a stream): the request never
+        // reached it, so sending it again on a fresh socket is safe (Node's documented `reusedSocket` retry).
+        if (req.reusedSocket && (err.code === 'ECONNRESET' || err.code === 'EPIPE') && retriesLeft > 0 && !signal.aborted) {
+          resolve(attempt(retriesLeft - 1));
+        } else reject(err);
+      });
+      req.end(body ?? undefined);
+    });
+  return attempt(2);
 }
 
 async function readAll(res: IncomingMessage): Promise<Buffer> {
