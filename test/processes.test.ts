@@ -124,11 +124,13 @@ describe('spawnManaged', () => {
 describe('no orphans', () => {
   // A separate node process owns a child (and a grandchild); we end that node in each way a node can end
   // and check that its children are gone. Ceilings are generous: they catch leaks, not speed.
+  // The node ends itself (exit, throw) only when the test says so on its stdin, after the test has seen
+  // the child alive: ending at once raced that check (on a loaded machine the child was already gone).
   const processesTs = new URL('../src/io/processes.ts', import.meta.url).pathname;
   const owner = (ending: string) => `
 import { spawnManaged } from ${JSON.stringify(processesTs)};
 const p = spawnManaged({ name: 'kid', file: '/bin/sh', args: ['-c', 'sleep 1000 & echo $!; exec sleep 1000'], orphanGraceMs: 1000 });
-p.onLine((l) => { console.log(JSON.stringify({ child: p.pid, grandchild: Number(l) })); ${ending} });
+p.onLine((l) => { console.log(JSON.stringify({ child: p.pid, grandchild: Number(l) })); process.stdin.once('data', () => { ${ending} }); });
 setInterval(() => {}, 1000);`;
 
   async function endOwner(ending: string, kill?: NodeJS.Signals): Promise<{ child: number; grandchild: number; exit: { exitCode?: number; signal?: string } }> {
@@ -139,6 +141,7 @@ setInterval(() => {}, 1000);`;
     });
     expect(alive(pids.child)).toBe(true);
     if (kill !== undefined) node.kill(kill);
+    else node.stdin.write('end\n');
     const r = await node;
     return { ...pids, exit: { exitCode: r.exitCode, signal: r.signal } };
   }
