@@ -93,6 +93,19 @@ describe('spawnManaged', () => {
     expect((await dflt.exited).tail).toContain('yes=141');
   });
 
+  it('the program has its own stdin: written to, and closed without waking the watchdog', async () => {
+    const p = spawnManaged({ name: 'stdin', file: SH, args: ['-c', 'read x; echo "got:$x"; cat >/dev/null; echo eof; sleep 0.3; echo still-running'] });
+    const lines: string[] = [];
+    p.onLine((l) => lines.push(l));
+    p.writeStdin('hello\n');
+    await new Promise<void>((r) => p.onLine((l) => l === 'got:hello' && r()));
+    p.closeStdin();
+    const info = await p.exited;
+    // Exit 0 after printing everything: the EOF reached the program, and no SIGTERM came from the watchdog.
+    expect(info).toMatchObject({ code: 0, signal: null });
+    expect(lines).toEqual(['got:hello', 'eof', 'still-running']);
+  });
+
   it('passes environment variables and the working directory', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'proc-'));
     const p = spawnManaged({ name: 'env', file: SH, args: ['-c', 'echo "$FOO $(pwd)"'], env: { FOO: 'bar' }, cwd: dir });
@@ -108,6 +121,22 @@ describe('spawnManaged', () => {
     chmodSync(f, 0o644);
     expect(() => spawnManaged({ name: 'x', file: f, args: [] })).toThrow(/is not executable/);
     expect(() => spawnManaged({ name: 'x', file: dir, args: [] })).toThrow(/is not a file/);
+  });
+
+  it('stopAll() stops the newest first, each after the one before has exited; beforeStop asks politely first', async () => {
+    const order: string[] = [];
+    const polite: string[] = [];
+    // The newer one takes its time to exit: stopped together, the older would be gone first.
+    const loop = (onTerm: string) => `trap '${onTerm} exit 0' TERM; echo up; while :; do sleep 0.05; done`;
+    const older = spawnManaged({ name: 'older', file: SH, args: ['-c', loop('')] });
+    const newer = spawnManaged({ name: 'newer', file: SH, args: ['-c', loop('sleep 0.5;')], beforeStop: (p) => polite.push(p.name) });
+    for (const p of [older, newer]) {
+      await new Promise<void>((r) => (p.tail().includes('up') ? r() : p.onLine(() => r())));
+      void p.exited.then(() => order.push(p.name));
+    }
+    await stopAll(3000);
+    expect(order).toEqual(['newer', 'older']);
+    expect(polite).toEqual(['newer']);
   });
 
   it('stopAll() stops every live child', async () => {

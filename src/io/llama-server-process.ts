@@ -102,6 +102,8 @@ export class LlamaServerError extends Error {
 const DEFAULT_CTX = 4096;
 const PORT_ATTEMPTS = 4;
 const PROGRESS_PREFIX = 'cmd_child_to_router:state:';
+/** What llama.cpp's router sends a child to make it exit (tools/server/server-models.cpp). */
+const ROUTER_EXIT_COMMAND = 'cmd_router_to_child:exit';
 
 /** Which optional flags this llama-server knows, read once per binary from its `--help`. */
 export interface LlamaServerFlags {
@@ -227,6 +229,12 @@ async function launchOnPort(init: LlamaServerInit, port: number, args: string[])
     args,
     env: { ...init.env, LLAMA_SERVER_ROUTER_PORT: '0' },
     logger: init.logger,
+    // In router-child mode a SIGTERM alone hangs once loaded: its stdin-monitor thread keeps the process
+    // alive until stdin ends. The router's own exit command (then EOF) lets it shut down cleanly at once.
+    beforeStop: (p) => {
+      p.writeStdin(`${ROUTER_EXIT_COMMAND}\n`);
+      p.closeStdin();
+    },
   });
   const url = `http://127.0.0.1:${port}`;
   let progress: LlamaLoadProgress = { phase: 'starting', fraction: null };

@@ -5,6 +5,8 @@
 //  1. A pipe watchdog. Every child starts as `bash -c <WATCHDOG> name file args...`. The script forks a
 //     tiny subshell that blocks reading its stdin, a pipe whose only writer is this Node process, then
 //     `exec`s the real program in place of bash (same pid, so exit codes and signals are the program's).
+//     The program gets its own stdin, a second pipe (our fd 3; closeStdin / writeStdin), not shared with
+//     the watchdog.
 //     When the node dies in any way (SIGKILL and OOM included) the kernel closes the pipe; the subshell
 //     reads EOF and sends SIGTERM, then SIGKILL after a grace period, to the child's process group.
 //  2. A registry. Every live child is known; `process.on('exit')` SIGKILLs their groups synchronously
@@ -24,8 +26,8 @@ export const DEFAULT_TAIL_LINES = 200;
 export const DEFAULT_STOP_GRACE_MS = 5_000;
 
 /*
- * $1.. = the program and its arguments. The watchdog keeps only stdin (holding the output pipes would
- * keep our readers from ever seeing EOF). It ignores TERM/INT so that a stop of the whole group
+ * $1.. = the program and its arguments. The watchdog keeps only its stdin (holding the output pipes, or
+ * the program's stdin on fd 3, would keep our readers from ever seeing EOF). It ignores TERM/INT so that a stop of the whole group
  * does not kill it before it has done its job; it exits by itself once the target is gone (its pipe is
  * closed by the registry when the child exits; if the node is alive it reads EOF then).
  * `kill -0` guards against signalling a pid that already exited; pids are allocated sequentially, so the
@@ -36,7 +38,7 @@ const WATCHDOG = `
 unset MESH_IGNORE_SIGPIPE
 target=$$
 # A background job of a non-interactive shell gets /dev/null as stdin unless redirected explicitly.
-exec 3<&0
+exec 4<&0
 (
   trap '' TERM INT
   while read -r _; do :; done
@@ -49,10 +51,10 @@ exec 3<&0
     i=$((i + 1))
   done
   kill -KILL -- "-$target" 2>/dev/null || kill -KILL "$target" 2>/dev/null
-) <&3 >/dev/null 2>&1 &
-exec 3<&-
+) <&4 4<&- 3<&- >/dev/null 2>&1 &
+exec 4<&- </dev/null
 unset MESH_WATCHDOG_GRACE_TENTHS
-exec "$@"
+exec "$@" <&3 3<&-
 `;
 
 export interface SpawnInit {
@@ -70,6 +72,11 @@ export interface SpawnInit {
   readonly tailLines?: number;
   /** Child output goes here at debug level, one entry per line. */
   readonly logger?: Logger;
+  /**
+   * Called by stop() (and so by stopAll()) just before the SIGTERM: a program-specific polite request to
+   * exit, e.g. a command on its stdin.
+   */
+  readonly beforeStop?: (p: ManagedProcess) => void;
 }
 
 export interface ExitInfo {
@@ -92,6 +99,10 @@ export interface ManagedProcess {
   /** Null while it runs. */
   exitInfo(): ExitInfo | null;
   tail(): readonly string[];
+  /** Writes to the program's stdin (its own pipe, not the watchdog's); ignored once it has exited. */
+  writeStdin(text: string): void;
+  /** Ends the program's stdin (EOF); the watchdog is not affected. */
+  closeStdin(): void;
   /** Every output line from now on; returns an unsubscribe function. Earlier lines are in tail(). */
   onLine(listener: LineListener): () => void;
   /** Signals its whole process group. Marks the exit as requested. */
@@ -125,9 +136,13 @@ export function killAllSync(signal: NodeJS.Signals = 'SIGKILL'): void {
   for (const p of live) p.kill(signal);
 }
 
-/** Stops every live child (SIGTERM, then SIGKILL after `graceMs`) and waits until all have exited. */
+/**
+ * Stops every live child (SIGTERM, then SIGKILL after `graceMs`), newest first, each after the previous one
+ * has exited: what started later may depend on what started earlier (llama-server on the rpc-servers; with
+ * its rpc-server killed under it, llama-server aborts instead of exiting cleanly).
+ */
 export async function stopAll(graceMs = DEFAULT_STOP_GRACE_MS): Promise<void> {
-  await Promise.all([...live].map((p) => p.stop(graceMs)));
+  for (const p of [...live].reverse()) await p.stop(graceMs);
 }
 
 /** Throws SpawnError unless `file` is an executable regular file. */
@@ -160,9 +175,8 @@ export function spawnManaged(init: SpawnInit): ManagedProcess {
       },
       extendEnv: true,
       cwd: init.cwd,
-      stdin: 'pipe',
-      stdout: 'pipe',
-      stderr: 'pipe',
+      // 0: the watchdog's pipe; 3: the program's stdin.
+      stdio: ['pipe', 'pipe', 'pipe', 'pipe'],
       buffer: false,
       reject: false,
       detached: true,
@@ -198,14 +212,19 @@ export function spawnManaged(init: SpawnInit): ManagedProcess {
     }
   };
   const drained = [lineReader(sub.stdout, 'stdout', pushLine), lineReader(sub.stderr, 'stderr', pushLine)];
-  // Nothing is ever written to the child: the pipe exists only so that the watchdog sees EOF when we die.
-  sub.stdin.on('error', () => undefined);
+  // Nothing is ever written to the watchdog's pipe: it exists only so that the watchdog sees EOF when we die.
+  const watchdogPipe = sub.stdin;
+  watchdogPipe.on('error', () => undefined);
+  // The program's stdin (a socket pair, so writable from here although execa types it as output).
+  const programStdin = sub.stdio[3] as unknown as NodeJS.WritableStream & { writable: boolean; destroy(): void; on(e: 'error', f: () => void): unknown };
+  programStdin.on('error', () => undefined);
 
   const exited = (async (): Promise<ExitInfo> => {
     const result = await sub;
     await Promise.all(drained);
     // Closing our end lets the watchdog subshell read EOF and exit (its target is already gone).
-    sub.stdin.destroy();
+    watchdogPipe.destroy();
+    programStdin.destroy();
     const signal = (result.signal ?? null) as NodeJS.Signals | null;
     info = { code: signal === null ? (result.exitCode ?? null) : null, signal, requested, tail: [...tail] };
     init.logger?.debug({ code: info.code, signal: info.signal, requested }, `${init.name} exited`);
@@ -217,6 +236,12 @@ export function spawnManaged(init: SpawnInit): ManagedProcess {
     pid,
     exited,
     exitInfo: () => info,
+    writeStdin(text) {
+      if (info === null && programStdin.writable) programStdin.write(text);
+    },
+    closeStdin() {
+      if (programStdin.writable) programStdin.end();
+    },
     tail: () => [...tail],
     onLine(listener) {
       listeners.add(listener);
@@ -238,6 +263,11 @@ export function spawnManaged(init: SpawnInit): ManagedProcess {
     stop(graceMs = DEFAULT_STOP_GRACE_MS) {
       if (info !== null) return Promise.resolve(info);
       if (stopping !== null) return stopping;
+      try {
+        init.beforeStop?.(handle);
+      } catch (err) {
+        init.logger?.warn({ err }, 'beforeStop threw; stopping with signals only');
+      }
       handle.kill('SIGTERM');
       const timer = setTimeout(() => handle.kill('SIGKILL'), graceMs);
       stopping = handle.exited.finally(() => clearTimeout(timer));
