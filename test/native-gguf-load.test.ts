@@ -217,7 +217,7 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
     await makeModel(q8, 1, 'q8_0');
     const qHeader = await readGgufHeader(q8);
     const runs: Run[] = [];
-    for (const env of [{ GGML_RPC_NO_GGUF: '1' }, {}]) {
+    for (const env of [{ GGML_RPC_NO_GGUF: '1' }, {}] as Record<string, string>[]) {
       const a = await rpcServer(hold.mesh!, ['--gguf', q8]);
       const b = await rpcServer(hold.mesh!, ['--gguf', q8]);
       runs.push(await runThrough([a, b], env, q8));
