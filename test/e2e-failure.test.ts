@@ -4,17 +4,14 @@
 // again. Four nodes, VRAM caps: a .70, b .60, d .58, c .56 of the model; 1.1 x is needed, so a+b serve
 // first, then a+d, then d+c (and d alone waits while c hangs).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { greedyCompletion, startLlamaServer } from './helpers/llama.ts';
 import {
   greedyTokens,
-  hostServing,
+  hostServesPlan,
   isAlive,
   llamaChildren,
-  makeE2eModel,
-  servesPlan,
-  startE2eNode,
-  stopAllNodes,
-  type E2eModel,
+  makeE2eMesh,
+  soloReferenceTokens,
+  type E2eMesh,
   type E2eNode,
 } from './e2e-support.ts';
 
@@ -23,66 +20,70 @@ const N_TOKENS = 32;
 /** Generous: detection (heartbeats, ~5 s) + kill + fresh start, on two busy cores. */
 const RECOVERY_BOUND_MS = 60_000;
 
+/** How a stream ended: the chunks it gave, its first finish reason (if any), the error it threw (if any). */
+interface InterruptedStream {
+  readonly chunks: number;
+  readonly finish: string | null | undefined;
+  readonly error: Error | null;
+  /** performance.now() right after `interrupt` ran (0: it never ran). */
+  readonly interruptedAt: number;
+}
+
+/** A long streamed chat answer through `node`'s API; `interrupt` runs as the fifth chunk arrives. */
+async function streamInterruptedAtChunk5(node: E2eNode, interrupt: () => void): Promise<InterruptedStream> {
+  const stream = await node.client(RECOVERY_BOUND_MS).chat.completions.create({
+    model: 'mesh',
+    messages: [{ role: 'user', content: 'Talk for a long time.' }],
+    max_tokens: 600,
+    temperature: 0,
+    stream: true,
+  });
+  let chunks = 0;
+  let finish: string | null | undefined;
+  let error: Error | null = null;
+  let interruptedAt = 0;
+  try {
+    for await (const chunk of stream) {
+      chunks++;
+      finish ??= chunk.choices[0]?.finish_reason;
+      if (chunks === 5) {
+        interrupt();
+        interruptedAt = performance.now();
+      }
+    }
+  } catch (err) {
+    error = err as Error;
+  }
+  return { chunks, finish, error, interruptedAt };
+}
+
 describe('e2e: a worker and then the host killed', { timeout: 240_000 }, () => {
-  let model: E2eModel;
+  let mesh: E2eMesh;
   let a: E2eNode;
   let b: E2eNode;
   let c: E2eNode;
   let d: E2eNode;
-  const nodes: E2eNode[] = [];
   let reference: number[];
 
   beforeAll(async () => {
-    model = await makeE2eModel();
-    const solo = await startLlamaServer({ model: model.path });
-    try {
-      reference = (await greedyCompletion(solo, PROMPT, N_TOKENS)).tokens as number[];
-    } finally {
-      await solo.stop();
-    }
-    a = await startE2eNode({ name: 'a', model, vram: 0.7, dir: model.dir });
-    nodes.push(a);
-    b = await startE2eNode({ name: 'b', model, vram: 0.6, join: a.token, dir: model.dir });
-    nodes.push(b);
-    c = await startE2eNode({ name: 'c', model, vram: 0.56, join: a.token, dir: model.dir });
-    nodes.push(c);
-    d = await startE2eNode({ name: 'd', model, vram: 0.58, join: a.token, dir: model.dir });
-    nodes.push(d);
-    await a.waitStatus((s) => hostServing(s) && servesPlan([b.id, a.id])(s) && s.links.length === 3, 120_000, 'a hosting with b, all linked');
+    mesh = await makeE2eMesh();
+    reference = await soloReferenceTokens(mesh.model, PROMPT, N_TOKENS);
+    a = await mesh.start({ name: 'a', vram: 0.7 });
+    b = await mesh.start({ name: 'b', vram: 0.6, join: a.token });
+    c = await mesh.start({ name: 'c', vram: 0.56, join: a.token });
+    d = await mesh.start({ name: 'd', vram: 0.58, join: a.token });
+    await a.waitStatus((s) => hostServesPlan([b.id, a.id])(s) && s.links.length === 3, 120_000, 'a hosting with b, all linked');
   }, 240_000);
 
   afterAll(async () => {
-    await stopAllNodes(nodes);
-    await model?.remove();
+    await mesh?.cleanup();
   });
 
   it('a worker SIGKILLed mid-stream: the client gets an answer or a clean error, and the mesh serves again', async () => {
     const bChildren = llamaChildren(b);
     expect(bChildren.map((p) => p.name)).toEqual(['ggml-rpc-server']);
     const t0 = performance.now();
-    const stream = await c.client(RECOVERY_BOUND_MS).chat.completions.create({
-      model: 'mesh',
-      messages: [{ role: 'user', content: 'Talk for a long time.' }],
-      max_tokens: 600,
-      temperature: 0,
-      stream: true,
-    });
-    let chunks = 0;
-    let finish: string | null | undefined;
-    let error: Error | null = null;
-    let killedAt = 0;
-    try {
-      for await (const chunk of stream) {
-        chunks++;
-        finish ??= chunk.choices[0]?.finish_reason;
-        if (chunks === 5) {
-          b.kill();
-          killedAt = performance.now();
-        }
-      }
-    } catch (err) {
-      error = err as Error;
-    }
+    const { chunks, finish, error, interruptedAt: killedAt } = await streamInterruptedAtChunk5(c, () => b.kill());
     const endedMs = performance.now() - killedAt;
     expect(killedAt).toBeGreaterThan(0);
     // Either a completed answer or a clean error: the stream ended, and did not hang.
@@ -96,7 +97,7 @@ describe('e2e: a worker and then the host killed', { timeout: 240_000 }, () => {
     expect(bChildren.filter((p) => isAlive(p.pid))).toEqual([]);
 
     // d (.58) replaces b: a + d hold 1.28 x.
-    await a.waitStatus((s) => hostServing(s) && servesPlan([d.id, a.id])(s), RECOVERY_BOUND_MS, 'a hosting with d');
+    await a.waitStatus(hostServesPlan([d.id, a.id]), RECOVERY_BOUND_MS, 'a hosting with d');
     console.log(`worker killed -> serving again: ${(performance.now() - killedAt).toFixed(0)} ms (total ${(performance.now() - t0).toFixed(0)} ms)`);
     expect((await greedyTokens(c, PROMPT, N_TOKENS)).tokens).toEqual(reference);
   });
@@ -107,7 +108,7 @@ describe('e2e: a worker and then the host killed', { timeout: 240_000 }, () => {
     const t0 = performance.now();
     a.kill();
     // d (.58) hosts now, with c (.56): 1.14 x.
-    await d.waitStatus((s) => hostServing(s) && servesPlan([c.id, d.id])(s), RECOVERY_BOUND_MS, 'd hosting with c');
+    await d.waitStatus(hostServesPlan([c.id, d.id]), RECOVERY_BOUND_MS, 'd hosting with c');
     console.log(`host killed -> a new host serving: ${(performance.now() - t0).toFixed(0)} ms`);
     expect(aChildren.filter((p) => isAlive(p.pid))).toEqual([]);
     expect((await greedyTokens(c, PROMPT, N_TOKENS)).tokens).toEqual(reference);
@@ -115,30 +116,8 @@ describe('e2e: a worker and then the host killed', { timeout: 240_000 }, () => {
   });
 
   it('a worker that hangs (SIGSTOP) mid-stream: the stream ends instead of hanging; once it wakes, the mesh serves again', async () => {
-    const stream = await d.client(RECOVERY_BOUND_MS).chat.completions.create({
-      model: 'mesh',
-      messages: [{ role: 'user', content: 'Talk for a long time.' }],
-      max_tokens: 600,
-      temperature: 0,
-      stream: true,
-    });
-    let chunks = 0;
-    let finish: string | null | undefined;
-    let error: Error | null = null;
-    let stoppedAt = 0;
-    try {
-      for await (const chunk of stream) {
-        chunks++;
-        finish ??= chunk.choices[0]?.finish_reason;
-        if (chunks === 5) {
-          // The node process only: its rpc-server runs on, unreachable, as behind a silent network.
-          c.proc.kill('SIGSTOP');
-          stoppedAt = performance.now();
-        }
-      }
-    } catch (err) {
-      error = err as Error;
-    }
+    // The node process only: its rpc-server runs on, unreachable, as behind a silent network.
+    const { finish, error, interruptedAt: stoppedAt } = await streamInterruptedAtChunk5(d, () => c.proc.kill('SIGSTOP'));
     const endedMs = performance.now() - stoppedAt;
     expect(stoppedAt).toBeGreaterThan(0);
     expect(error !== null || finish !== undefined).toBe(true);
@@ -148,7 +127,7 @@ describe('e2e: a worker and then the host killed', { timeout: 240_000 }, () => {
     await d.waitStatus((s) => s.plan?.kind === 'waiting', RECOVERY_BOUND_MS, 'a waiting plan');
     const t0 = performance.now();
     c.proc.kill('SIGCONT');
-    await d.waitStatus((s) => hostServing(s) && servesPlan([c.id, d.id])(s), 90_000, 'd hosting with c again');
+    await d.waitStatus(hostServesPlan([c.id, d.id]), 90_000, 'd hosting with c again');
     console.log(`hung worker woke -> serving again: ${(performance.now() - t0).toFixed(0)} ms`);
     expect((await greedyTokens(d, PROMPT, N_TOKENS)).tokens).toEqual(reference);
   });

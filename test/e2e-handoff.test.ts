@@ -3,16 +3,14 @@
 // W must drop H1's rpc tunnels at once and serve H2 with a fresh rpc-server (an rpc-server serves one
 // client at a time); H1 stops its llama-server and stands by; the new mesh gives the same greedy tokens.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { greedyCompletion, startLlamaServer } from './helpers/llama.ts';
 import {
   greedyTokens,
-  hostServing,
+  hostServesPlan,
   llamaChildren,
-  makeE2eModel,
+  makeE2eMesh,
   servesPlan,
-  startE2eNode,
-  stopAllNodes,
-  type E2eModel,
+  soloReferenceTokens,
+  type E2eMesh,
   type E2eNode,
 } from './e2e-support.ts';
 
@@ -20,38 +18,28 @@ const PROMPT = 'A worker serves one host at a time, so';
 const N_TOKENS = 32;
 
 describe('e2e: a worker handed off to a new host', { timeout: 240_000 }, () => {
-  let model: E2eModel;
+  let mesh: E2eMesh;
   let w: E2eNode;
   let h1: E2eNode;
-  const nodes: E2eNode[] = [];
   let reference: number[];
 
   beforeAll(async () => {
-    model = await makeE2eModel();
-    const solo = await startLlamaServer({ model: model.path });
-    try {
-      reference = (await greedyCompletion(solo, PROMPT, N_TOKENS)).tokens as number[];
-    } finally {
-      await solo.stop();
-    }
-    h1 = await startE2eNode({ name: 'h1', model, vram: 0.5, dir: model.dir });
-    nodes.push(h1);
-    w = await startE2eNode({ name: 'w', model, vram: 0.9, role: 'worker', join: h1.token, dir: model.dir });
-    nodes.push(w);
-    await h1.waitStatus((s) => hostServing(s) && servesPlan([w.id, h1.id])(s), 120_000, 'h1 hosting with w');
+    mesh = await makeE2eMesh();
+    reference = await soloReferenceTokens(mesh.model, PROMPT, N_TOKENS);
+    h1 = await mesh.start({ name: 'h1', vram: 0.5 });
+    w = await mesh.start({ name: 'w', vram: 0.9, role: 'worker', join: h1.token });
+    await h1.waitStatus(hostServesPlan([w.id, h1.id]), 120_000, 'h1 hosting with w');
   }, 240_000);
 
   afterAll(async () => {
-    await stopAllNodes(nodes);
-    await model?.remove();
+    await mesh?.cleanup();
   });
 
   it('moves the worker to the new host: old tunnels closed, a fresh rpc-server, the new host serves', async () => {
     expect((await greedyTokens(w, PROMPT, N_TOKENS)).tokens).toEqual(reference);
     const oldRpc = llamaChildren(w).find((p) => p.name === 'ggml-rpc-server')!.pid;
-    const h2 = await startE2eNode({ name: 'h2', model, vram: 0.6, join: h1.token, dir: model.dir });
-    nodes.push(h2);
-    await h2.waitStatus((s) => hostServing(s) && servesPlan([w.id, h2.id])(s), 120_000, 'h2 hosting with w');
+    const h2 = await mesh.start({ name: 'h2', vram: 0.6, join: h1.token });
+    await h2.waitStatus(hostServesPlan([w.id, h2.id]), 120_000, 'h2 hosting with w');
     const ws = await w.waitStatus((s) => servesPlan([w.id, h2.id])(s), 30_000, 'w serving h2');
     expect(ws.node.role).toBe('worker');
     // A fresh rpc-server for the new host.

@@ -3,16 +3,13 @@
 // mesh serves again (same greedy tokens); a node joining that changes nothing restarts nothing.
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { greedyCompletion, startLlamaServer } from './helpers/llama.ts';
 import {
   greedyTokens,
-  hostServing,
+  hostServesPlan,
   llamaChildren,
-  makeE2eModel,
-  servesPlan,
-  startE2eNode,
-  stopAllNodes,
-  type E2eModel,
+  makeE2eMesh,
+  soloReferenceTokens,
+  type E2eMesh,
   type E2eNode,
 } from './e2e-support.ts';
 
@@ -28,31 +25,22 @@ function llamaArgs(node: E2eNode): { pid: number; rpc: string[]; split: string[]
 }
 
 describe('e2e: nodes joining a serving mesh', { timeout: 240_000 }, () => {
-  let model: E2eModel;
+  let mesh: E2eMesh;
   let a: E2eNode;
   let b: E2eNode;
   let c: E2eNode;
-  const nodes: E2eNode[] = [];
   let reference: number[];
 
   beforeAll(async () => {
-    model = await makeE2eModel();
-    const solo = await startLlamaServer({ model: model.path });
-    try {
-      reference = (await greedyCompletion(solo, PROMPT, N_TOKENS)).tokens as number[];
-    } finally {
-      await solo.stop();
-    }
-    a = await startE2eNode({ name: 'a', model, vram: 0.7, dir: model.dir });
-    nodes.push(a);
-    b = await startE2eNode({ name: 'b', model, vram: 0.5, join: a.token, dir: model.dir });
-    nodes.push(b);
-    await a.waitStatus((s) => hostServing(s) && servesPlan([b.id, a.id])(s), 120_000, 'a hosting with b');
+    mesh = await makeE2eMesh();
+    reference = await soloReferenceTokens(mesh.model, PROMPT, N_TOKENS);
+    a = await mesh.start({ name: 'a', vram: 0.7 });
+    b = await mesh.start({ name: 'b', vram: 0.5, join: a.token });
+    await a.waitStatus(hostServesPlan([b.id, a.id]), 120_000, 'a hosting with b');
   }, 240_000);
 
   afterAll(async () => {
-    await stopAllNodes(nodes);
-    await model?.remove();
+    await mesh?.cleanup();
   });
 
   it('a node with more VRAM than the worker joins: the host restarts llama-server with the new --rpc list and split', async () => {
@@ -62,10 +50,9 @@ describe('e2e: nodes joining a serving mesh', { timeout: 240_000 }, () => {
     expect(await greedyTokens(a, PROMPT, N_TOKENS).then((r) => r.tokens)).toEqual(reference);
 
     const t0 = performance.now();
-    c = await startE2eNode({ name: 'c', model, vram: 0.6, join: a.token, dir: model.dir });
-    nodes.push(c);
+    c = await mesh.start({ name: 'c', vram: 0.6, join: a.token });
     // 0.7 + 0.6 >= 1.1 x: c replaces b (most VRAM first), b stands by.
-    const s = await a.waitStatus((x) => hostServing(x) && servesPlan([c.id, a.id])(x), 120_000, 'a hosting with c');
+    const s = await a.waitStatus(hostServesPlan([c.id, a.id]), 120_000, 'a hosting with c');
     const changeMs = performance.now() - t0;
     expect(s.processes.llamaServer.generation).toBe(gen + 1);
     const after = llamaArgs(a);
@@ -89,8 +76,7 @@ describe('e2e: nodes joining a serving mesh', { timeout: 240_000 }, () => {
   it('a node that changes nothing joins: no restart, no process of its own', async () => {
     const before = await a.status();
     const pid = llamaArgs(a).pid;
-    const d = await startE2eNode({ name: 'd', model, vram: 0.3, join: a.token, dir: model.dir });
-    nodes.push(d);
+    const d = await mesh.start({ name: 'd', vram: 0.3, join: a.token });
     await d.waitStatus((x) => x.plan?.id === before.plan?.id && x.node.state === 'serving', 60_000, 'd on the same plan');
     await a.waitStatus((x) => x.links.includes(d.id as never) && x.view.some((v) => v.id === d.id), 30_000, 'a knowing d');
     // Past the election's quiet window: a restart would have begun by now.

@@ -6,26 +6,23 @@ import {
   hostServing,
   isAlive,
   llamaChildren,
-  makeE2eModel,
-  startE2eNode,
-  stopAllNodes,
-  type E2eModel,
+  makeE2eMesh,
+  type E2eMesh,
   type E2eNode,
 } from './e2e-support.ts';
 
 describe('e2e: a solo node', { timeout: 240_000 }, () => {
-  let model: E2eModel;
+  let mesh: E2eMesh;
   let node: E2eNode;
 
   beforeAll(async () => {
-    model = await makeE2eModel();
-    node = await startE2eNode({ name: 'solo', model, vram: 2, dir: model.dir });
+    mesh = await makeE2eMesh();
+    node = await mesh.start({ name: 'solo', vram: 2 });
     await node.waitStatus(hostServing, 90_000, 'a serving solo host');
   }, 120_000);
 
   afterAll(async () => {
-    if (node) await stopAllNodes([node]);
-    await model?.remove();
+    await mesh?.cleanup();
   });
 
   it('elects itself host of a one-stage plan: its own rpc-server holds every layer', async () => {

@@ -3,17 +3,15 @@
 // rpc-server holding layers and computing every token; streaming through a worker's API (the mesh's http
 // tunnel) arrives chunk by chunk; a lite client joining restarts nothing and is served too.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { greedyCompletion, startLlamaServer } from './helpers/llama.ts';
 import {
-  hostServing,
+  hostServesPlan,
   llamaChildren,
-  makeE2eModel,
+  makeE2eMesh,
   servesPlan,
-  startE2eNode,
-  stopAllNodes,
+  soloReferenceTokens,
   greedyTokens,
   e2eBinDir,
-  type E2eModel,
+  type E2eMesh,
   type E2eNode,
 } from './e2e-support.ts';
 import { findLlamaBinaries } from '../src/io/llama-binaries.ts';
@@ -23,33 +21,23 @@ const PROMPT = 'The mesh of machines shares one model, and every token';
 const N_TOKENS = 48;
 
 describe('e2e: host + worker + lite client', { timeout: 240_000 }, () => {
-  let model: E2eModel;
+  let mesh: E2eMesh;
   let host: E2eNode;
   let worker: E2eNode;
-  const nodes: E2eNode[] = [];
   let reference: number[];
 
   beforeAll(async () => {
-    model = await makeE2eModel();
-    // The reference: a solo llama-server with the same binaries (flash attention off on both sides).
-    const solo = await startLlamaServer({ model: model.path });
-    try {
-      reference = (await greedyCompletion(solo, PROMPT, N_TOKENS)).tokens as number[];
-    } finally {
-      await solo.stop();
-    }
+    mesh = await makeE2eMesh();
+    reference = await soloReferenceTokens(mesh.model, PROMPT, N_TOKENS);
     // 0.7 + 0.6 of the model: neither alone holds 1.1 x, together they do. The bigger one hosts.
-    host = await startE2eNode({ name: 'host', model, vram: 0.7, dir: model.dir });
-    nodes.push(host);
-    worker = await startE2eNode({ name: 'worker', model, vram: 0.6, join: host.token, dir: model.dir });
-    nodes.push(worker);
-    await host.waitStatus((s) => hostServing(s) && servesPlan([worker.id, host.id])(s), 120_000, 'the 2-stage plan served');
+    host = await mesh.start({ name: 'host', vram: 0.7 });
+    worker = await mesh.start({ name: 'worker', vram: 0.6, join: host.token });
+    await host.waitStatus(hostServesPlan([worker.id, host.id]), 120_000, 'the 2-stage plan served');
     await worker.waitStatus(servesPlan([worker.id, host.id]), 30_000, 'the worker serving');
   }, 240_000);
 
   afterAll(async () => {
-    await stopAllNodes(nodes);
-    await model?.remove();
+    await mesh?.cleanup();
   });
 
   it('the reference is a real test: at least 32 tokens, at least 8 distinct', () => {
@@ -85,7 +73,7 @@ describe('e2e: host + worker + lite client', { timeout: 240_000 }, () => {
     const setBytes = c['SET_TENSOR']?.bytesToServer ?? 0;
     // The repeating layers are ~17% of this model's bytes (embeddings and output are the rest); the worker
     // holds ~46% of them: ~8% of the file. Weights over the wire would be at least half of that.
-    expect(setByName > 0 || setBytes > model.bytes * 0.04).toBe(true);
+    expect(setByName > 0 || setBytes > mesh.model.bytes * 0.04).toBe(true);
     if ((await findLlamaBinaries({ env: { ...process.env, MESH_LLAMA_BIN_DIR: e2eBinDir() } })).setTensorGguf) {
       // Our patch: the worker loads its weights from its own GGUF by name (tensors under 64 KiB, and this
       // tiny model's attention matrices are, still go as bytes: see docs/native.md).
@@ -127,8 +115,7 @@ describe('e2e: host + worker + lite client', { timeout: 240_000 }, () => {
   it('a lite client joins without restarting anything, and is served (plain and streaming)', async () => {
     const before = await host.status();
     const llamaPid = llamaChildren(host).find((p) => p.name === 'llama-server')!.pid;
-    const client = await startE2eNode({ name: 'client', model: null, join: host.token, dir: model.dir });
-    nodes.push(client);
+    const client = await mesh.start({ name: 'client', model: null, join: host.token });
     await client.waitStatus((s) => s.plan?.kind === 'ready' && s.plan.host === host.id && s.links.includes(host.id as never), 60_000, 'the client following the host');
     const viaClient = await greedyTokens(client, PROMPT, N_TOKENS);
     expect(viaClient.tokens).toEqual(reference);

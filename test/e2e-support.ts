@@ -11,6 +11,7 @@ import { readModelIdentity } from '../src/io/gguf-reader.ts';
 import { buildBinDir } from '../src/io/llama-binaries.ts';
 import { spawnManaged, type ManagedProcess } from '../src/io/processes.ts';
 import type { NodeStatus } from '../src/node.ts';
+import { greedyCompletion, startLlamaServer } from './helpers/llama.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BIN = join(ROOT, 'bin/mesh-inference.js');
@@ -203,6 +204,25 @@ export function hostServing(s: NodeStatus): boolean {
   return s.node.state === 'serving' && s.node.role === 'host' && s.processes.llamaServer.state === 'ready';
 }
 
+/** The node hosts and serves (hostServing) a ready plan with exactly these stage ids in order (host last). */
+export function hostServesPlan(stages: readonly string[]) {
+  const plan = servesPlan(stages);
+  return (s: NodeStatus): boolean => hostServing(s) && plan(s);
+}
+
+/**
+ * The reference a mesh's answers are compared with: the token ids of a greedy completion by a solo
+ * llama-server (same binaries, flash attention off on both sides) on the model, stopped afterwards.
+ */
+export async function soloReferenceTokens(model: E2eModel, prompt: string, nTokens: number): Promise<number[]> {
+  const solo = await startLlamaServer({ model: model.path });
+  try {
+    return (await greedyCompletion(solo, prompt, nTokens)).tokens as number[];
+  } finally {
+    await solo.stop();
+  }
+}
+
 /** Greedy, exact-token request body for /v1/completions (llama-server extras: token ids in __verbose). */
 export function greedyBody(prompt: string, maxTokens: number): Record<string, unknown> {
   return { model: 'mesh', prompt, max_tokens: maxTokens, temperature: 0, top_k: 1, seed: 1, cache_prompt: false, return_tokens: true, verbose: true };
@@ -265,4 +285,33 @@ export function isAlive(pid: number): boolean {
 
 export async function stopAllNodes(nodes: readonly E2eNode[]): Promise<void> {
   await Promise.all(nodes.map((n) => n.stop().catch(() => {})));
+}
+
+/** A node of an E2eMesh: the mesh's model (or null for a lite client), its key file in the model's dir. */
+export type MeshNodeOptions = Omit<NodeOptions, 'model' | 'dir'> & { readonly model?: null };
+
+/** One test's generated model and every node started on it, cleaned up together. */
+export interface E2eMesh {
+  readonly model: E2eModel;
+  /** Starts a node (startE2eNode) on the mesh's model; cleanup() stops it. */
+  start(o: MeshNodeOptions): Promise<E2eNode>;
+  /** Stops every node started (stopAllNodes), then removes the model. */
+  cleanup(): Promise<void>;
+}
+
+export async function makeE2eMesh(spec: LlamaModelSpec = E2E_MODEL): Promise<E2eMesh> {
+  const model = await makeE2eModel(spec);
+  const nodes: E2eNode[] = [];
+  return {
+    model,
+    async start(o) {
+      const node = await startE2eNode({ ...o, model: o.model === null ? null : model, dir: model.dir });
+      nodes.push(node);
+      return node;
+    },
+    async cleanup() {
+      await stopAllNodes(nodes);
+      await model.remove();
+    },
+  };
 }
