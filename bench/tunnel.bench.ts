@@ -2,7 +2,7 @@
 // markdown tables: small-message round trips (p50/p99), throughput per stream, how fast a peer's end is
 // seen without heartbeats, and llama.cpp tokens/s with one rpc-server behind the tunnel (host's own last).
 //
-//   npx tsx bench/tunnel.bench.ts [--quick] [--no-llama] [--no-death] [--model PATH]
+//   npx tsx bench/tunnel.bench.ts [--quick] [--no-llama] [--no-death] [--traffic-only] [--model PATH]
 //
 // Every role runs in its own process, as in a real mesh: the client (this process), the host node's tunnel,
 // the worker node's tunnel, and the TCP server behind it; so no two of them share an event loop.
@@ -199,6 +199,11 @@ const f3 = (x: number): string => x.toFixed(3);
 
 async function main(): Promise<void> {
   const quick = flag('--quick');
+  if (flag('--traffic-only')) {
+    await trafficOnly();
+    cleanup();
+    process.exit(0);
+  }
   const n = quick ? 500 : 3000;
   const server = await child<{ port: number }>('server');
   const worker = await child<{ id: string; addrs: string[] }>('worker', String(server.info.port), '0');
@@ -342,6 +347,19 @@ async function llama(quick: boolean): Promise<void> {
   await hostRpc.stop();
 }
 
+async function trafficOnly(): Promise<void> {
+  const h = await import('../test/helpers/llama.ts');
+  const modelPath = opt('--model') ?? '/tmp/mesh-bench-273m.gguf';
+  const workerRpc = await h.startRpcServer();
+  const hostRpc = await h.startRpcServer();
+  try {
+    await trafficPerToken(h, modelPath, workerRpc, hostRpc);
+  } finally {
+    await workerRpc.stop();
+    await hostRpc.stop();
+  }
+}
+
 /**
  * What one generated token puts through the tunnel, per codec: QUIC writes and bytes each way. Both tunnel
  * ends run in this process here (only counters are read, no timings).
@@ -368,7 +386,13 @@ async function trafficPerToken(
     const ht = new TunnelService({ allow: () => ({ refuse: 'host' }), codec, batchRpc }, { endpoint: host });
     await host.dial(worker.id, worker.addrs());
     const l = await ht.listen(worker.id, 'rpc');
-    const s = await h.startLlamaServer({ model: modelPath, rpc: [`127.0.0.1:${l.port}`, hostRpc.address], tensorSplit: [1, 1] });
+    // Loading sends half the weights through both tunnel ends in this one process: minutes on a busy machine.
+    const s = await h.startLlamaServer({
+      model: modelPath,
+      rpc: [`127.0.0.1:${l.port}`, hostRpc.address],
+      tensorSplit: [1, 1],
+      readyTimeoutMs: 600_000,
+    });
     try {
       await h.greedyCompletion(s, 'hello world', 1);
       const snap = () => ({ h: ht.stats(), w: wt.stats() });
