@@ -146,13 +146,12 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
       log.warn({ err: (err as Error).message }, 'no public address from STUN; the token carries LAN addresses only');
     }
   }
-  if (options.relay.kind === 'custom') log.warn({ relay: options.relay.url }, 'custom relay URLs are not supported yet: using the default relays');
   const endpoint = await createIrohEndpoint(
     {
       secretKey,
       bindHost: extras.bindHost ?? '0.0.0.0',
       bindPort: options.bindPort ?? undefined,
-      relay: options.relay.kind === 'none' ? 'none' : 'default',
+      relay: options.relay.kind === 'custom' ? { url: options.relay.url } : options.relay.kind,
     },
     { log: componentLogger(logger, 'transport') },
   );
