@@ -76,23 +76,8 @@ const actor = createActor(machine, {
 });
 
 let last = '';
-actor.subscribe({
-  next: (snap) => {
-    const peers: Record<string, unknown> = {};
-    for (const [id, ref] of Object.entries(snap.context.peers)) peers[id] = (ref as { getSnapshot(): { value: unknown } }).getSnapshot().value;
-    const report = { state: snap.value, links: snap.context.links, peers };
-    const key = JSON.stringify(report);
-    if (key !== last) {
-      last = key;
-      out({ ev: 'state', t: Date.now(), ...report });
-    }
-  },
-  error: (err) => logger.error({ err: String(err) }, 'node machine failed'),
-});
-actor.start();
-// Peer machines change state on their own timers: poll their states too (cheap, and only for the test's eyes).
-const poll = setInterval(() => {
-  const snap = actor.getSnapshot();
+/** Prints the node's state, its links and every peer machine's state, when any of them changed. */
+function reportState(snap: ReturnType<typeof actor.getSnapshot>): void {
   const peers: Record<string, unknown> = {};
   for (const [id, ref] of Object.entries(snap.context.peers)) peers[id] = (ref as { getSnapshot(): { value: unknown } }).getSnapshot().value;
   const report = { state: snap.value, links: snap.context.links, peers };
@@ -101,7 +86,14 @@ const poll = setInterval(() => {
     last = key;
     out({ ev: 'state', t: Date.now(), ...report });
   }
-}, 100);
+}
+actor.subscribe({
+  next: reportState,
+  error: (err) => logger.error({ err: String(err) }, 'node machine failed'),
+});
+actor.start();
+// Peer machines change state on their own timers: poll their states too (cheap, and only for the test's eyes).
+const poll = setInterval(() => reportState(actor.getSnapshot()), 100);
 
 const token = encodeInviteToken({ meshId: invite?.meshId ?? createMeshId(), secret, inviter: endpoint.id, addrs: endpoint.addrs() });
 out({ ev: 'ready', id: endpoint.id, addrs: endpoint.addrs(), token });
