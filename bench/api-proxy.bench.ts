@@ -1,4 +1,4 @@
-// Measures what the node's API proxy (src/io/api-server.ts) adds on top of llama-server, side by side in one
+// Measures what the node's API proxy (src/io/http/api-server.ts) adds on top of llama-server, side by side in one
 // run against the same llama-server: request latency of short non-streaming completions, time to the first
 // streamed chunk, and streamed tokens/s. Prints markdown tables.
 //
@@ -6,10 +6,10 @@
 //
 // The model is the tiny generated one unless --model is given; llama-server runs through one local
 // rpc-server, as on a solo host.
-import { buildApiServer } from '../src/io/api-server.ts';
-import { startLlamaServer } from '../src/io/llama-server-process.ts';
-import { stopAll } from '../src/io/processes.ts';
-import { startRpcServer } from '../src/io/rpc-server-process.ts';
+import { buildApiServer } from '../src/io/http/api-server.ts';
+import { startLlamaServer } from '../src/io/llama/llama-server-process.ts';
+import { stopAll } from '../src/io/llama/processes.ts';
+import { startRpcServer } from '../src/io/llama/rpc-server-process.ts';
 import { llamaBinaries, makeTempModel } from '../test/helpers/llama.ts';
 
 const args = process.argv.slice(2);

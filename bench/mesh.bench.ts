@@ -16,12 +16,12 @@ import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cacheDir } from '../src/demo.ts';
-import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf-writer.ts';
-import { readModelIdentity } from '../src/io/gguf-reader.ts';
-import { findLlamaBinaries } from '../src/io/llama-binaries.ts';
-import { launchLlamaServer, type LlamaServerProcess } from '../src/io/llama-server-process.ts';
-import { stopAll } from '../src/io/processes.ts';
-import { startRpcServer, type RpcServerProcess } from '../src/io/rpc-server-process.ts';
+import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
+import { readModelIdentity } from '../src/io/gguf/gguf-reader.ts';
+import { findLlamaBinaries } from '../src/io/llama/llama-binaries.ts';
+import { launchLlamaServer, type LlamaServerProcess } from '../src/io/llama/llama-server-process.ts';
+import { stopAll } from '../src/io/llama/processes.ts';
+import { startRpcServer, type RpcServerProcess } from '../src/io/llama/rpc-server-process.ts';
 import { e2eBinDir, hostServing, servesPlan, startE2eNode, stopAllNodes, type E2eModel, type E2eNode } from '../test/e2e-support.ts';
 
 const args = process.argv.slice(2);

@@ -9,11 +9,11 @@ import { promisify } from 'node:util';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { readGgufHeader } from '../src/io/gguf-reader.ts';
-import { generateLlamaGguf, type WeightType } from '../src/io/gguf-writer.ts';
-import { buildBinDir, ensureLlamaBinaries, LlamaBinariesError, type LlamaBinaries } from '../src/io/llama-binaries.ts';
-import { stopAll } from '../src/io/processes.ts';
-import { diffRpcSnapshots, startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../src/io/rpc-traffic.ts';
+import { readGgufHeader } from '../src/io/gguf/gguf-reader.ts';
+import { generateLlamaGguf, type WeightType } from '../src/io/gguf/gguf-writer.ts';
+import { buildBinDir, ensureLlamaBinaries, LlamaBinariesError, type LlamaBinaries } from '../src/io/llama/llama-binaries.ts';
+import { stopAll } from '../src/io/llama/processes.ts';
+import { diffRpcSnapshots, startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../src/io/llama/rpc-traffic.ts';
 import { greedyCompletion } from '../test/helpers/llama.ts';
 import { MESH_RPC_COMMANDS, startNativeLlamaServer, startNativeRpcServer, type NativeRpcServer } from '../test/native-support.ts';
 

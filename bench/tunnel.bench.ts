@@ -12,12 +12,12 @@ import { createConnection, createServer, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { asEndpointId } from '../src/machines/mesh-types.ts';
-import { createIrohEndpoint } from '../src/io/iroh-transport.ts';
-import { ephemeralSecretKey } from '../src/io/secret-key.ts';
+import { createIrohEndpoint } from '../src/io/transport/iroh-transport.ts';
+import { ephemeralSecretKey } from '../src/io/host/secret-key.ts';
 import { randomBytes } from 'node:crypto';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { TunnelService, type TunnelCodec } from '../src/io/tunnel.ts';
+import { TunnelService, type TunnelCodec } from '../src/io/transport/tunnel.ts';
 
 const SELF = fileURLToPath(import.meta.url);
 const args = process.argv.slice(2);
@@ -283,7 +283,7 @@ interface BenchRow {
 
 async function llama(quick: boolean): Promise<void> {
   const h = await import('../test/helpers/llama.ts');
-  const { generateLlamaGguf } = await import('../src/io/gguf-writer.ts');
+  const { generateLlamaGguf } = await import('../src/io/gguf/gguf-writer.ts');
   const bins = h.llamaBinaries();
   const llamaBench = `${bins.dir}/llama-bench`;
   if (!existsSync(llamaBench)) throw new Error(`${llamaBench} not found: build the llama-bench target`);

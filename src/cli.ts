@@ -1,9 +1,9 @@
 // The composition root of `mesh-inference`: parses the command line, runs the demo when there are no
 // arguments, otherwise starts one node (src/node.ts), prints its invite token and API address, and stops it
 // cleanly on SIGINT / SIGTERM (children included: none is left behind, however the node ends).
-import { parseCliArgsOrExit } from './io/cli-args.ts';
-import { formatBytes } from './io/vram.ts';
-import { killAllSync } from './io/processes.ts';
+import { parseCliArgsOrExit } from './io/host/cli-args.ts';
+import { formatBytes } from './io/host/vram.ts';
+import { killAllSync } from './io/llama/processes.ts';
 import { startNode, type NodeHandle } from './node.ts';
 
 /** Environment knobs for the demo, tests and benchmarks (documented in docs/node.md). */

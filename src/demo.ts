@@ -6,12 +6,12 @@ import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { DEFAULT_API_PORT } from './io/cli-args.ts';
-import { generateLlamaGguf, planLlamaModel, type LlamaModelSpec } from './io/gguf-writer.ts';
-import { readModelIdentity } from './io/gguf-reader.ts';
-import { findLlamaBinaries, LlamaBinariesError } from './io/llama-binaries.ts';
-import { spawnManaged, type ManagedProcess } from './io/processes.ts';
-import { formatBytes } from './io/vram.ts';
+import { DEFAULT_API_PORT } from './io/host/cli-args.ts';
+import { generateLlamaGguf, planLlamaModel, type LlamaModelSpec } from './io/gguf/gguf-writer.ts';
+import { readModelIdentity } from './io/gguf/gguf-reader.ts';
+import { findLlamaBinaries, LlamaBinariesError } from './io/llama/llama-binaries.ts';
+import { spawnManaged, type ManagedProcess } from './io/llama/processes.ts';
+import { formatBytes } from './io/host/vram.ts';
 
 /** The demo's model: small enough to generate in seconds and answer fast on two cores. */
 export const DEMO_MODEL: LlamaModelSpec = { layers: 8, embd: 256, ff: 768, type: 'f16', seed: 7, name: 'mesh-inference-demo (random weights)' };

@@ -6,10 +6,10 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { FastifyInstance } from 'fastify';
 import OpenAI from 'openai';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { buildApiServer, type ApiServerInit, type Upstream } from '../src/io/api-server.ts';
-import { startLlamaServer, type LlamaServerProcess } from '../src/io/llama-server-process.ts';
-import { stopAll } from '../src/io/processes.ts';
-import { startRpcServer } from '../src/io/rpc-server-process.ts';
+import { buildApiServer, type ApiServerInit, type Upstream } from '../src/io/http/api-server.ts';
+import { startLlamaServer, type LlamaServerProcess } from '../src/io/llama/llama-server-process.ts';
+import { stopAll } from '../src/io/llama/processes.ts';
+import { startRpcServer } from '../src/io/llama/rpc-server-process.ts';
 import { llamaBinaries, makeTempModel, type TempModel } from './helpers/llama.ts';
 
 const apps: FastifyInstance[] = [];

@@ -5,8 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { DEFAULT_API_PORT, HELP_TEXT, parseByteSize, parseCliArgs, type CliOptions } from '../src/io/cli-args.ts';
-import { createMeshId, createMeshSecret, encodeInviteToken } from '../src/io/invite-token.ts';
+import { DEFAULT_API_PORT, HELP_TEXT, parseByteSize, parseCliArgs, type CliOptions } from '../src/io/host/cli-args.ts';
+import { createMeshId, createMeshSecret, encodeInviteToken } from '../src/io/wire/invite-token.ts';
 import { asEndpointId } from '../src/machines/mesh-types.ts';
 
 let dir: string;
@@ -187,7 +187,7 @@ describe('parseByteSize', () => {
 
 describe('the CLI entry', () => {
   // The real process (with -e, node puts the arguments from argv[1]): a usage error is one line on stderr and exit status 2, help goes to stdout.
-  const entry = `import { parseCliArgsOrExit } from ${JSON.stringify(new URL('../src/io/cli-args.ts', import.meta.url).pathname)};
+  const entry = `import { parseCliArgsOrExit } from ${JSON.stringify(new URL('../src/io/host/cli-args.ts', import.meta.url).pathname)};
 const r = parseCliArgsOrExit(process.argv.slice(1)); console.log(JSON.stringify(r.kind));`;
   const runEntry = (args: string[]) =>
     execa('node', ['--import', 'tsx', '--input-type=module', '-e', entry, '--', ...args], { reject: false, env: { MESH_INFERENCE_JOIN: '' } });

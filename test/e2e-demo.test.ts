@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import OpenAI from 'openai';
 import { afterAll, describe, expect, it } from 'vitest';
-import { spawnManaged, type ManagedProcess } from '../src/io/processes.ts';
+import { spawnManaged, type ManagedProcess } from '../src/io/llama/processes.ts';
 import { descendants, e2eBinDir, isAlive } from './e2e-support.ts';
 import type { NodeStatus } from '../src/node.ts';
 

@@ -14,7 +14,7 @@ import {
   type E2eMesh,
   type E2eNode,
 } from './e2e-support.ts';
-import { findLlamaBinaries } from '../src/io/llama-binaries.ts';
+import { findLlamaBinaries } from '../src/io/llama/llama-binaries.ts';
 import type { NodeStatus } from '../src/node.ts';
 
 const PROMPT = 'The mesh of machines shares one model, and every token';

@@ -6,10 +6,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import OpenAI from 'openai';
-import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf-writer.ts';
-import { readModelIdentity } from '../src/io/gguf-reader.ts';
-import { buildBinDir } from '../src/io/llama-binaries.ts';
-import { spawnManaged, type ManagedProcess } from '../src/io/processes.ts';
+import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
+import { readModelIdentity } from '../src/io/gguf/gguf-reader.ts';
+import { buildBinDir } from '../src/io/llama/llama-binaries.ts';
+import { spawnManaged, type ManagedProcess } from '../src/io/llama/processes.ts';
 import type { NodeStatus } from '../src/node.ts';
 import { greedyCompletion, startLlamaServer } from './helpers/llama.ts';
 

@@ -10,8 +10,8 @@ import {
   FrameTooLargeError,
   MalformedMsgpackError,
   TruncatedFrameError,
-} from '../src/io/frame-codec.ts';
-import { BadFieldError, UnknownMessageError, validateMessage, WireError } from '../src/io/messages.ts';
+} from '../src/io/wire/frame-codec.ts';
+import { BadFieldError, UnknownMessageError, validateMessage, WireError } from '../src/io/wire/messages.ts';
 import type { MeshMessage } from '../src/machines/protocol.ts';
 import { concat, messageArb, splitAt } from './support/wire-arbitraries.ts';
 

@@ -1,7 +1,7 @@
 // Generated models against the real llama.cpp: llama-server loads them, tokenizes with the copied
 // tokenizer, and greedy generation is varied (not one token repeated), for each weight type.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { stopAll } from '../src/io/processes.ts';
+import { stopAll } from '../src/io/llama/processes.ts';
 import { greedyCompletion, llamaBinaries, makeTempModel, startLlamaServer, type TempModel } from './helpers/llama.ts';
 
 const models: TempModel[] = [];

@@ -17,7 +17,7 @@ import {
   readModelIdentity,
   type GgufHeader,
   type GgufValue,
-} from '../src/io/gguf-reader.ts';
+} from '../src/io/gguf/gguf-reader.ts';
 import {
   DEFAULT_VOCAB_PATH,
   encodeGgufHeader,
@@ -25,7 +25,7 @@ import {
   generateLlamaGguf,
   planLlamaModel,
   type LlamaModelSpec,
-} from '../src/io/gguf-writer.ts';
+} from '../src/io/gguf/gguf-writer.ts';
 
 let dir: string;
 beforeAll(async () => {

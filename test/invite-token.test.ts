@@ -8,7 +8,7 @@ import {
   inviteAddrs,
   InviteTokenError,
   parseSocketAddr,
-} from '../src/io/invite-token.ts';
+} from '../src/io/wire/invite-token.ts';
 import { asEndpointId } from '../src/machines/mesh-types.ts';
 
 const hex = (n: number) => fc.uint8Array({ minLength: n, maxLength: n }).map((b) => Buffer.from(b).toString('hex'));

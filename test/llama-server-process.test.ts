@@ -13,9 +13,9 @@ import {
   startLlamaServer,
   type LlamaLoadProgress,
   type LlamaServerProcess,
-} from '../src/io/llama-server-process.ts';
-import { stopAll } from '../src/io/processes.ts';
-import { freeLoopbackPort, rpcDeviceCount, startRpcServer } from '../src/io/rpc-server-process.ts';
+} from '../src/io/llama/llama-server-process.ts';
+import { stopAll } from '../src/io/llama/processes.ts';
+import { freeLoopbackPort, rpcDeviceCount, startRpcServer } from '../src/io/llama/rpc-server-process.ts';
 import { greedyCompletion, llamaBinaries, makeTempModel, type TempModel } from './helpers/llama.ts';
 
 const FLAGS = { loadMode: true, fit: true, cacheRam: true };

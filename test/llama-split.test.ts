@@ -1,15 +1,15 @@
 // A forced split through two ggml-rpc-servers (stock binaries, loopback, a generated model) gives the
 // same greedy tokens as one process alone, and the counting proxies show what each server received.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { readGgufHeader, type GgufHeader } from '../src/io/gguf-reader.ts';
-import { stopAll } from '../src/io/processes.ts';
+import { readGgufHeader, type GgufHeader } from '../src/io/gguf/gguf-reader.ts';
+import { stopAll } from '../src/io/llama/processes.ts';
 import {
   diffRpcSnapshots,
   formatRpcSnapshot,
   startRpcTrafficProxy,
   type RpcTrafficProxy,
   type RpcTrafficSnapshot,
-} from '../src/io/rpc-traffic.ts';
+} from '../src/io/llama/rpc-traffic.ts';
 import {
   greedyCompletion,
   llamaBinaries,

@@ -2,7 +2,7 @@
 // readable lines for a terminal; levels filter.
 import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { componentLogger, createLogger, isLogLevel, silentLogger } from '../src/io/logger.ts';
+import { componentLogger, createLogger, isLogLevel, silentLogger } from '../src/io/host/logger.ts';
 
 function sink(): { stream: Writable & { write: Writable['write'] }; text: () => string } {
   let out = '';

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { checkHello, helloProof, makeHello, verifyHelloProof } from '../src/io/mesh-auth.ts';
+import { checkHello, helloProof, makeHello, verifyHelloProof } from '../src/io/wire/mesh-auth.ts';
 import { asEndpointId, PROTOCOL_VERSION } from '../src/machines/mesh-types.ts';
 
 const A = asEndpointId('a1'.repeat(32));

@@ -3,11 +3,11 @@
 import { randomBytes } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
 import { pino } from 'pino';
-import { createIrohEndpoint } from '../src/io/iroh-transport.ts';
-import { MeshNetwork, type MeshNetworkInit } from '../src/io/mesh-network.ts';
-import { createMeshId, createMeshSecret, decodeInviteToken, encodeInviteToken } from '../src/io/invite-token.ts';
+import { createIrohEndpoint } from '../src/io/transport/iroh-transport.ts';
+import { MeshNetwork, type MeshNetworkInit } from '../src/io/mesh/mesh-network.ts';
+import { createMeshId, createMeshSecret, decodeInviteToken, encodeInviteToken } from '../src/io/wire/invite-token.ts';
 import { asEndpointId, type EndpointId } from '../src/machines/mesh-types.ts';
-import type { MeshEndpoint } from '../src/io/transport.ts';
+import type { MeshEndpoint } from '../src/io/transport/transport.ts';
 import type { NetworkEvent } from '../src/machines/protocol.ts';
 
 interface TestNode {

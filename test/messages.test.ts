@@ -1,7 +1,7 @@
 // Field-by-field validation of control messages: every bad field is named, nothing else gets through.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { BadFieldError, parseMessage, UnknownMessageError, validateMessage } from '../src/io/messages.ts';
+import { BadFieldError, parseMessage, UnknownMessageError, validateMessage } from '../src/io/wire/messages.ts';
 import { messageArb } from './support/wire-arbitraries.ts';
 
 const ID = 'ab'.repeat(32);

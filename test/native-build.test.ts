@@ -1,4 +1,4 @@
-// native/build.sh and src/io/llama-binaries.ts: the cache key, the refusals (missing tools, a tampered
+// native/build.sh and src/io/llama/llama-binaries.ts: the cache key, the refusals (missing tools, a tampered
 // source tarball), and finding the binaries with their patches. The real build runs once (ensureLlamaBinaries,
 // seconds when it is up to date); every other case runs the script where it stops before compiling.
 import { spawnSync } from 'node:child_process';
@@ -14,7 +14,7 @@ import {
   ensureLlamaBinaries,
   findLlamaBinaries,
   type LlamaBinaries,
-} from '../src/io/llama-binaries.ts';
+} from '../src/io/llama/llama-binaries.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'mesh-native-build-'));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));

@@ -6,10 +6,10 @@ import { copyFile, mkdtemp, readFile, rm, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { readGgufHeader, type GgufHeader } from '../src/io/gguf-reader.ts';
-import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf-writer.ts';
-import { buildBinDir, buildDisabled, ensureLlamaBinaries, type LlamaBinaries } from '../src/io/llama-binaries.ts';
-import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../src/io/rpc-traffic.ts';
+import { readGgufHeader, type GgufHeader } from '../src/io/gguf/gguf-reader.ts';
+import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
+import { buildBinDir, buildDisabled, ensureLlamaBinaries, type LlamaBinaries } from '../src/io/llama/llama-binaries.ts';
+import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../src/io/llama/rpc-traffic.ts';
 import { greedyCompletion } from './helpers/llama.ts';
 import {
   GGUF_RESULT,

@@ -2,7 +2,7 @@
 // llama.cpp RPC client that sends hand-made frames, and loopback llama.cpp processes from explicit binaries
 // (the tests run patched and stock binaries side by side).
 import { connect, type Socket } from 'node:net';
-import { spawnManaged, type ManagedProcess } from '../src/io/processes.ts';
+import { spawnManaged, type ManagedProcess } from '../src/io/llama/processes.ts';
 import { freePort } from './helpers/llama.ts';
 
 // ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterEach, describe, expect, it } from 'vitest';
-import { liveProcesses, spawnManaged, SpawnError, stopAll } from '../src/io/processes.ts';
+import { liveProcesses, spawnManaged, SpawnError, stopAll } from '../src/io/llama/processes.ts';
 
 const SH = '/bin/sh';
 const bashPath = (await execa('sh', ['-c', 'command -v bash'])).stdout.trim();
@@ -155,7 +155,7 @@ describe('no orphans', () => {
   // and check that its children are gone. Ceilings are generous: they catch leaks, not speed.
   // The node ends itself (exit, throw) only when the test says so on its stdin, after the test has seen
   // the child alive: ending at once raced that check (on a loaded machine the child was already gone).
-  const processesTs = new URL('../src/io/processes.ts', import.meta.url).pathname;
+  const processesTs = new URL('../src/io/llama/processes.ts', import.meta.url).pathname;
   const owner = (ending: string) => `
 import { spawnManaged } from ${JSON.stringify(processesTs)};
 const p = spawnManaged({ name: 'kid', file: '/bin/sh', args: ['-c', 'sleep 1000 & echo $!; exec sleep 1000'], orphanGraceMs: 1000 });

@@ -3,10 +3,10 @@
 // unprotected one); a busy server makes the probe time out; failures and exits are reported.
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
-import { findLlamaBinaries } from '../src/io/llama-binaries.ts';
-import { spawnManaged, stopAll, SpawnError } from '../src/io/processes.ts';
-import { startRpcServer, RpcServerStartError, freeLoopbackPort, rpcDeviceCount, type RpcServerProcess } from '../src/io/rpc-server-process.ts';
-import { rpcHello } from '../src/io/rpc-traffic.ts';
+import { findLlamaBinaries } from '../src/io/llama/llama-binaries.ts';
+import { spawnManaged, stopAll, SpawnError } from '../src/io/llama/processes.ts';
+import { startRpcServer, RpcServerStartError, freeLoopbackPort, rpcDeviceCount, type RpcServerProcess } from '../src/io/llama/rpc-server-process.ts';
+import { rpcHello } from '../src/io/llama/rpc-traffic.ts';
 import { llamaBinaries, makeTempModel } from './helpers/llama.ts';
 
 const sockets: Socket[] = [];

@@ -3,7 +3,7 @@
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { readGgufHeader } from '../src/io/gguf-reader.ts';
+import { readGgufHeader } from '../src/io/gguf/gguf-reader.ts';
 import {
   RPC_COMMANDS,
   RpcStreamParser,
@@ -13,8 +13,8 @@ import {
   rpcHello,
   startRpcTrafficProxy,
   type RpcTrafficProxy,
-} from '../src/io/rpc-traffic.ts';
-import { stopAll } from '../src/io/processes.ts';
+} from '../src/io/llama/rpc-traffic.ts';
+import { stopAll } from '../src/io/llama/processes.ts';
 import {
   greedyCompletion,
   llamaBinaries,

@@ -2,7 +2,7 @@
 import { createSocket, type Socket } from 'node:dgram';
 import { createRequire } from 'node:module';
 import { afterEach, describe, expect, it } from 'vitest';
-import { StunError, discoverPublicAddress, parseStunServer, retrySchedule } from '../src/io/stun.ts';
+import { StunError, discoverPublicAddress, parseStunServer, retrySchedule } from '../src/io/host/stun.ts';
 
 interface StunServer {
   on(ev: string, f: (req: { transactionId: Buffer }, rinfo: { address: string; port: number }) => void): void;

@@ -10,7 +10,7 @@ import {
   type MeshEndpoint,
   type MeshStream,
   type RawEndpoint,
-} from '../src/io/transport.ts';
+} from '../src/io/transport/transport.ts';
 
 export interface RemotePeer {
   readonly id: EndpointId;

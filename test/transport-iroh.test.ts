@@ -5,8 +5,8 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { asEndpointId } from '../src/machines/mesh-types.ts';
-import { createIrohEndpoint, createIrohRawEndpoint } from '../src/io/iroh-transport.ts';
-import { ephemeralSecretKey } from '../src/io/secret-key.ts';
+import { createIrohEndpoint, createIrohRawEndpoint } from '../src/io/transport/iroh-transport.ts';
+import { ephemeralSecretKey } from '../src/io/host/secret-key.ts';
 import { SecretKey } from '@number0/iroh';
 import { transportContract, type RemotePeer, type RemotePeerOptions } from './transport-contract.ts';
 

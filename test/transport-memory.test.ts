@@ -1,6 +1,6 @@
 // The transport contract against the in-memory backend, plus what only it can show (determinism, delay).
 import { describe, expect, it } from 'vitest';
-import { MemoryNetwork } from '../src/io/memory-transport.ts';
+import { MemoryNetwork } from '../src/io/transport/memory-transport.ts';
 import { echo, readAll, transportContract, within } from './transport-contract.ts';
 
 // Idle timeout long enough that a zombie connection outlives the restart tests' probe (1 s).

@@ -2,7 +2,7 @@
 // {"id","addrs","dialed"} as one JSON line once bound. Args: [secret key hex | -] [{"id","addrs"} to dial first].
 import { randomBytes } from 'node:crypto';
 import { asEndpointId } from '../src/machines/mesh-types.ts';
-import { createIrohEndpoint } from '../src/io/iroh-transport.ts';
+import { createIrohEndpoint } from '../src/io/transport/iroh-transport.ts';
 
 const [keyHex, dialTo] = process.argv.slice(2);
 const key = keyHex && keyHex !== '-' ? new Uint8Array(Buffer.from(keyHex, 'hex')) : new Uint8Array(randomBytes(32));

@@ -3,7 +3,7 @@ import { mkdtemp, readFile, stat, writeFile, chmod, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { SecretKeyError, defaultKeyPath, ephemeralSecretKey, loadOrCreateSecretKey } from '../src/io/secret-key.ts';
+import { SecretKeyError, defaultKeyPath, ephemeralSecretKey, loadOrCreateSecretKey } from '../src/io/host/secret-key.ts';
 
 const dirs: string[] = [];
 afterEach(async () => {

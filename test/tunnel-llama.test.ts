@@ -5,9 +5,9 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { asEndpointId, type EndpointId } from '../src/machines/mesh-types.ts';
-import { createIrohEndpoint } from '../src/io/iroh-transport.ts';
-import { ephemeralSecretKey } from '../src/io/secret-key.ts';
-import { TunnelService } from '../src/io/tunnel.ts';
+import { createIrohEndpoint } from '../src/io/transport/iroh-transport.ts';
+import { ephemeralSecretKey } from '../src/io/host/secret-key.ts';
+import { TunnelService } from '../src/io/transport/tunnel.ts';
 import {
   greedyCompletion,
   makeTempModel,

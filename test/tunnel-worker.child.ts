@@ -1,8 +1,8 @@
 // A worker node's transport side in its own process: an iroh endpoint whose rpc tunnels from one host go
 // to a local TCP target. Args: <host endpoint id> <target port>. Prints {"id","addrs"} once bound.
-import { createIrohEndpoint } from '../src/io/iroh-transport.ts';
-import { ephemeralSecretKey } from '../src/io/secret-key.ts';
-import { TunnelService } from '../src/io/tunnel.ts';
+import { createIrohEndpoint } from '../src/io/transport/iroh-transport.ts';
+import { ephemeralSecretKey } from '../src/io/host/secret-key.ts';
+import { TunnelService } from '../src/io/transport/tunnel.ts';
 
 const [hostId, targetPort] = process.argv.slice(2);
 if (!hostId || !targetPort) {

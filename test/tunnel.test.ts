@@ -3,12 +3,12 @@
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { EndpointId } from '../src/machines/mesh-types.ts';
-import { createIrohEndpoint } from '../src/io/iroh-transport.ts';
-import { MemoryNetwork } from '../src/io/memory-transport.ts';
-import { ephemeralSecretKey } from '../src/io/secret-key.ts';
+import { createIrohEndpoint } from '../src/io/transport/iroh-transport.ts';
+import { MemoryNetwork } from '../src/io/transport/memory-transport.ts';
+import { ephemeralSecretKey } from '../src/io/host/secret-key.ts';
 import { randomBytes } from 'node:crypto';
-import { TunnelService, type TunnelCodec, type TunnelPolicy } from '../src/io/tunnel.ts';
-import type { MeshEndpoint } from '../src/io/transport.ts';
+import { TunnelService, type TunnelCodec, type TunnelPolicy } from '../src/io/transport/tunnel.ts';
+import type { MeshEndpoint } from '../src/io/transport/transport.ts';
 import { within } from './transport-contract.ts';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

@@ -4,7 +4,7 @@ import { chmodSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { detectVram, parseNvidiaSmi } from '../src/io/vram.ts';
+import { detectVram, parseNvidiaSmi } from '../src/io/host/vram.ts';
 
 const MIB = 2 ** 20;
 const GIB = 2 ** 30;

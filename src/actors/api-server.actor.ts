@@ -4,7 +4,7 @@
 import { createActor, fromCallback, type EventObject, type InspectionEvent, type Observer } from 'xstate';
 import type { EndpointId } from '../machines/mesh-types.ts';
 import { proxyMachine, routeFacts, type ProxyEvent, type Route } from '../machines/proxy.machine.ts';
-import { buildApiServer, type ApiServerInit, type Upstream, type UpstreamResolver } from '../io/api-server.ts';
+import { buildApiServer, type ApiServerInit, type Upstream, type UpstreamResolver } from '../io/http/api-server.ts';
 
 /** What routing reads from the node actor: its snapshot, and updates to it. */
 type NodeSnapshotLike = Parameters<typeof routeFacts>[0];

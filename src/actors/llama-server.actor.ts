@@ -1,5 +1,5 @@
 // Actor logic for the llama-server machine's slots (src/machines/llama-server.machine.ts): the process
-// (llamaServerProcess) and the readiness wait (waitLlamaHealthy), over src/io/llama-server-process.ts.
+// (llamaServerProcess) and the readiness wait (waitLlamaHealthy), over src/io/llama/llama-server-process.ts.
 import { fromCallback, fromPromise } from 'xstate';
 import type { LlamaServerProcessInput, ReadyPlan } from '../machines/llama-server.machine.ts';
 import type { PlanStage } from '../machines/mesh-types.ts';
@@ -11,10 +11,10 @@ import {
   type LlamaLoadProgress,
   type LlamaServerInit,
   type LlamaServerProcess,
-} from '../io/llama-server-process.ts';
-import type { Logger } from '../io/logger.ts';
-import { DEFAULT_STOP_GRACE_MS } from '../io/processes.ts';
-import { rpcDeviceCount } from '../io/rpc-server-process.ts';
+} from '../io/llama/llama-server-process.ts';
+import type { Logger } from '../io/host/logger.ts';
+import { DEFAULT_STOP_GRACE_MS } from '../io/llama/processes.ts';
+import { rpcDeviceCount } from '../io/llama/rpc-server-process.ts';
 
 export interface LlamaServerActorConfig {
   readonly binary: string;

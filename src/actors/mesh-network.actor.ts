@@ -3,7 +3,7 @@
 import { fromCallback } from 'xstate';
 import type { EndpointId } from '../machines/mesh-types.ts';
 import type { NetworkCommand, NetworkEvent } from '../machines/protocol.ts';
-import { MeshNetwork, type MeshNetworkComponents, type MeshNetworkInit } from '../io/mesh-network.ts';
+import { MeshNetwork, type MeshNetworkComponents, type MeshNetworkInit } from '../io/mesh/mesh-network.ts';
 
 export interface MeshNetworkActorInput {
   readonly init: MeshNetworkInit;

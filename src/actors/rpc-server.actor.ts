@@ -1,12 +1,12 @@
 // Actor logic for the rpc-server machine's slots (src/machines/rpc-server.machine.ts): the process itself
-// (rpcServerProcess) and the listening check (waitRpcServerListening), over src/io/rpc-server-process.ts.
+// (rpcServerProcess) and the listening check (waitRpcServerListening), over src/io/llama/rpc-server-process.ts.
 import { connect } from 'node:net';
 import { fromCallback, fromPromise } from 'xstate';
 import type { ProcessEvent, ProcessKillCommand } from '../machines/process-slot.ts';
 import type { RpcServerProcessInput } from '../machines/rpc-server.machine.ts';
-import type { Logger } from '../io/logger.ts';
-import { DEFAULT_STOP_GRACE_MS, summarizeTail, type ExitInfo } from '../io/processes.ts';
-import { startRpcServer, type RpcServerProcess } from '../io/rpc-server-process.ts';
+import type { Logger } from '../io/host/logger.ts';
+import { DEFAULT_STOP_GRACE_MS, summarizeTail, type ExitInfo } from '../io/llama/processes.ts';
+import { startRpcServer, type RpcServerProcess } from '../io/llama/rpc-server-process.ts';
 
 export interface RpcServerActorConfig {
   /** Path of ggml-rpc-server. */

@@ -2,10 +2,10 @@
 // which incoming rpc and http streams may reach local processes (the policy), the host's loopback port per
 // remote worker for llama-server's `--rpc`, a worker's or lite client's port to the host's llama-server, and
 // the hand-off. The composition root feeds it every snapshot of the node actor through `follow()`.
-import type { Logger } from '../io/logger.ts';
-import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../io/rpc-traffic.ts';
-import { TunnelService, type TunnelKind, type TunnelListener, type TunnelTarget } from '../io/tunnel.ts';
-import type { MeshEndpoint } from '../io/transport.ts';
+import type { Logger } from '../io/host/logger.ts';
+import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../io/llama/rpc-traffic.ts';
+import { TunnelService, type TunnelKind, type TunnelListener, type TunnelTarget } from '../io/transport/tunnel.ts';
+import type { MeshEndpoint } from '../io/transport/transport.ts';
 import type { EndpointId } from '../machines/mesh-types.ts';
 import { runningRole, type NodeContext, type RpcTunnelPolicy } from '../machines/node.machine.ts';
 import { remoteWorkers } from '../machines/node-plan.ts';

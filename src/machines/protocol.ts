@@ -1,5 +1,5 @@
 // The control-stream messages between two peers, as the machines see them (already decoded and validated).
-// src/io/messages.ts validates raw msgpack values into these; src/io/frame-codec.ts frames them.
+// src/io/wire/messages.ts validates raw msgpack values into these; src/io/wire/frame-codec.ts frames them.
 import type { Announcement, EndpointId, ModelIdentity, RolePreference } from './mesh-types.ts';
 
 /** First message each side sends on the control stream. */

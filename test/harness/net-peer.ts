@@ -10,9 +10,9 @@
 import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import { pino, type LevelWithSilent } from 'pino';
-import { createIrohEndpoint } from '../../src/io/iroh-transport.ts';
-import { MeshNetwork } from '../../src/io/mesh-network.ts';
-import { createMeshId, createMeshSecret, decodeInviteToken, encodeInviteToken } from '../../src/io/invite-token.ts';
+import { createIrohEndpoint } from '../../src/io/transport/iroh-transport.ts';
+import { MeshNetwork } from '../../src/io/mesh/mesh-network.ts';
+import { createMeshId, createMeshSecret, decodeInviteToken, encodeInviteToken } from '../../src/io/wire/invite-token.ts';
 import type { NetworkCommand } from '../../src/machines/protocol.ts';
 
 interface Config {

@@ -5,10 +5,10 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { generateLlamaGguf, type LlamaModelSpec } from '../../src/io/gguf-writer.ts';
-import { buildBinDir, type LlamaVariant } from '../../src/io/llama-binaries.ts';
-import { spawnManaged, type ManagedProcess } from '../../src/io/processes.ts';
-import { rpcHello } from '../../src/io/rpc-traffic.ts';
+import { generateLlamaGguf, type LlamaModelSpec } from '../../src/io/gguf/gguf-writer.ts';
+import { buildBinDir, type LlamaVariant } from '../../src/io/llama/llama-binaries.ts';
+import { spawnManaged, type ManagedProcess } from '../../src/io/llama/processes.ts';
+import { rpcHello } from '../../src/io/llama/rpc-traffic.ts';
 
 /** The binaries are not there: the message says how to get them. */
 export class LlamaBinariesMissing extends Error {

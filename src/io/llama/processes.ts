@@ -18,7 +18,7 @@
 // SIGPIPE (exit 141) when a queued client disconnects, and Node restores SIGPIPE to default in children.
 import { accessSync, constants as fsConstants, statSync } from 'node:fs';
 import { execa } from 'execa';
-import type { Logger } from './logger.ts';
+import type { Logger } from '../host/logger.ts';
 
 /** Lines of output kept per child, for crash reports. */
 export const DEFAULT_TAIL_LINES = 200;

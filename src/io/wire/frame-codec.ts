@@ -1,7 +1,7 @@
 // Control-stream framing: a 4-byte big-endian length, then one msgpack value. FrameDecoder takes chunks
 // of any size and returns whole, validated messages; it never throws and never buffers past the cap.
 import { Packr, Unpackr } from 'msgpackr';
-import type { MeshMessage } from '../machines/protocol.ts';
+import type { MeshMessage } from '../../machines/protocol.ts';
 import { parseMessage, WireError } from './messages.ts';
 
 export { WireError } from './messages.ts';

@@ -3,7 +3,7 @@
 import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { basename } from 'node:path';
-import type { ModelIdentity } from '../machines/mesh-types.ts';
+import type { ModelIdentity } from '../../machines/mesh-types.ts';
 
 /** "GGUF" read as a little-endian u32. */
 export const GGUF_MAGIC = 0x46554747;

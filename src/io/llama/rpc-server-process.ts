@@ -2,7 +2,7 @@
 // tunnels reach it), SIGPIPE ignored, serving tensors from the node's own GGUF when the binary has our
 // patch, and ready only once it has really answered an RPC HELLO.
 import { connect, createServer } from 'node:net';
-import type { Logger } from './logger.ts';
+import type { Logger } from '../host/logger.ts';
 import { spawnManaged, summarizeTail, type ExitInfo, type ManagedProcess } from './processes.ts';
 import { rpcHello, type RpcServerVersion } from './rpc-traffic.ts';
 

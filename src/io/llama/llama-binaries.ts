@@ -6,7 +6,7 @@ import { open } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-export const NATIVE_DIR = fileURLToPath(new URL('../../native/', import.meta.url));
+export const NATIVE_DIR = fileURLToPath(new URL('../../../native/', import.meta.url));
 export const BUILD_SCRIPT = join(NATIVE_DIR, 'build.sh');
 
 /** `mesh` = the release with native/patches applied; `stock` = the same release untouched. */

@@ -5,8 +5,8 @@ import { hostname } from 'node:os';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import type { LevelWithSilent } from 'pino';
-import type { RolePreference } from '../machines/mesh-types.ts';
-import { decodeInviteToken, InviteTokenError, type InviteToken } from './invite-token.ts';
+import type { RolePreference } from '../../machines/mesh-types.ts';
+import { decodeInviteToken, InviteTokenError, type InviteToken } from '../wire/invite-token.ts';
 import { isLogLevel, LOG_LEVELS } from './logger.ts';
 
 export const DEFAULT_API_PORT = 9337;

@@ -3,7 +3,7 @@
 // idle timeout), deterministic (microtasks, or a fixed delay), for tests and the simulator.
 import { createHash } from 'node:crypto';
 import { pino, type Logger } from 'pino';
-import { asEndpointId, type EndpointId } from '../machines/mesh-types.ts';
+import { asEndpointId, type EndpointId } from '../../machines/mesh-types.ts';
 import {
   ConnectionClosedError,
   DialError,

@@ -1,7 +1,7 @@
 // Validates decoded msgpack values into the MeshMessage union, field by field, at the wire boundary:
 // whatever a peer sends, the machines only ever see well-typed messages; anything else is a typed error.
-import { asEndpointId, type Announcement, type EndpointId, type ModelIdentity, type RolePreference } from '../machines/mesh-types.ts';
-import type { MeshMessage, MeshMessageType } from '../machines/protocol.ts';
+import { asEndpointId, type Announcement, type EndpointId, type ModelIdentity, type RolePreference } from '../../machines/mesh-types.ts';
+import type { MeshMessage, MeshMessageType } from '../../machines/protocol.ts';
 
 /** Stable codes a caller can act on (all of them mean: close this peer with the message as the reason). */
 export type WireErrorCode = 'frame-too-large' | 'malformed-msgpack' | 'truncated-frame' | 'unknown-message' | 'bad-field';

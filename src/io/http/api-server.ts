@@ -8,7 +8,7 @@
 import { timingSafeEqual } from 'node:crypto';
 import { Agent, request as httpRequest, type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
-import type { Logger } from './logger.ts';
+import type { Logger } from '../host/logger.ts';
 
 /** Where a request goes, as the resolver decides it. */
 export type Upstream =

@@ -2,7 +2,7 @@
 // (mesh id and secret, and where to reach the inviter). Decoding never throws anything but InviteTokenError.
 import { randomBytes } from 'node:crypto';
 import { isIPv4, isIPv6 } from 'node:net';
-import { asEndpointId, type EndpointId } from '../machines/mesh-types.ts';
+import { asEndpointId, type EndpointId } from '../../machines/mesh-types.ts';
 
 /*
  * Wire form: "mi" + <version digit> + base64url(no padding) of

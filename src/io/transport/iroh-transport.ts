@@ -14,7 +14,7 @@ import {
   type SendStream,
 } from '@number0/iroh';
 import { pino, type Logger } from 'pino';
-import { asEndpointId, type EndpointId } from '../machines/mesh-types.ts';
+import { asEndpointId, type EndpointId } from '../../machines/mesh-types.ts';
 import {
   ConnectionClosedError,
   DialError,

@@ -2,11 +2,11 @@
 // control-stream frames into NetworkEvents (and NetworkCommands into frames). A bad peer is closed with a
 // logged reason; nothing it sends can throw out of here or disturb the other peers.
 import type { Logger } from 'pino';
-import { PROTOCOL_VERSION, type EndpointId } from '../machines/mesh-types.ts';
-import type { MeshMessage, NetworkCommand, NetworkEvent } from '../machines/protocol.ts';
-import { checkHello, makeHello, type HelloFacts } from './mesh-auth.ts';
-import { encodeFrame, FrameDecoder } from './frame-codec.ts';
-import { firstLine, type MeshConnection, type MeshEndpoint, type MeshStream } from './transport.ts';
+import { PROTOCOL_VERSION, type EndpointId } from '../../machines/mesh-types.ts';
+import type { MeshMessage, NetworkCommand, NetworkEvent } from '../../machines/protocol.ts';
+import { checkHello, makeHello, type HelloFacts } from '../wire/mesh-auth.ts';
+import { encodeFrame, FrameDecoder } from '../wire/frame-codec.ts';
+import { firstLine, type MeshConnection, type MeshEndpoint, type MeshStream } from '../transport/transport.ts';
 
 export interface MeshNetworkInit {
   /** The mesh secret from the invite token (or created by the first node). */

@@ -2,8 +2,8 @@
 // one connection per pair of peers, stream kinds by first byte, handler dispatch. Backends supply raw QUIC-like
 // pieces (RawEndpoint); iroh-transport.ts and memory-transport.ts are the two backends.
 import { pino, type Logger } from 'pino';
-import type { EndpointId } from '../machines/mesh-types.ts';
-import { asEndpointId } from '../machines/mesh-types.ts';
+import type { EndpointId } from '../../machines/mesh-types.ts';
+import { asEndpointId } from '../../machines/mesh-types.ts';
 
 /** The one ALPN this protocol speaks; a peer on another version fails at the QUIC handshake. */
 export const MESH_ALPN = 'mesh-inference/1';

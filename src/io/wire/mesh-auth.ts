@@ -2,8 +2,8 @@
 // protocol version. QUIC/TLS already authenticates both endpoint ids, so binding both ids into the proof
 // makes a hello useless to replay towards anyone else.
 import { createHmac, timingSafeEqual } from 'node:crypto';
-import { PROTOCOL_VERSION, type EndpointId, type ModelIdentity, type RolePreference } from '../machines/mesh-types.ts';
-import type { HelloMessage } from '../machines/protocol.ts';
+import { PROTOCOL_VERSION, type EndpointId, type ModelIdentity, type RolePreference } from '../../machines/mesh-types.ts';
+import type { HelloMessage } from '../../machines/protocol.ts';
 
 /** Domain separation: a proof for this protocol can never be mistaken for another HMAC of the same secret. */
 export const HELLO_PROOF_CONTEXT = 'mesh-inference/1 hello';

@@ -26,7 +26,7 @@
 // progress as JSON lines on stdout, and, once loaded, exits when its stdin (our watchdog pipe) closes: a
 // second guard against orphans on top of processes.ts.
 import { execFile } from 'node:child_process';
-import type { Logger } from './logger.ts';
+import type { Logger } from '../host/logger.ts';
 import { spawnManaged, summarizeTail, type ExitInfo, type ManagedProcess } from './processes.ts';
 import { freeLoopbackPort } from './rpc-server-process.ts';
 

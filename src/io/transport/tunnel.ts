@@ -8,7 +8,7 @@
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { constants as zconst, deflateRawSync, inflateRawSync } from 'node:zlib';
 import { pino, type Logger } from 'pino';
-import type { EndpointId } from '../machines/mesh-types.ts';
+import type { EndpointId } from '../../machines/mesh-types.ts';
 import {
   TransportError,
   firstLine,

@@ -16,7 +16,7 @@ import {
   type GgufScalar,
   type GgufValue,
 } from './gguf-reader.ts';
-import { buildSourceDir } from './llama-binaries.ts';
+import { buildSourceDir } from '../llama/llama-binaries.ts';
 
 /** One row of the tensor table: `offset` is relative to the start of the data section. */
 export interface GgufTensorEntry {
