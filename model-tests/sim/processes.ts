@@ -1,12 +1,13 @@
 // The simulator's fake process table and the fake actors that fill the machines' process slots. It records
 // what really ran (spawns, kills, crashes, which llama-server is connected to which rpc-server) and plays the
 // parts of llama.cpp that matter to the mesh: llama-server dials every rpc-server of its plan through the
-// tunnels (which obey the worker's rpcTunnelPolicy) and dies when one of them vanishes.
+// tunnels (which admit what the product's tunnelDecision admits) and dies when one of them vanishes.
 import { fromCallback, type ActorLogic, type PromiseActorLogic, type Snapshot } from 'xstate';
 import type { LlamaServerProcessInput } from '../../src/machines/llama-server.machine.ts';
 import type { EndpointId, PlanStage } from '../../src/machines/mesh-types.ts';
 import type { ProcessEvent, ProcessKillCommand } from '../../src/machines/process-slot.ts';
 import type { RpcServerProcessInput } from '../../src/machines/rpc-server.machine.ts';
+import type { TunnelDecision } from '../../src/machines/tunnel-policy.ts';
 import type { SimScheduler } from './scheduler.ts';
 
 export type ProcessKind = 'rpc' | 'llama';
@@ -32,8 +33,8 @@ export interface ProcRecord {
 
 /** What the fakes need to know about the world outside the table. */
 export interface TunnelWorld {
-  /** What a worker's tunnel layer currently admits (the node's rpcTunnelPolicy), or null for nobody. */
-  policy(worker: EndpointId): { readonly host: EndpointId; readonly planId: string } | null;
+  /** What a worker's tunnel layer answers an rpc stream from `host`: the product's tunnelDecision. */
+  rpcDecision(worker: EndpointId, host: EndpointId): TunnelDecision;
   /** Whether a connection between the two nodes is open and can carry bytes. */
   canTunnel(a: EndpointId, b: EndpointId): boolean;
   /** Called when a llama-server connects to an rpc-server, before it is recorded: the checker's hook. */
@@ -142,16 +143,12 @@ export class ProcessTable {
     }
   }
 
-  /** The tunnel layer closes tunnels from hosts its node's policy no longer admits. */
-  enforcePolicy(worker: EndpointId, ignorePolicy: boolean): void {
-    if (ignorePolicy) return;
-    const policy = this.world.policy(worker);
+  /** The hand-off: the worker's tunnel layer closes every rpc tunnel of `host` (its policy left that host or plan). */
+  closeRpcTunnelsOf(worker: EndpointId, host: EndpointId): void {
     for (const rpc of this.liveOf(worker, 'rpc')) {
       for (const llamaPid of rpc.peers) {
         const llama = this.live.get(llamaPid);
-        if (llama !== undefined && llama.node !== worker && (llama.node !== policy?.host || llama.planId !== policy.planId)) {
-          this.crashSoon(llama, `tunnel to ${worker} closed by its policy`);
-        }
+        if (llama !== undefined && llama.node === host) this.crashSoon(llama, `tunnel to ${worker} closed by its hand-off`);
       }
     }
   }
@@ -160,14 +157,17 @@ export class ProcessTable {
   connect(llama: ProcRecord, ignorePolicy: boolean): string | null {
     for (const stage of llama.stages) {
       const rpcs = this.liveOf(stage.id, 'rpc').filter((r) => r.readyAt !== null);
-      const rpc = rpcs[0];
+      let rpc = rpcs[0];
       if (rpc === undefined) return `no rpc-server listening on ${stage.id}`;
       if (stage.id !== llama.node) {
         if (!this.world.canTunnel(llama.node, stage.id)) return `no connection to ${stage.id}`;
-        // The host names its plan when it opens the tunnel; the worker admits only its own plan's host and plan.
-        const policy = this.world.policy(stage.id);
-        if (!ignorePolicy && (policy?.host !== llama.node || policy.planId !== llama.planId)) {
-          return `${stage.id} refused the rpc tunnel`;
+        if (!ignorePolicy) {
+          // The product's rule, not a stricter one: the worker admits its policy's host, whatever plan that
+          // host's llama-server runs (a stream does not carry the plan id until a protocol version bump).
+          const decision = this.world.rpcDecision(stage.id, llama.node);
+          if ('refuse' in decision) return `${stage.id} refused the rpc tunnel: ${decision.refuse}`;
+          rpc = rpcs.find((r) => r.port === decision.port);
+          if (rpc === undefined) return `nothing listens on ${stage.id}:${decision.port}`;
         }
       }
       this.world.onConnect(llama, rpc);

@@ -4,9 +4,10 @@
 import { createActor, fromCallback, type Actor } from 'xstate';
 import { llamaServerMachine } from '../../src/machines/llama-server.machine.ts';
 import { PROTOCOL_VERSION, asEndpointId, type Announcement, type EndpointId, type ModelIdentity, type RolePreference } from '../../src/machines/mesh-types.ts';
-import { nodeMachine } from '../../src/machines/node.machine.ts';
+import { nodeMachine, type RpcTunnelPolicy } from '../../src/machines/node.machine.ts';
 import type { NetworkCommand, NetworkEvent } from '../../src/machines/protocol.ts';
 import { rpcServerMachine } from '../../src/machines/rpc-server.machine.ts';
+import { tunnelDecision } from '../../src/machines/tunnel-policy.ts';
 import { SimNetwork } from './network.ts';
 import { Prng } from './prng.ts';
 import { fakeProcessSlots, ProcessTable, type ProcRecord, type WorldMutants } from './processes.ts';
@@ -73,9 +74,9 @@ export class SimWorld {
     this.prng = new Prng(seed ^ 0x5bd1e995);
     this.net = new SimNetwork(this.sched, this.prng);
     this.table = new ProcessTable(this.sched, {
-      policy: (worker) => {
+      rpcDecision: (worker, host) => {
         const node = this.nodes.get(worker);
-        return node === undefined || node.status === 'crashed' ? null : node.actor.getSnapshot().context.rpcTunnelPolicy;
+        return tunnelDecision(node === undefined || node.status === 'crashed' ? null : node.actor.getSnapshot().context, host, 'rpc');
       },
       canTunnel: (a, b) => this.net.hasLink(a, b) && this.net.reachable(a, b),
       onConnect: (llama, rpc) => this.checkConnect(llama, rpc),
@@ -168,14 +169,16 @@ export class SimWorld {
     const node: SimNode = { spec, epoch, actor, status: 'up', gracefulClose: true };
     holder.node = node;
     this.nodes.set(spec.id, node);
-    // The tunnel layer watches the policy and closes tunnels of hosts it no longer admits.
-    let policy: unknown = null;
+    // The tunnel layer's hand-off, as NodeTunnels.follow() does it (src/actors/tunnels.actor.ts): the moment
+    // the policy leaves a host or a plan, every rpc tunnel of that host closes.
+    let last: RpcTunnelPolicy | null = null;
     actor.subscribe({
       next: (snap) => {
-        if (snap.context.rpcTunnelPolicy !== policy) {
-          policy = snap.context.rpcTunnelPolicy;
-          this.table.enforcePolicy(spec.id, this.options.worldMutants?.tunnelIgnoresPolicy === true);
+        const policy = snap.context.rpcTunnelPolicy;
+        if (last !== null && this.options.worldMutants?.tunnelIgnoresPolicy !== true) {
+          if (policy === null || policy.host !== last.host || policy.planId !== last.planId) this.table.closeRpcTunnelsOf(spec.id, last.host);
         }
+        last = policy;
       },
       complete: () => {
         if (node.status === 'leaving') node.status = 'left';

@@ -4,30 +4,15 @@
 // the hand-off. The composition root feeds it every snapshot of the node actor through `follow()`.
 import type { Logger } from '../io/host/logger.ts';
 import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../io/llama/rpc-traffic.ts';
-import { TunnelService, type TunnelKind, type TunnelListener, type TunnelTarget } from '../io/transport/tunnel.ts';
+import { TunnelService, type TunnelListener } from '../io/transport/tunnel.ts';
 import type { MeshEndpoint } from '../io/transport/transport.ts';
 import type { EndpointId } from '../machines/mesh-types.ts';
 import { runningRole, type NodeContext, type RpcTunnelPolicy } from '../machines/node.machine.ts';
 import { remoteWorkers } from '../machines/node-plan.ts';
+import { tunnelDecision } from '../machines/tunnel-policy.ts';
 
 /** The patched rpc-server's extra command, for the counting proxy (native/patches/0001). */
 const MESH_RPC_COMMANDS = { 18: { name: 'SET_TENSOR_GGUF', reply: true } } as const;
-
-/** What the node machine's context allows for an incoming stream of `kind` from `remote`. Pure. */
-export function tunnelDecision(c: NodeContext | null, remote: EndpointId, kind: TunnelKind): TunnelTarget | { readonly refuse: string } {
-  if (c === null) return { refuse: 'the node is starting' };
-  if (kind === 'rpc') {
-    // The hand-off: only the host of this worker's current plan reaches its rpc-server.
-    const policy = c.rpcTunnelPolicy;
-    if (policy === null || policy.host !== remote) {
-      return { refuse: `rpc tunnels are accepted only from this node's host (${policy?.host.slice(0, 10) ?? 'none'})` };
-    }
-    if (c.rpc !== 'ready' || c.rpcPort === null) return { refuse: 'the rpc-server is not ready' };
-    return { host: '127.0.0.1', port: c.rpcPort };
-  }
-  if (runningRole(c) !== 'host' || c.llama !== 'ready' || c.llamaPort === null) return { refuse: 'this node does not serve the model right now' };
-  return { host: '127.0.0.1', port: c.llamaPort };
-}
 
 export interface NodeTunnelsInit {
   /** On the host, a counting proxy in front of every worker's tunnel (traffic() reports it). */

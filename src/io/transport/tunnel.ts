@@ -9,6 +9,7 @@ import { createConnection, createServer, type Server, type Socket } from 'node:n
 import { constants as zconst, deflateRawSync, inflateRawSync } from 'node:zlib';
 import { pino, type Logger } from 'pino';
 import type { EndpointId } from '../../machines/mesh-types.ts';
+import type { TunnelDecision, TunnelKind } from '../../machines/tunnel-policy.ts';
 import {
   TransportError,
   firstLine,
@@ -18,15 +19,10 @@ import {
   type MeshStream,
 } from './transport.ts';
 
-export type TunnelKind = 'rpc' | 'http';
-
-export interface TunnelTarget {
-  readonly host: string;
-  readonly port: number;
-}
+export type { TunnelKind, TunnelTarget } from '../../machines/tunnel-policy.ts';
 
 /** Where an incoming tunnel from `remoteId` goes, or why it is refused (logged on both sides). */
-export type TunnelPolicy = (remoteId: EndpointId, kind: TunnelKind) => TunnelTarget | { readonly refuse: string };
+export type TunnelPolicy = (remoteId: EndpointId, kind: TunnelKind) => TunnelDecision;
 
 /** Reset code of a refused tunnel stream. */
 export const TUNNEL_REFUSED = 0x10;

@@ -1,0 +1,38 @@
+// Which incoming tunnel stream may reach a local process: a pure rule over the node machine's context, used
+// by the tunnel layer (src/actors/tunnels.actor.ts) and by the churn simulator (model-tests/sim), so both run
+// the same rule.
+import type { EndpointId } from './mesh-types.ts';
+import { runningRole, type NodeContext } from './node.machine.ts';
+
+/** The two stream kinds a tunnel carries: llama.cpp's rpc protocol, and http to llama-server. */
+export type TunnelKind = 'rpc' | 'http';
+
+/** A local TCP address an admitted tunnel connects to. */
+export interface TunnelTarget {
+  readonly host: string;
+  readonly port: number;
+}
+
+/** Where an incoming stream goes, or why it is refused (logged on both sides). */
+export type TunnelDecision = TunnelTarget | { readonly refuse: string };
+
+/**
+ * What the node machine's context allows for an incoming stream of `kind` from `remote`.
+ * An rpc stream is admitted from the host that `rpcTunnelPolicy` names; its plan id is not checked here,
+ * because an incoming stream does not carry one yet (that needs a protocol version bump). The hand-off
+ * (closing a host's tunnels when the policy changes, host or plan) is the tunnel layer's.
+ */
+export function tunnelDecision(c: NodeContext | null, remote: EndpointId, kind: TunnelKind): TunnelDecision {
+  if (c === null) return { refuse: 'the node is starting' };
+  if (kind === 'rpc') {
+    // The hand-off: only the host of this worker's current plan reaches its rpc-server.
+    const policy = c.rpcTunnelPolicy;
+    if (policy === null || policy.host !== remote) {
+      return { refuse: `rpc tunnels are accepted only from this node's host (${policy?.host.slice(0, 10) ?? 'none'})` };
+    }
+    if (c.rpc !== 'ready' || c.rpcPort === null) return { refuse: 'the rpc-server is not ready' };
+    return { host: '127.0.0.1', port: c.rpcPort };
+  }
+  if (runningRole(c) !== 'host' || c.llama !== 'ready' || c.llamaPort === null) return { refuse: 'this node does not serve the model right now' };
+  return { host: '127.0.0.1', port: c.llamaPort };
+}
