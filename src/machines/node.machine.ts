@@ -22,35 +22,24 @@
 // llama-server only when every remote stage said rpc-ready for the plan it runs.
 import { assign, enqueueActions, not, raise, sendTo, setup, type ActorRefFrom, type AnyActorRef } from 'xstate';
 import { electionMachine, SETTLE_MS, type ElectionEvent, type ElectionPlannedEvent } from './election.machine.ts';
-import { emptyView, mergeAnnouncements, mutuallyConnected, setSelf } from './gossip.ts';
+import { mergeAnnouncements, mutuallyConnected } from './gossip.ts';
 import { llamaServerMachine, type LlamaServerCommand, type LlamaServerNotice } from './llama-server.machine.ts';
-import type { Announcement, EndpointId, Plan, View } from './mesh-types.ts';
-import { needsRpcServer, remoteWorkers, roleIn, sameIds, withId, withoutId, type NodeRole } from './node-plan.ts';
+import type { EndpointId, Plan } from './mesh-types.ts';
+import {
+  initialNodeContext,
+  nextSelf,
+  planIsUp,
+  runningRole,
+  viewMessage,
+  type NodeContext,
+  type NodeInput,
+  type RpcTunnelPolicy,
+} from './node-context.ts';
+import { needsRpcServer, remoteWorkers, withId, withoutId } from './node-plan.ts';
 import { peerMachine, type PeerNotice } from './peer.machine.ts';
 import { unprovidedCallback } from './process-slot.ts';
 import type { MeshMessage, NetworkCommand, NetworkEvent } from './protocol.ts';
 import { rpcServerMachine, type RpcServerCommand, type RpcServerNotice } from './rpc-server.machine.ts';
-
-export interface BootstrapPeer {
-  readonly id: EndpointId;
-  readonly addrs: readonly string[];
-}
-
-export interface NodeInput {
-  /** This node's announcement as it starts (its epoch chosen by the composition root, not serving yet). */
-  readonly self: Announcement;
-  /** Where to join: the inviting node from the token. Empty for the first node of a mesh. */
-  readonly bootstrap?: readonly BootstrapPeer[];
-}
-
-/** The one host whose rpc tunnels this node's rpc-server may accept, for which plan. */
-export interface RpcTunnelPolicy {
-  readonly host: EndpointId;
-  readonly planId: string;
-}
-
-/** Where a child process stands, as the node last heard from its lifecycle machine. */
-export type ProcessState = 'down' | 'starting' | 'ready' | 'stopping';
 
 export type NodeEvent =
   | NetworkEvent
@@ -66,36 +55,9 @@ export type NodeEvent =
 
 type PeerRef = ActorRefFrom<typeof peerMachine>;
 
-export interface NodeContext {
-  readonly self: Announcement;
-  /** The gossip table: what to tell new peers and what to relay. The election machine keeps its own copy. */
-  readonly view: View;
-  readonly bootstrap: readonly BootstrapPeer[];
-  readonly peers: Readonly<Record<string, PeerRef>>;
-  /** Whether the network reported each connection as direct (relayed ones never count as connectedTo). */
-  readonly direct: Readonly<Record<string, boolean>>;
-  /** Peers whose machine is up (connected or suspect), sorted. */
-  readonly links: readonly EndpointId[];
-  /** Peers that said `leaving`, with the epoch they left in: a later epoch is a new run and is dialed again. */
-  readonly departed: Readonly<Record<string, number>>;
-  /** The latest plan the election sent; null before the first. */
-  readonly plan: Plan | null;
-  /** The plan whose processes this node runs or is bringing up; null before the first start. */
-  readonly running: Plan | null;
-  readonly rpc: ProcessState;
-  readonly rpcPort: number | null;
-  readonly llama: ProcessState;
-  readonly llamaPort: number | null;
-  /** How many llama-servers this node has started (the plan's generation counter on a host). */
-  readonly generation: number;
-  /** Host side: which plan id each remote worker last said its rpc-server is ready for. */
-  readonly rpcReady: Readonly<Record<string, string>>;
-  /** Worker side: the plan id this node last told its host about (null: not told, tell again). */
-  readonly rpcReadySent: string | null;
-  /** What the tunnel layer enforces: see the file header. */
-  readonly rpcTunnelPolicy: RpcTunnelPolicy | null;
-  readonly stopReason: string | null;
-}
+// The context and what derives from it live in node-context.ts; its readers may import them from here too.
+export type { BootstrapPeer, NodeContext, NodeInput, ProcessState, RpcTunnelPolicy } from './node-context.ts';
+export { planIsUp, runningRole } from './node-context.ts';
 
 /** Electing waits twice the election's settle window: long enough for a burst to settle and a plan to arrive. */
 export const ELECTION_QUIET_MS = SETTLE_MS * 2;
@@ -310,26 +272,7 @@ export const nodeMachine = setup({
   },
 }).createMachine({
   id: 'node',
-  context: ({ input }) => ({
-    self: input.self,
-    view: emptyView(input.self),
-    bootstrap: input.bootstrap ?? [],
-    peers: {},
-    direct: {},
-    links: [],
-    departed: {},
-    plan: null,
-    running: null,
-    rpc: 'down',
-    rpcPort: null,
-    llama: 'down',
-    llamaPort: null,
-    generation: 0,
-    rpcReady: {},
-    rpcReadySent: null,
-    rpcTunnelPolicy: null,
-    stopReason: null,
-  }),
+  context: ({ input }) => initialNodeContext(input),
   invoke: [
     {
       id: 'network',
@@ -489,56 +432,17 @@ function spawnPeer(params: { id: EndpointId; addrs: readonly string[]; inbound: 
   };
 }
 
-/** Everything this node knows, its own announcement first: the handshake's gossip. */
-function viewMessage(context: Pick<NodeContext, 'self' | 'view'>, to: EndpointId): NetworkCommand {
-  const others = Object.values(context.view.announcements).filter((a) => a.id !== context.self.id);
-  return { type: 'net.send', to, message: { type: 'gossip', announcements: [context.self, ...others] } };
-}
-
 /**
  * Recomputes what this node announces (direct links, serving); on a change raises seq and tells the
  * election and every link.
  */
 function announceSelf(enqueue: NodeEnqueue, context: NodeContext): void {
-  const connectedTo = context.links.filter((id) => context.direct[id] === true);
-  const serving = isServing(context);
-  if (serving === context.self.serving && sameIds(connectedTo, context.self.connectedTo)) return;
-  const self: Announcement = { ...context.self, seq: context.self.seq + 1, connectedTo, serving };
-  enqueue.assign({ self, view: setSelf(context.view, self) });
+  const next = nextSelf(context);
+  if (next === null) return;
+  const { self } = next;
+  enqueue.assign(next);
   enqueue.sendTo('election', { type: 'self.changed', announcement: self });
   for (const to of context.links) {
     enqueue.sendTo('network', { type: 'net.send', to, message: { type: 'gossip', announcements: [self] } });
   }
 }
-
-/** The plan's role of this node for the plan it runs. */
-export function runningRole(context: Pick<NodeContext, 'running' | 'self'>): NodeRole {
-  return roleIn(context.running, context.self.id);
-}
-
-/** Whether everything the running plan asks of this node is up. */
-export function planIsUp(context: NodeContext): boolean {
-  if (context.running === null) return false;
-  switch (runningRole(context)) {
-    case 'host':
-      return context.rpc === 'ready' && context.llama === 'ready';
-    case 'worker':
-      return context.rpc === 'ready' && context.rpcReadySent === context.running.id;
-    case 'standby':
-    case 'waiting':
-      return true;
-  }
-}
-
-/** What the node announces as `serving`: its part of the plan is up. */
-function isServing(context: NodeContext): boolean {
-  switch (runningRole(context)) {
-    case 'host':
-      return context.rpc === 'ready' && context.llama === 'ready';
-    case 'worker':
-      return context.rpc === 'ready';
-    default:
-      return false;
-  }
-}
-

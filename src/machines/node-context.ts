@@ -1,0 +1,139 @@
+// What one node knows, as the node machine (node.machine.ts) keeps it: the context's types, its initial value,
+// and the facts derived from it (this node's role, whether its part of the plan is up, what it announces).
+// The readers of a node's snapshot (the tunnels, the API's routing, /api/status) depend on this, not on how
+// the machine moves. Pure.
+import type { ActorRefFrom } from 'xstate';
+import { emptyView, setSelf } from './gossip.ts';
+import type { Announcement, EndpointId, Plan, View } from './mesh-types.ts';
+import { roleIn, sameIds, type NodeRole } from './node-plan.ts';
+import type { peerMachine } from './peer.machine.ts';
+import type { NetworkCommand } from './protocol.ts';
+
+export interface BootstrapPeer {
+  readonly id: EndpointId;
+  readonly addrs: readonly string[];
+}
+
+export interface NodeInput {
+  /** This node's announcement as it starts (its epoch chosen by the composition root, not serving yet). */
+  readonly self: Announcement;
+  /** Where to join: the inviting node from the token. Empty for the first node of a mesh. */
+  readonly bootstrap?: readonly BootstrapPeer[];
+}
+
+/** The one host whose rpc tunnels this node's rpc-server may accept, for which plan. */
+export interface RpcTunnelPolicy {
+  readonly host: EndpointId;
+  readonly planId: string;
+}
+
+/** Where a child process stands, as the node last heard from its lifecycle machine. */
+export type ProcessState = 'down' | 'starting' | 'ready' | 'stopping';
+
+type PeerRef = ActorRefFrom<typeof peerMachine>;
+
+export interface NodeContext {
+  readonly self: Announcement;
+  /** The gossip table: what to tell new peers and what to relay. The election machine keeps its own copy. */
+  readonly view: View;
+  readonly bootstrap: readonly BootstrapPeer[];
+  readonly peers: Readonly<Record<string, PeerRef>>;
+  /** Whether the network reported each connection as direct (relayed ones never count as connectedTo). */
+  readonly direct: Readonly<Record<string, boolean>>;
+  /** Peers whose machine is up (connected or suspect), sorted. */
+  readonly links: readonly EndpointId[];
+  /** Peers that said `leaving`, with the epoch they left in: a later epoch is a new run and is dialed again. */
+  readonly departed: Readonly<Record<string, number>>;
+  /** The latest plan the election sent; null before the first. */
+  readonly plan: Plan | null;
+  /** The plan whose processes this node runs or is bringing up; null before the first start. */
+  readonly running: Plan | null;
+  readonly rpc: ProcessState;
+  readonly rpcPort: number | null;
+  readonly llama: ProcessState;
+  readonly llamaPort: number | null;
+  /** How many llama-servers this node has started (the plan's generation counter on a host). */
+  readonly generation: number;
+  /** Host side: which plan id each remote worker last said its rpc-server is ready for. */
+  readonly rpcReady: Readonly<Record<string, string>>;
+  /** Worker side: the plan id this node last told its host about (null: not told, tell again). */
+  readonly rpcReadySent: string | null;
+  /** What the tunnel layer enforces: see the file header. */
+  readonly rpcTunnelPolicy: RpcTunnelPolicy | null;
+  readonly stopReason: string | null;
+}
+
+/** The context a node starts with. */
+export function initialNodeContext(input: NodeInput): NodeContext {
+  return {
+    self: input.self,
+    view: emptyView(input.self),
+    bootstrap: input.bootstrap ?? [],
+    peers: {},
+    direct: {},
+    links: [],
+    departed: {},
+    plan: null,
+    running: null,
+    rpc: 'down',
+    rpcPort: null,
+    llama: 'down',
+    llamaPort: null,
+    generation: 0,
+    rpcReady: {},
+    rpcReadySent: null,
+    rpcTunnelPolicy: null,
+    stopReason: null,
+  };
+}
+
+/** Everything this node knows, its own announcement first: the handshake's gossip. */
+export function viewMessage(context: Pick<NodeContext, 'self' | 'view'>, to: EndpointId): NetworkCommand {
+  const others = Object.values(context.view.announcements).filter((a) => a.id !== context.self.id);
+  return { type: 'net.send', to, message: { type: 'gossip', announcements: [context.self, ...others] } };
+}
+
+
+/**
+ * What this node should announce now (direct links, serving), with seq raised, and the view that holds it;
+ * null when nothing changed.
+ */
+export function nextSelf(context: NodeContext): { self: Announcement; view: View } | null {
+  const connectedTo = context.links.filter((id) => context.direct[id] === true);
+  const serving = isServing(context);
+  if (serving === context.self.serving && sameIds(connectedTo, context.self.connectedTo)) return null;
+  const self: Announcement = { ...context.self, seq: context.self.seq + 1, connectedTo, serving };
+  return { self, view: setSelf(context.view, self) };
+}
+
+/** The plan's role of this node for the plan it runs. */
+export function runningRole(context: Pick<NodeContext, 'running' | 'self'>): NodeRole {
+  return roleIn(context.running, context.self.id);
+}
+
+/** Whether everything the running plan asks of this node is up. */
+export function planIsUp(context: NodeContext): boolean {
+  if (context.running === null) return false;
+  switch (runningRole(context)) {
+    case 'host':
+      return context.rpc === 'ready' && context.llama === 'ready';
+    case 'worker':
+      return context.rpc === 'ready' && context.rpcReadySent === context.running.id;
+    case 'standby':
+    case 'waiting':
+      return true;
+  }
+}
+
+/** What the node announces as `serving`: its part of the plan is up. */
+export function isServing(context: NodeContext): boolean {
+  switch (runningRole(context)) {
+    case 'host':
+      return context.rpc === 'ready' && context.llama === 'ready';
+    case 'worker':
+      return context.rpc === 'ready';
+    default:
+      return false;
+  }
+}
+
