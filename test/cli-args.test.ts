@@ -48,7 +48,7 @@ describe('parseCliArgs', () => {
       expect(r.kind).toBe('help');
       if (r.kind === 'help') expect(r.text).toContain('Examples:');
     }
-    for (const flag of ['--model', '--join', '--role', '--client', '--port', '--bind-port', '--max-vram', '--name', '--listen-all', '--api-key', '--log-level', '--inspect', '--relay', '--key-file', '--stun', '--join-file']) {
+    for (const flag of ['--model', '--join', '--role', '--client', '--port', '--bind-port', '--max-vram', '--name', '--listen-all', '--api-key', '--log-level', '--inspect', '--relay', '--key-file', '--stun', '--join-file', '--data-port', '--data-path']) {
       expect(HELP_TEXT).toContain(flag);
     }
   });
@@ -62,6 +62,8 @@ describe('parseCliArgs', () => {
       port: DEFAULT_API_PORT,
       apiHost: '127.0.0.1',
       bindPort: null,
+      dataPort: null,
+      dataPath: 'auto',
       maxVramBytes: null,
       apiKey: null,
       logLevel: 'info',
@@ -71,6 +73,13 @@ describe('parseCliArgs', () => {
       stun: null,
     });
     expect(o.name.length).toBeGreaterThan(0);
+  });
+
+  it('the direct data path: --data-port and --data-path', () => {
+    expect(run(['--model', model, '--data-port', '7900', '--data-path', 'quic'])).toMatchObject({ dataPort: 7900, dataPath: 'quic' });
+    expect(error(['--model', model, '--data-path', 'tcp'])).toBe('--data-path: "tcp" is not "auto" or "quic"');
+    expect(error(['--model', model, '--data-port', '70000'])).toMatch(/^--data-port/);
+    expect(HELP_TEXT).toMatch(/forward UDP \(QUIC\) and TCP/);
   });
 
   it('reads every flag', () => {

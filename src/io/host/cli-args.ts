@@ -15,6 +15,7 @@ export const JOIN_ENV = 'MESH_INFERENCE_JOIN';
 export const API_KEY_ENV = 'MESH_INFERENCE_API_KEY';
 
 export type InspectTarget = { readonly kind: 'sky' } | { readonly kind: 'websocket'; readonly url: string };
+export type DataPathMode = 'auto' | 'quic';
 export type RelayMode = { readonly kind: 'default' } | { readonly kind: 'none' } | { readonly kind: 'custom'; readonly url: string };
 
 export interface CliOptions {
@@ -29,6 +30,10 @@ export interface CliOptions {
   readonly apiHost: '127.0.0.1' | '0.0.0.0';
   /** Fixed UDP port for QUIC, so a router's port-forward works; null = any. */
   readonly bindPort: number | null;
+  /** TCP port of the direct data path (TLS); null = the --bind-port number when given, else any. */
+  readonly dataPort: number | null;
+  /** `auto`: tunnels try a direct TCP + TLS connection first and fall back to QUIC; `quic`: QUIC only. */
+  readonly dataPath: DataPathMode;
   /** Overrides detected VRAM; null = detect. */
   readonly maxVramBytes: number | null;
   readonly name: string;
@@ -63,7 +68,12 @@ Usage: mesh-inference [options]
   --listen-all          serve the API on every interface instead of 127.0.0.1 (use --api-key too)
   --api-key KEY         require "Authorization: Bearer KEY" on every API route but /health
                         (also $${API_KEY_ENV})
-  --bind-port N         fixed UDP port for QUIC, so a router's port-forwarding rule can reach it
+  --bind-port N         fixed port for the mesh, so a router's port-forwarding rule can reach it:
+                        forward UDP (QUIC) and TCP (the direct data path) on this port
+  --data-port N         TCP port of the direct data path (default: the --bind-port number when
+                        given, else any free port)
+  --data-path MODE      auto (default: a direct TCP + TLS connection between two nodes where one can
+                        reach the other, else QUIC) | quic (never use TCP)
   --max-vram SIZE       memory this node offers to the mesh, e.g. 8G, 512MiB, 24GB (default: detected)
   --name NAME           name shown to the other nodes (default: the host name)
   --relay MODE          default (iroh's public relays) | none (LAN and tests) | a relay URL
@@ -101,6 +111,8 @@ const OPTIONS = {
   client: { type: 'boolean' },
   port: { type: 'string' },
   'bind-port': { type: 'string' },
+  'data-port': { type: 'string' },
+  'data-path': { type: 'string' },
   'max-vram': { type: 'string' },
   name: { type: 'string' },
   'listen-all': { type: 'boolean' },
@@ -157,6 +169,8 @@ function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse
     port: values.port === undefined ? DEFAULT_API_PORT : parsePort('--port', values.port, 0),
     apiHost: values['listen-all'] ? '0.0.0.0' : '127.0.0.1',
     bindPort: values['bind-port'] === undefined ? null : parsePort('--bind-port', values['bind-port'], 1),
+    dataPort: values['data-port'] === undefined ? null : parsePort('--data-port', values['data-port'], 1),
+    dataPath: parseDataPath(values['data-path']),
     maxVramBytes: values['max-vram'] === undefined ? null : parseMaxVram(values['max-vram']),
     name: parseName(values.name),
     apiKey,
@@ -405,4 +419,10 @@ export function parseCliArgsOrExit(argv: readonly string[], env: NodeJS.ProcessE
     process.exit(2);
   }
   return parsed;
+}
+
+function parseDataPath(raw: string | undefined): DataPathMode {
+  if (raw === undefined || raw === 'auto') return 'auto';
+  if (raw === 'quic') return 'quic';
+  throw new CliUsageError(`--data-path: "${raw}" is not "auto" or "quic"`);
 }
