@@ -5,7 +5,8 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { asEndpointId } from '../src/machines/mesh-types.ts';
 import { MemoryNetwork } from '../src/io/transport/memory-transport.ts';
-import { keepIncoming, type MeshConnection } from '../src/io/transport/transport.ts';
+import { keepIncoming } from '../src/io/transport/mesh-endpoint.ts';
+import type { MeshConnection } from '../src/io/transport/transport.ts';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 

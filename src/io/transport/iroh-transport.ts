@@ -15,13 +15,13 @@ import {
 } from '@number0/iroh';
 import { pino, type Logger } from 'pino';
 import { asEndpointId, type EndpointId } from '../../machines/mesh-types.ts';
+import { createMeshEndpoint } from './mesh-endpoint.ts';
 import {
   ConnectionClosedError,
   DialError,
   MESH_ALPN,
   StreamResetError,
   TransportError,
-  createMeshEndpoint,
   firstLine,
   shortId,
   type CloseInfo,

@@ -4,12 +4,12 @@
 import { createHash } from 'node:crypto';
 import { pino, type Logger } from 'pino';
 import { asEndpointId, type EndpointId } from '../../machines/mesh-types.ts';
+import { createMeshEndpoint } from './mesh-endpoint.ts';
 import {
   ConnectionClosedError,
   DialError,
   Queue,
   StreamResetError,
-  createMeshEndpoint,
   type CloseInfo,
   type MeshEndpoint,
   type MeshEndpointInit,
