@@ -1,9 +1,9 @@
 // Actor logic for the llama-server machine's slots (src/machines/llama-server.machine.ts): the process
-// (llamaServerProcess) and the readiness wait (waitLlamaHealthy), over src/io/llama/llama-server-process.ts.
-import { fromCallback, fromPromise } from 'xstate';
+// (llamaServerProcess, a process.actor.ts over src/io/llama/llama-server-process.ts) and the readiness wait
+// (waitLlamaHealthy).
+import { fromPromise } from 'xstate';
 import type { LlamaServerProcessInput, ReadyPlan } from '../machines/llama-server.machine.ts';
 import type { PlanStage } from '../machines/mesh-types.ts';
-import type { ProcessEvent, ProcessKillCommand } from '../machines/process-slot.ts';
 import {
   describeExit,
   launchLlamaServer,
@@ -13,13 +13,14 @@ import {
   type LlamaServerProcess,
 } from '../io/llama/llama-server-process.ts';
 import type { Logger } from '../io/host/logger.ts';
-import { DEFAULT_STOP_GRACE_MS } from '../io/llama/processes.ts';
 import { rpcDeviceCount } from '../io/llama/rpc-server-process.ts';
+import { processActorLogic } from './process.actor.ts';
 
-export interface LlamaServerActorConfig {
-  readonly binary: string;
-  /** This host's GGUF. */
-  readonly model: string;
+/** The launch settings of every generation (binary, model, threads...); the plan gives `--rpc` and the split. */
+export type LlamaServerActorConfig = Pick<
+  LlamaServerInit,
+  'binary' | 'model' | 'ctxSize' | 'threads' | 'parallel' | 'flashAttention' | 'extraArgs' | 'env' | 'launchTimeoutMs'
+> & {
   /**
    * "127.0.0.1:PORT" through which llama-server reaches a remote stage's rpc-server: the local end of the
    * mesh's rpc tunnel to that peer. Called for every stage but the host's own.
@@ -30,19 +31,13 @@ export interface LlamaServerActorConfig {
    * connection per stage, and `-dev`/the split stay right for multi-GPU workers). With false, one each.
    */
   readonly queryDeviceCounts?: boolean;
-  readonly ctxSize?: number;
-  readonly threads?: number;
-  readonly parallel?: number;
-  readonly flashAttention?: LlamaServerInit['flashAttention'];
-  readonly extraArgs?: readonly string[];
-  readonly env?: Readonly<Record<string, string>>;
-  readonly launchTimeoutMs?: number;
+  /** SIGTERM -> SIGKILL grace on stop (default 5 s). */
   readonly killGraceMs?: number;
   readonly logger?: Logger;
   /** Load progress of the current generation (the status page shows it). */
   readonly onProgress?: (p: LlamaLoadProgress & { readonly planId: string; readonly generation: number }) => void;
   readonly onStarted?: (server: LlamaServerProcess, input: LlamaServerProcessInput) => void;
-}
+};
 
 /**
  * The `--rpc` list and split of a plan: remote stages through their tunnels, the host's own rpc-server last;
@@ -76,75 +71,37 @@ export async function rpcLayout(
 
 /**
  * The `llamaServerProcess` slot: launches llama-server for the plan and sends `process.spawned` once its
- * HTTP port is bound (it is still loading: the machine then waits with waitLlamaHealthy), `process.exited`
- * when it exits or cannot start (with the status and its last log lines). `process.kill` stops it; so does
- * the cleanup (SIGKILL after the grace).
+ * HTTP port is bound (it is still loading: the machine then waits with waitLlamaHealthy); the rest as
+ * process.actor.ts says (an exit's reason carries the status and its last log lines).
  */
 export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
-  return fromCallback<ProcessKillCommand, LlamaServerProcessInput>(({ input, sendBack, receive }) => {
-    const log = config.logger?.child({ plan: input.plan.id, generation: input.generation });
-    const send = (event: ProcessEvent) => sendBack(event);
-    const grace = config.killGraceMs ?? DEFAULT_STOP_GRACE_MS;
-    const ctrl = new AbortController();
-    let server: LlamaServerProcess | null = null;
-    let cleanedUp = false;
-
-    (async () => {
-      const layout = await rpcLayout(input, config.rpcAddressFor, config.queryDeviceCounts === false ? undefined : (a) => rpcDeviceCount(a));
-      ctrl.signal.throwIfAborted();
+  const { rpcAddressFor, queryDeviceCounts, killGraceMs, logger, onProgress, onStarted, ...launch } = config;
+  return processActorLogic<LlamaServerProcessInput, LlamaServerProcess>({
+    name: 'llama-server',
+    logger,
+    killGraceMs,
+    logFields: (input) => ({ plan: input.plan.id, generation: input.generation }),
+    start: async (input, signal, log) => {
+      const layout = await rpcLayout(input, rpcAddressFor, queryDeviceCounts === false ? undefined : (a) => rpcDeviceCount(a));
+      signal.throwIfAborted();
       return launchLlamaServer({
-        binary: config.binary,
-        model: config.model,
+        ...launch,
         ...layout,
-        ctxSize: config.ctxSize,
-        threads: config.threads,
-        parallel: config.parallel,
         alias: input.plan.model.name,
-        flashAttention: config.flashAttention,
-        extraArgs: config.extraArgs,
-        env: config.env,
-        launchTimeoutMs: config.launchTimeoutMs,
         logger: log,
-        signal: ctrl.signal,
+        signal,
         onProgress: (p) => {
           log?.info({ phase: p.phase, fraction: p.fraction }, 'llama-server load progress');
-          config.onProgress?.({ ...p, planId: input.plan.id, generation: input.generation });
+          onProgress?.({ ...p, planId: input.plan.id, generation: input.generation });
         },
       });
-    })().then(
-      (s) => {
-        if (cleanedUp) {
-          void s.stop(grace);
-          return;
-        }
-        server = s;
-        config.onStarted?.(s, input);
-        send({ type: 'process.spawned', pid: s.process.pid, port: s.port });
-        void s.exited.then((exit) => {
-          if (cleanedUp) return;
-          const reason = describeExit(exit, exit.requested ? 'after a stop request' : 'on its own');
-          if (!exit.requested) log?.error({ code: exit.code, signal: exit.signal, tail: exit.tail.slice(-20) }, reason);
-          send({ type: 'process.exited', code: exit.code, signal: exit.signal, reason });
-        });
-      },
-      (err: unknown) => {
-        if (cleanedUp) return;
-        log?.error({ err }, 'llama-server could not start');
-        send({ type: 'process.exited', code: null, signal: null, reason: (err as Error).message });
-      },
-    );
-
-    receive((event) => {
-      if (event.type !== 'process.kill') return;
-      if (server !== null) void server.stop(grace);
-      else ctrl.abort(new Error('stopped while starting'));
-    });
-
-    return () => {
-      cleanedUp = true;
-      ctrl.abort(new Error('actor stopped'));
-      if (server !== null) void server.stop(grace);
-    };
+    },
+    exitReason: (exit, log) => {
+      const reason = describeExit(exit, exit.requested ? 'after a stop request' : 'on its own');
+      if (!exit.requested) log?.error({ code: exit.code, signal: exit.signal, tail: exit.tail.slice(-20) }, reason);
+      return reason;
+    },
+    onStarted,
   });
 }
 

@@ -1,86 +1,34 @@
 // Actor logic for the rpc-server machine's slots (src/machines/rpc-server.machine.ts): the process itself
-// (rpcServerProcess) and the listening check (waitRpcServerListening), over src/io/llama/rpc-server-process.ts.
+// (rpcServerProcess, a process.actor.ts over src/io/llama/rpc-server-process.ts) and the listening check
+// (waitRpcServerListening).
 import { connect } from 'node:net';
-import { fromCallback, fromPromise } from 'xstate';
-import type { ProcessEvent, ProcessKillCommand } from '../machines/process-slot.ts';
+import { fromPromise } from 'xstate';
 import type { RpcServerProcessInput } from '../machines/rpc-server.machine.ts';
 import type { Logger } from '../io/host/logger.ts';
-import { DEFAULT_STOP_GRACE_MS, summarizeTail, type ExitInfo } from '../io/llama/processes.ts';
-import { startRpcServer, type RpcServerProcess } from '../io/llama/rpc-server-process.ts';
+import { summarizeTail, type ExitInfo } from '../io/llama/processes.ts';
+import { startRpcServer, type RpcServerInit, type RpcServerProcess } from '../io/llama/rpc-server-process.ts';
+import { processActorLogic } from './process.actor.ts';
 
-export interface RpcServerActorConfig {
-  /** Path of ggml-rpc-server. */
-  readonly binary: string;
-  /** This node's GGUF, served by name when the binary has our patch. */
-  readonly gguf?: string | null;
-  readonly ggufSupported?: boolean;
-  readonly threads?: number;
-  readonly devices?: readonly string[];
-  readonly env?: Readonly<Record<string, string>>;
-  readonly readyTimeoutMs?: number;
+/** The launch settings of every run (binary, GGUF, threads, devices...): the port is always a free one. */
+export type RpcServerActorConfig = Pick<RpcServerInit, 'binary' | 'gguf' | 'ggufSupported' | 'threads' | 'devices' | 'env' | 'readyTimeoutMs'> & {
   /** SIGTERM -> SIGKILL grace on stop (default 5 s). */
   readonly killGraceMs?: number;
   readonly logger?: Logger;
   /** Every process this logic starts, once ready (the status page, tests). */
   readonly onStarted?: (server: RpcServerProcess, run: number) => void;
-}
+};
 
-/**
- * The `rpcServerProcess` slot. Starts the server (ready = it answered HELLO), then sends `process.spawned`;
- * sends `process.exited` when it exits or could not start; `process.kill` stops it gracefully; the
- * cleanup stops it too (SIGKILL after the grace), so a stopped actor leaves no process behind.
- */
+/** The `rpcServerProcess` slot: ready = it answered HELLO (see process.actor.ts for the rest). */
 export function rpcServerProcessLogic(config: RpcServerActorConfig) {
-  return fromCallback<ProcessKillCommand, RpcServerProcessInput>(({ input, sendBack, receive }) => {
-    const log = config.logger?.child({ run: input.run });
-    const send = (event: ProcessEvent) => sendBack(event);
-    const grace = config.killGraceMs ?? DEFAULT_STOP_GRACE_MS;
-    const ctrl = new AbortController();
-    let server: RpcServerProcess | null = null;
-    let cleanedUp = false;
-
-    startRpcServer({
-      binary: config.binary,
-      gguf: config.gguf,
-      ggufSupported: config.ggufSupported,
-      threads: config.threads,
-      devices: config.devices,
-      env: config.env,
-      readyTimeoutMs: config.readyTimeoutMs,
-      logger: log,
-      signal: ctrl.signal,
-    }).then(
-      (s) => {
-        if (cleanedUp) {
-          void s.stop(grace);
-          return;
-        }
-        server = s;
-        config.onStarted?.(s, input.run);
-        send({ type: 'process.spawned', pid: s.process.pid, port: s.port });
-        void s.exited.then((exit) => {
-          if (!cleanedUp) send({ type: 'process.exited', code: exit.code, signal: exit.signal, reason: exitReason(exit) });
-        });
-      },
-      (err: unknown) => {
-        if (cleanedUp) return;
-        log?.error({ err }, 'rpc-server could not start');
-        send({ type: 'process.exited', code: null, signal: null, reason: (err as Error).message });
-      },
-    );
-
-    receive((event) => {
-      if (event.type !== 'process.kill') return;
-      if (server !== null) void server.stop(grace);
-      // Not up yet: aborting the start kills what it spawned; the rejection reports the exit.
-      else ctrl.abort(new Error('stopped while starting'));
-    });
-
-    return () => {
-      cleanedUp = true;
-      ctrl.abort(new Error('actor stopped'));
-      if (server !== null) void server.stop(grace);
-    };
+  const { killGraceMs, logger, onStarted, ...launch } = config;
+  return processActorLogic<RpcServerProcessInput, RpcServerProcess>({
+    name: 'rpc-server',
+    logger,
+    killGraceMs,
+    logFields: (input) => ({ run: input.run }),
+    start: (_input, signal, log) => startRpcServer({ ...launch, logger: log, signal }),
+    exitReason: (exit) => exitReason(exit),
+    onStarted: onStarted && ((s, input) => onStarted(s, input.run)),
   });
 }
 
