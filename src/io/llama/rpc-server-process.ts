@@ -4,6 +4,7 @@
 import { connect, createServer } from 'node:net';
 import type { Logger } from '../host/logger.ts';
 import { spawnManaged, summarizeTail, type ExitInfo, type ManagedProcess } from './processes.ts';
+import { helloRequest } from './rpc-protocol.ts';
 import { rpcHello, type RpcServerVersion } from './rpc-traffic.ts';
 
 export type { RpcServerVersion } from './rpc-traffic.ts';
@@ -164,10 +165,7 @@ function exitedBeforeReady(exit: ExitInfo): RpcServerStartError {
   return new RpcServerStartError(`ggml-rpc-server exited (${how}) before it answered HELLO${last ? `: ${last}` : ''}`, exit.tail);
 }
 
-const RPC_CMD_HELLO = 14;
 const RPC_CMD_DEVICE_COUNT = 15;
-/** HELLO's request payload in protocol 6: connection capabilities, all zero for plain TCP. */
-const HELLO_CAPS_BYTES = 24;
 
 /**
  * How many devices the rpc-server at `address` exposes (HELLO, then DEVICE_COUNT). llama-server numbers RPC
@@ -191,12 +189,7 @@ export function rpcDeviceCount(address: string, timeoutMs = 5_000): Promise<numb
     const timer = setTimeout(() => done(new RpcServerStartError(`rpc-server at ${address} did not answer DEVICE_COUNT within ${timeoutMs} ms (busy with another client?)`)), timeoutMs);
     sock.once('error', (e) => done(new RpcServerStartError(`rpc-server at ${address}: ${e.message}`)));
     sock.once('close', () => done(new RpcServerStartError(`rpc-server at ${address} closed the connection`)));
-    sock.once('connect', () => {
-      const hello = Buffer.alloc(9 + HELLO_CAPS_BYTES);
-      hello[0] = RPC_CMD_HELLO;
-      hello.writeBigUInt64LE(BigInt(HELLO_CAPS_BYTES), 1);
-      sock.write(hello);
-    });
+    sock.once('connect', () => sock.write(helloRequest()));
     sock.on('data', (chunk: Buffer) => {
       buf = Buffer.concat([buf, chunk]);
       for (;;) {
