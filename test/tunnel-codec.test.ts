@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { deflateRawSync } from 'node:zlib';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { FrameDecoder, FrameEncoder, MAX_FRAME_BYTES, TunnelProtocolError } from '../src/io/transport/tunnel.ts';
+import { FrameDecoder, FrameEncoder, MAX_FRAME_BYTES, TunnelProtocolError } from '../src/io/transport/tunnel-codec.ts';
 
 function header(type: number, len: number, original: number): Buffer {
   const h = Buffer.alloc(9);

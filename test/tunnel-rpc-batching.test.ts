@@ -1,7 +1,7 @@
 // Where llama.cpp RPC messages end: the tunnel sends a message's pieces as one QUIC write, holds
 // fire-and-forget commands for the next command that needs a reply, and gives up on anything that is not RPC.
 import { describe, expect, it } from 'vitest';
-import { RpcBoundaryScanner } from '../src/io/transport/tunnel.ts';
+import { RpcBoundaryScanner } from '../src/io/transport/rpc-boundary.ts';
 
 function request(cmd: number, payload: number): Buffer {
   const b = Buffer.alloc(9 + payload, 0xab);

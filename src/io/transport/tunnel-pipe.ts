@@ -1,0 +1,205 @@
+// One tunnel: a TCP socket joined to a mesh stream, both directions, with the codec, the RPC batching and the
+// backpressure of the hot path (tunnel.ts explains why each matters).
+import type { Socket } from 'node:net';
+import type { Logger } from 'pino';
+import type { EndpointId } from '../../machines/mesh-types.ts';
+import type { TunnelKind } from '../../machines/tunnel-policy.ts';
+import { RPC_HOLD_MS, RpcBoundaryScanner } from './rpc-boundary.ts';
+import { FrameDecoder, FrameEncoder, TUNNEL_TCP_FAILED, TunnelProtocolError, decodeCodec, type TunnelCodec } from './tunnel-codec.ts';
+import { firstLine, shortId, type MeshStream } from './transport.ts';
+
+/** Counters shared by a service's pipes (plain increments on the hot path). */
+export interface Counters {
+  quicWrites: number;
+  quicBytesOut: number;
+  tcpBytesIn: number;
+  quicReads: number;
+}
+
+/** One socket joined to one stream; ends when both directions have ended or either side failed. */
+export class Pipe {
+  private done = false;
+  /** The local TCP peer half-closed: finish the stream once its bytes are out. */
+  private tcpEnded = false;
+  private finishSent = false;
+  /** The stream ended (peer finished): the socket was ended. */
+  private quicEnded = false;
+  /** TCP bytes waiting for the QUIC write in flight (or for the codec, on the accepting side). */
+  private queue: Buffer[] = [];
+  private queued = 0;
+  private writing = false;
+  private paused = false;
+  private encoder: FrameEncoder | undefined;
+  private decoder: FrameDecoder | undefined;
+  /** rpc kind: where messages end, so that their pieces leave together (null: send every chunk at once). */
+  private readonly scanner: RpcBoundaryScanner | null;
+  /** Queued bytes include the end of a message someone waits for: send them as soon as we can. */
+  private urgent = false;
+  private holdTimer: NodeJS.Timeout | undefined;
+
+  /** `codec` undefined: we accepted the stream and learn it from its first byte. */
+  constructor(
+    readonly peer: EndpointId,
+    readonly kind: TunnelKind,
+    private readonly socket: Socket,
+    private readonly stream: MeshStream,
+    private codec: TunnelCodec | undefined,
+    private readonly highWater: number,
+    private readonly log: Logger,
+    private readonly counters: Counters,
+    private readonly onEnd: (p: Pipe) => void,
+    batchRpc: boolean,
+  ) {
+    if (codec !== undefined) this.useCodec(codec);
+    // The opener's TCP peer is llama-server (requests); the acceptor's is the rpc-server (replies).
+    this.scanner = kind === 'rpc' && batchRpc ? new RpcBoundaryScanner(codec !== undefined ? 'requests' : 'replies') : null;
+    socket.setNoDelay(true);
+    socket.on('data', (b: Buffer) => this.fromTcp(b));
+    socket.on('end', () => {
+      this.tcpEnded = true;
+      this.flush();
+    });
+    socket.on('error', (err) => this.fail(`tcp: ${err.message}`, TUNNEL_TCP_FAILED));
+    socket.on('close', () => {
+      // A close before both sides ended in order is an abort: the peer learns it by a reset.
+      if (!(this.tcpEnded && this.quicEnded)) this.fail('tcp closed', TUNNEL_TCP_FAILED);
+    });
+    void this.fromQuic();
+  }
+
+  private useCodec(codec: TunnelCodec): void {
+    this.codec = codec;
+    if (codec === 'deflate') {
+      this.encoder = new FrameEncoder();
+      this.decoder = new FrameDecoder();
+    }
+  }
+
+  private fromTcp(b: Buffer): void {
+    this.counters.tcpBytesIn += b.length;
+    this.queue.push(b);
+    this.queued += b.length;
+    if (this.queued >= this.highWater && !this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    }
+    if (this.scanner === null || this.scanner.scan(b) || this.queued >= this.highWater / 4) this.urgent = true;
+    else if (this.holdTimer === undefined) {
+      // Bytes nobody waits for yet: a short hold, so the command that needs a reply joins them.
+      this.holdTimer = setTimeout(() => {
+        this.holdTimer = undefined;
+        this.urgent = true;
+        this.flush();
+      }, RPC_HOLD_MS);
+    }
+    this.flush();
+  }
+
+  /** Sends what TCP gave us; whatever arrives meanwhile goes in the next write, joined into one. */
+  private flush(): void {
+    if (this.writing || this.done || this.codec === undefined) return;
+    if (this.queued > 0 && (this.urgent || this.tcpEnded)) {
+      this.urgent = false;
+      clearTimeout(this.holdTimer);
+      this.holdTimer = undefined;
+      const joined = this.queue.length === 1 ? this.queue[0]! : Buffer.concat(this.queue, this.queued);
+      this.queue = [];
+      this.queued = 0;
+      this.writing = true;
+      const out = this.encoder ? this.encoder.encode(joined) : joined;
+      this.counters.quicWrites++;
+      this.counters.quicBytesOut += out.length;
+      this.stream.write(out).then(
+        () => {
+          this.writing = false;
+          if (this.paused && !this.done) {
+            this.paused = false;
+            this.socket.resume();
+          }
+          this.flush();
+        },
+        (err: unknown) => this.fail(`quic write: ${firstLine(err)}`, TUNNEL_TCP_FAILED),
+      );
+      return;
+    }
+    if (this.tcpEnded && !this.finishSent && this.queued === 0) {
+      this.finishSent = true;
+      this.writing = true;
+      this.stream.finish().then(
+        () => {
+          this.writing = false;
+          this.maybeDone();
+        },
+        (err: unknown) => this.fail(`quic finish: ${firstLine(err)}`, TUNNEL_TCP_FAILED),
+      );
+    }
+  }
+
+  private async fromQuic(): Promise<void> {
+    // The next read is in flight while the socket takes the current chunk: one less wait per message.
+    let next = this.stream.read();
+    try {
+      for (;;) {
+        let chunk = await next;
+        if (chunk === null) break;
+        this.counters.quicReads++;
+        next = this.stream.read();
+        next.catch(() => {});
+        if (this.done) return;
+        if (this.codec === undefined) {
+          const c = decodeCodec(chunk[0]!);
+          if (c === undefined) throw new TunnelProtocolError(`unknown tunnel codec ${chunk[0]}`);
+          this.useCodec(c);
+          this.flush();
+          chunk = chunk.subarray(1);
+          if (chunk.length === 0) continue;
+        }
+        if (this.decoder) {
+          for (const part of this.decoder.push(chunk)) if (!this.socket.write(part)) await this.drained();
+        } else if (!this.socket.write(chunk)) {
+          await this.drained();
+        }
+      }
+      if (this.decoder?.midFrame) throw new TunnelProtocolError('the stream ended inside a frame');
+    } catch (err) {
+      if (err instanceof TunnelProtocolError) this.log.warn({ peer: shortId(this.peer), kind: this.kind, err: err.message }, 'bad tunnel stream');
+      this.fail(`quic read: ${firstLine(err)}`, TUNNEL_TCP_FAILED);
+      return;
+    }
+    if (this.done) return;
+    this.quicEnded = true;
+    this.socket.end();
+    this.maybeDone();
+  }
+
+  private drained(): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const go = (): void => {
+        this.socket.off('drain', go);
+        this.socket.off('close', go);
+        resolve();
+      };
+      this.socket.on('drain', go);
+      this.socket.on('close', go);
+    });
+  }
+
+  private maybeDone(): void {
+    if (this.done || !this.quicEnded || !this.finishSent || this.writing) return;
+    this.done = true;
+    this.socket.destroySoon();
+    this.onEnd(this);
+  }
+
+  /** Aborts both sides at once; idempotent. */
+  fail(why: string, code: number): void {
+    if (this.done) return;
+    this.done = true;
+    clearTimeout(this.holdTimer);
+    this.log.debug({ peer: shortId(this.peer), kind: this.kind, why }, 'tunnel closed');
+    this.stream.reset(code);
+    this.socket.destroy();
+    this.queue = [];
+    this.onEnd(this);
+  }
+}
