@@ -11,6 +11,7 @@ import { startLlamaServer } from '../src/io/llama/llama-server-process.ts';
 import { stopAll } from '../src/io/llama/processes.ts';
 import { startRpcServer } from '../src/io/llama/rpc-server-process.ts';
 import { llamaBinaries, makeTempModel } from '../test/helpers/llama.ts';
+import { describeMachine } from './machine.ts';
 
 const args = process.argv.slice(2);
 const opt = (f: string): string | undefined => {
@@ -73,6 +74,7 @@ async function main(): Promise<void> {
     const st: Record<string, { firstMs: number; totalMs: number; chunks: number }[]> = {};
     for (let i = 0; i < Math.max(3, Math.floor(N / 10)); i++) for (const [name, base] of targets) (st[name] ??= []).push(await stream(base, long));
 
+    console.log(`\n${describeMachine()}`);
     console.log(`\n### API proxy overhead (${N} requests each, 1-token completions)\n`);
     console.log('| path | p50 ms | p99 ms | mean ms |');
     console.log('|---|---|---|---|');

@@ -15,6 +15,7 @@
 import { loadavg } from 'node:os';
 import { peerMachine } from '../src/machines/peer.machine.ts';
 import { HarnessProc, until } from '../test/harness/proc.ts';
+import { describeMachine, machineInfo } from './machine.ts';
 
 const args = process.argv.slice(2);
 const opt = (f: string): string | undefined => {
@@ -193,6 +194,7 @@ async function round(c: Case, tag: string): Promise<{ detect: number[]; mesh: nu
 async function main(): Promise<void> {
   const started = new Date();
   const loadBefore = loadavg();
+  const machine = machineInfo();
   log(`${ROUNDS} rounds x ${CASES.length} cases, 3 nodes each; goneAfter ${GONE_AFTER_MS} ms, heartbeat ${HEARTBEAT_MS} ms`);
   const results = new Map<CaseName, Result>(CASES.map((c) => [c.name, { detect: [], mesh: [], failed: 0 }]));
   // Interleave the cases round by round, so a change in the machine's load hits all of them alike.
@@ -216,6 +218,8 @@ async function main(): Promise<void> {
   const fmt = (xs: number[]) => (xs.length ? String(Math.round(median(xs))) : '-');
   const mx = (xs: number[]) => (xs.length ? String(Math.max(...xs)) : '-');
   say(`## Failure detection (${started.toISOString()}, 3 nodes on loopback, ${ROUNDS} rounds per case)`);
+  say();
+  say(describeMachine(machine));
   say();
   say(`load average (1/5/15 min) before: ${loadBefore.map((l) => l.toFixed(2)).join(' ')}, after: ${loadAfter.map((l) => l.toFixed(2)).join(' ')}`);
   say();

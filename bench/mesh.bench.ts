@@ -15,6 +15,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { describeMachine, machineInfo } from './machine.ts';
 import { cacheDir } from '../src/demo.ts';
 import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
 import { readModelIdentity } from '../src/io/gguf/gguf-reader.ts';
@@ -178,7 +179,7 @@ async function latencies(urls: readonly string[]): Promise<number[][]> {
 }
 
 async function main(): Promise<void> {
-  const loadStart = loadavg().map((x) => x.toFixed(1)).join(' ');
+  const machine = machineInfo();
   const model = await benchModel();
   const bins = await findLlamaBinaries({ env: { ...process.env, MESH_LLAMA_BIN_DIR: e2eBinDir() } });
   log(`model ${model.path} (${(model.bytes / 2 ** 20).toFixed(0)} MiB); binaries ${bins.dir} (${bins.patches.join(', ') || 'stock'})`);
@@ -255,7 +256,7 @@ async function main(): Promise<void> {
   say(`Model: ${shape} (${(model.bytes / 2 ** 20).toFixed(0)} MiB), ` +
     `${TOKENS} generated tokens, median of ${REPS} alternating mesh/direct runs; -t ${THREADS} everywhere; binaries: ${bins.patches.join(', ') || 'stock'}`);
   say();
-  say(`Load average (2 cores, shared with other work): ${loadStart} at the start, ${loadavg().map((x) => x.toFixed(1)).join(' ')} at the end.`);
+  say(`${describeMachine(machine)} at the start; load ${loadavg().map((x) => x.toFixed(2)).join(' ')} at the end.`);
   say();
   say('| setup | split (--rpc order, host last) | direct TCP tg tok/s, median (min-max) | mesh tg tok/s | mesh / direct (pairwise median) | direct pp tok/s | mesh pp tok/s |');
   say('|---|---|---|---|---|---|---|');

@@ -9,6 +9,7 @@ import { promisify } from 'node:util';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { describeMachine } from './machine.ts';
 import { readGgufHeader } from '../src/io/gguf/gguf-reader.ts';
 import { generateLlamaGguf, type WeightType } from '../src/io/gguf/gguf-writer.ts';
 import { buildBinDir, ensureLlamaBinaries, LlamaBinariesError, type LlamaBinaries } from '../src/io/llama/llama-binaries.ts';
@@ -196,6 +197,8 @@ async function main(): Promise<void> {
   const offloaded = header.tensors.filter((t) => t.name !== 'token_embd.weight').reduce((a, t) => a + t.bytes, 0);
 
   print(`## llama.cpp RPC on loopback (CPU build, ${THREADS} thread(s) per process)`);
+  print();
+  print(describeMachine());
   print();
   print(`model: ${model.split('/').pop()} — ${mib(header.fileBytes)} MiB, ${header.layerCount} layers, ${header.tensors.length} tensors; ` +
     `${mib(offloaded)} MiB of it on the two rpc-servers (split 1:1; token embeddings stay on the host). ` +

@@ -17,6 +17,7 @@ import { ephemeralSecretKey } from '../src/io/host/secret-key.ts';
 import { randomBytes } from 'node:crypto';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
+import { describeMachine } from './machine.ts';
 import { TunnelService, type TunnelCodec } from '../src/io/transport/tunnel.ts';
 
 const SELF = fileURLToPath(import.meta.url);
@@ -198,6 +199,7 @@ const f2 = (x: number): string => x.toFixed(2);
 const f3 = (x: number): string => x.toFixed(3);
 
 async function main(): Promise<void> {
+  console.log(describeMachine());
   const quick = flag('--quick');
   if (flag('--traffic-only')) {
     await trafficOnly();
