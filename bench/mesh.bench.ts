@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import { describeMachine, machineInfo } from './machine.ts';
 import { cacheDir } from '../src/demo.ts';
 import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
-import { readModelIdentity } from '../src/io/gguf/gguf-reader.ts';
+import { readModelIdentity } from '../src/io/gguf/gguf-identity.ts';
 import { findLlamaBinaries } from '../src/io/llama/llama-binaries.ts';
 import { launchLlamaServer, type LlamaServerProcess } from '../src/io/llama/llama-server-process.ts';
 import { stopAll } from '../src/io/llama/processes.ts';

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DEFAULT_API_PORT } from './io/host/cli-args.ts';
 import { generateLlamaGguf, planLlamaModel, type LlamaModelSpec } from './io/gguf/gguf-writer.ts';
-import { readModelIdentity } from './io/gguf/gguf-reader.ts';
+import { readModelIdentity } from './io/gguf/gguf-identity.ts';
 import { findLlamaBinaries, LlamaBinariesError } from './io/llama/llama-binaries.ts';
 import { spawnManaged, type ManagedProcess } from './io/llama/processes.ts';
 import { formatBytes } from './io/host/vram.ts';

@@ -16,7 +16,7 @@ import { rpcServerProcessLogic, waitRpcServerListeningLogic } from './actors/rpc
 import { NodeTunnels } from './actors/tunnels.actor.ts';
 import { buildApiServer } from './io/http/api-server.ts';
 import type { CliOptions } from './io/host/cli-args.ts';
-import { readModelIdentity } from './io/gguf/gguf-reader.ts';
+import { readModelIdentity } from './io/gguf/gguf-identity.ts';
 import { createIrohEndpoint, type IrohMeshEndpoint } from './io/transport/iroh-transport.ts';
 import { createMeshId, createMeshSecret, encodeInviteToken, inviteAddrs } from './io/wire/invite-token.ts';
 import { findLlamaBinaries, type LlamaBinaries } from './io/llama/llama-binaries.ts';

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import OpenAI from 'openai';
 import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
-import { readModelIdentity } from '../src/io/gguf/gguf-reader.ts';
+import { readModelIdentity } from '../src/io/gguf/gguf-identity.ts';
 import { buildBinDir } from '../src/io/llama/llama-binaries.ts';
 import { spawnManaged, type ManagedProcess } from '../src/io/llama/processes.ts';
 import type { NodeStatus } from '../src/node.ts';

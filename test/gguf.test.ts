@@ -8,16 +8,9 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  GgmlType,
-  GgufError,
-  GgufValueType,
-  parseGgufHeader,
-  readGgufHeader,
-  readModelIdentity,
-  type GgufHeader,
-  type GgufValue,
-} from '../src/io/gguf/gguf-reader.ts';
+import { GgmlType, GgufError, GgufValueType, type GgufValue } from '../src/io/gguf/gguf-format.ts';
+import { readModelIdentity } from '../src/io/gguf/gguf-identity.ts';
+import { parseGgufHeader, readGgufHeader, type GgufHeader } from '../src/io/gguf/gguf-reader.ts';
 import {
   DEFAULT_VOCAB_PATH,
   encodeGgufHeader,

@@ -1,7 +1,7 @@
 // CLI: writes a random-weight llama GGUF (real tokenizer, deterministic by seed) for tests and benchmarks.
 //   npx tsx bench/tools/make-model.ts --out m.gguf --layers 8 --embd 64 --ff 192 --type f16 --seed 1
 import { parseArgs } from 'node:util';
-import { GgufError } from '../../src/io/gguf/gguf-reader.ts';
+import { GgufError } from '../../src/io/gguf/gguf-format.ts';
 import { DEFAULT_VOCAB_PATH, generateLlamaGguf, planLlamaModel, type LlamaModelSpec, type WeightType } from '../../src/io/gguf/gguf-writer.ts';
 
 const USAGE = `usage: make-model --out FILE [options]

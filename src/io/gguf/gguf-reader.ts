@@ -1,16 +1,19 @@
-// Reads the header of a GGUF file (metadata, tensor table, data offset) without reading the weights,
-// and fingerprints it so that two nodes can tell whether they hold the same model.
+// Reads the header of a GGUF file (metadata, tensor table, data offset) without reading the weights. The
+// parser works on a prefix of the file and asks for more bytes when it runs out (NeedMore).
 import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
-import { basename } from 'node:path';
-import type { ModelIdentity } from '../../machines/mesh-types.ts';
-
-/** "GGUF" read as a little-endian u32. */
-export const GGUF_MAGIC = 0x46554747;
-/** Alignment of the tensor data when `general.alignment` is absent (ggml's GGUF_DEFAULT_ALIGNMENT). */
-export const GGUF_DEFAULT_ALIGNMENT = 32;
-/** The versions llama.cpp still reads; v1 had 32-bit counts and is long gone. */
-export const GGUF_SUPPORTED_VERSIONS: readonly number[] = [2, 3];
+import {
+  GGML_TYPES,
+  GGUF_DEFAULT_ALIGNMENT,
+  GGUF_MAGIC,
+  GGUF_SUPPORTED_VERSIONS,
+  GgufError,
+  GgufValueType,
+  alignUp,
+  ggmlTensorBytes,
+  type GgufScalar,
+  type GgufValue,
+} from './gguf-format.ts';
 
 // Limits far above any real model, below anything that would make us allocate absurdly.
 const MAX_TENSORS = 1_000_000;
@@ -19,124 +22,6 @@ const MAX_DIMS = 4; // GGML_MAX_DIMS
 const MAX_HEADER_BYTES = 1024 * 1024 * 1024;
 const MAX_STRING_BYTES = 256 * 1024 * 1024;
 const MAX_ARRAY_ITEMS = 1 << 30;
-
-export type GgufErrorCode =
-  | 'not-gguf'
-  | 'truncated'
-  | 'unsupported-version'
-  | 'absurd'
-  | 'bad-value'
-  | 'unknown-tensor-type'
-  | 'io';
-
-/** Every problem with a GGUF file, with a code to branch on and a message for people. */
-export class GgufError extends Error {
-  override readonly name = 'GgufError';
-  constructor(
-    readonly code: GgufErrorCode,
-    message: string,
-    readonly path?: string,
-  ) {
-    super(path ? `${path}: ${message}` : message);
-  }
-}
-
-/** GGUF metadata value types, numbered as in the file format (gguf-py's GGUFValueType). */
-export enum GgufValueType {
-  UINT8 = 0,
-  INT8 = 1,
-  UINT16 = 2,
-  INT16 = 3,
-  UINT32 = 4,
-  INT32 = 5,
-  FLOAT32 = 6,
-  BOOL = 7,
-  STRING = 8,
-  ARRAY = 9,
-  UINT64 = 10,
-  INT64 = 11,
-  FLOAT64 = 12,
-}
-
-export type GgufScalar = number | bigint | boolean | string;
-
-/**
- * A typed metadata value. The type is kept so that a writer can copy values verbatim
- * (a u32 stays a u32). 64-bit integers are bigints; arrays of arrays hold nested GgufValues.
- */
-export type GgufValue =
-  | { readonly type: Exclude<GgufValueType, GgufValueType.ARRAY>; readonly value: GgufScalar }
-  | {
-      readonly type: GgufValueType.ARRAY;
-      readonly itemType: GgufValueType;
-      readonly value: readonly GgufScalar[] | readonly GgufValue[];
-    };
-
-/** Block geometry of a ggml tensor type: `blockSize` elements take `typeSize` bytes. */
-export interface GgmlTypeInfo {
-  readonly name: string;
-  readonly blockSize: number;
-  readonly typeSize: number;
-}
-
-const QK_K = 256;
-/** ggml tensor types by number (ggml.h / gguf-py GGML_QUANT_SIZES of the pinned release). */
-export const GGML_TYPES: Readonly<Record<number, GgmlTypeInfo>> = {
-  0: { name: 'F32', blockSize: 1, typeSize: 4 },
-  1: { name: 'F16', blockSize: 1, typeSize: 2 },
-  2: { name: 'Q4_0', blockSize: 32, typeSize: 2 + 16 },
-  3: { name: 'Q4_1', blockSize: 32, typeSize: 2 + 2 + 16 },
-  6: { name: 'Q5_0', blockSize: 32, typeSize: 2 + 4 + 16 },
-  7: { name: 'Q5_1', blockSize: 32, typeSize: 2 + 2 + 4 + 16 },
-  8: { name: 'Q8_0', blockSize: 32, typeSize: 2 + 32 },
-  9: { name: 'Q8_1', blockSize: 32, typeSize: 4 + 4 + 32 },
-  10: { name: 'Q2_K', blockSize: QK_K, typeSize: 2 + 2 + QK_K / 16 + QK_K / 4 },
-  11: { name: 'Q3_K', blockSize: QK_K, typeSize: 2 + QK_K / 4 + QK_K / 8 + 12 },
-  12: { name: 'Q4_K', blockSize: QK_K, typeSize: 2 + 2 + QK_K / 2 + 12 },
-  13: { name: 'Q5_K', blockSize: QK_K, typeSize: 2 + 2 + QK_K / 2 + QK_K / 8 + 12 },
-  14: { name: 'Q6_K', blockSize: QK_K, typeSize: 2 + QK_K / 2 + QK_K / 4 + QK_K / 16 },
-  15: { name: 'Q8_K', blockSize: QK_K, typeSize: 4 + QK_K + QK_K / 8 },
-  16: { name: 'IQ2_XXS', blockSize: QK_K, typeSize: 2 + QK_K / 4 },
-  17: { name: 'IQ2_XS', blockSize: QK_K, typeSize: 2 + QK_K / 4 + QK_K / 32 },
-  18: { name: 'IQ3_XXS', blockSize: QK_K, typeSize: 2 + QK_K / 4 + QK_K / 8 },
-  19: { name: 'IQ1_S', blockSize: QK_K, typeSize: 2 + QK_K / 8 + QK_K / 16 },
-  20: { name: 'IQ4_NL', blockSize: 32, typeSize: 2 + 16 },
-  21: { name: 'IQ3_S', blockSize: QK_K, typeSize: 2 + QK_K / 4 + QK_K / 8 + QK_K / 32 + 4 },
-  22: { name: 'IQ2_S', blockSize: QK_K, typeSize: 2 + QK_K / 4 + QK_K / 16 },
-  23: { name: 'IQ4_XS', blockSize: QK_K, typeSize: 2 + 2 + QK_K / 2 + QK_K / 64 },
-  24: { name: 'I8', blockSize: 1, typeSize: 1 },
-  25: { name: 'I16', blockSize: 1, typeSize: 2 },
-  26: { name: 'I32', blockSize: 1, typeSize: 4 },
-  27: { name: 'I64', blockSize: 1, typeSize: 8 },
-  28: { name: 'F64', blockSize: 1, typeSize: 8 },
-  29: { name: 'IQ1_M', blockSize: QK_K, typeSize: QK_K / 8 + QK_K / 16 + QK_K / 32 },
-  30: { name: 'BF16', blockSize: 1, typeSize: 2 },
-  34: { name: 'TQ1_0', blockSize: QK_K, typeSize: 2 + 4 * 13 },
-  35: { name: 'TQ2_0', blockSize: QK_K, typeSize: 2 + 64 },
-  39: { name: 'MXFP4', blockSize: 32, typeSize: 1 + 16 },
-  40: { name: 'NVFP4', blockSize: 64, typeSize: 4 + 32 },
-  41: { name: 'Q1_0', blockSize: 128, typeSize: 2 + 16 },
-  42: { name: 'Q2_0', blockSize: 64, typeSize: 2 + 16 },
-};
-
-/** The ggml type numbers the generator writes. */
-export const GgmlType = { F32: 0, F16: 1, Q8_0: 8 } as const;
-
-/** Bytes a tensor of `type` with these dims takes; throws when the row is not a whole number of blocks. */
-export function ggmlTensorBytes(type: number, dims: readonly number[]): number {
-  const info = GGML_TYPES[type];
-  if (!info) throw new GgufError('unknown-tensor-type', `unknown ggml tensor type ${type}`);
-  const ne0 = dims[0] ?? 1;
-  if (ne0 % info.blockSize !== 0) {
-    throw new GgufError(
-      'bad-value',
-      `a ${info.name} row must be a multiple of ${info.blockSize} elements, got ${ne0}`,
-    );
-  }
-  let rows = 1;
-  for (const d of dims.slice(1)) rows *= d;
-  return (ne0 / info.blockSize) * info.typeSize * rows;
-}
 
 export interface GgufTensorInfo {
   readonly name: string;
@@ -181,6 +66,20 @@ class NeedMore {
 
 const textDecoder = new TextDecoder('utf-8', { fatal: true });
 
+/** The fixed-size numeric value types: how many bytes each takes and how to read one (little-endian). */
+const FIXED_SCALARS: Partial<Record<GgufValueType, readonly [number, (buf: Buffer, at: number) => number | bigint]>> = {
+  [GgufValueType.UINT8]: [1, (b, at) => b.readUInt8(at)],
+  [GgufValueType.INT8]: [1, (b, at) => b.readInt8(at)],
+  [GgufValueType.UINT16]: [2, (b, at) => b.readUInt16LE(at)],
+  [GgufValueType.INT16]: [2, (b, at) => b.readInt16LE(at)],
+  [GgufValueType.UINT32]: [4, (b, at) => b.readUInt32LE(at)],
+  [GgufValueType.INT32]: [4, (b, at) => b.readInt32LE(at)],
+  [GgufValueType.FLOAT32]: [4, (b, at) => b.readFloatLE(at)],
+  [GgufValueType.UINT64]: [8, (b, at) => b.readBigUInt64LE(at)],
+  [GgufValueType.INT64]: [8, (b, at) => b.readBigInt64LE(at)],
+  [GgufValueType.FLOAT64]: [8, (b, at) => b.readDoubleLE(at)],
+};
+
 /** A cursor over the bytes read so far. `end` tells it whether more of the file exists. */
 class Cursor {
   pos = 0;
@@ -222,56 +121,19 @@ class Cursor {
     return Number(v);
   }
   scalar(type: GgufValueType, what: string): GgufScalar {
-    switch (type) {
-      case GgufValueType.UINT8:
-        this.need(1, what);
-        return this.buf.readUInt8(this.pos++);
-      case GgufValueType.INT8:
-        this.need(1, what);
-        return this.buf.readInt8(this.pos++);
-      case GgufValueType.UINT16:
-        this.need(2, what);
-        this.pos += 2;
-        return this.buf.readUInt16LE(this.pos - 2);
-      case GgufValueType.INT16:
-        this.need(2, what);
-        this.pos += 2;
-        return this.buf.readInt16LE(this.pos - 2);
-      case GgufValueType.UINT32:
-        this.need(4, what);
-        this.pos += 4;
-        return this.buf.readUInt32LE(this.pos - 4);
-      case GgufValueType.INT32:
-        this.need(4, what);
-        this.pos += 4;
-        return this.buf.readInt32LE(this.pos - 4);
-      case GgufValueType.FLOAT32:
-        this.need(4, what);
-        this.pos += 4;
-        return this.buf.readFloatLE(this.pos - 4);
-      case GgufValueType.BOOL: {
-        this.need(1, what);
-        const b = this.buf.readUInt8(this.pos++);
-        if (b > 1) throw new GgufError('bad-value', `${what}: bool byte is ${b}, expected 0 or 1`);
-        return b === 1;
-      }
-      case GgufValueType.STRING:
-        return this.string(what);
-      case GgufValueType.UINT64:
-        this.need(8, what);
-        this.pos += 8;
-        return this.buf.readBigUInt64LE(this.pos - 8);
-      case GgufValueType.INT64:
-        this.need(8, what);
-        this.pos += 8;
-        return this.buf.readBigInt64LE(this.pos - 8);
-      case GgufValueType.FLOAT64:
-        this.need(8, what);
-        this.pos += 8;
-        return this.buf.readDoubleLE(this.pos - 8);
-      default:
-        throw new GgufError('bad-value', `${what}: unknown value type ${type as number}`);
+    if (type === GgufValueType.STRING) return this.string(what);
+    if (type === GgufValueType.BOOL) {
+      this.need(1, what);
+      const b = this.buf.readUInt8(this.pos++);
+      if (b > 1) throw new GgufError('bad-value', `${what}: bool byte is ${b}, expected 0 or 1`);
+      return b === 1;
     }
+    const fixed = FIXED_SCALARS[type];
+    if (fixed === undefined) throw new GgufError('bad-value', `${what}: unknown value type ${type as number}`);
+    const [bytes, read] = fixed;
+    this.need(bytes, what);
+    this.pos += bytes;
+    return read(this.buf, this.pos - bytes);
   }
   string(what: string): string {
     const len = this.u64n(`${what} (string length)`);
@@ -444,9 +306,6 @@ function parse(buf: Buffer, fileBytes: number): GgufHeader {
   };
 }
 
-export function alignUp(n: number, alignment: number): number {
-  return Math.ceil(n / alignment) * alignment;
-}
 
 /**
  * Parses a header from an in-memory prefix of a file of `fileBytes` bytes (defaults to the buffer's
@@ -516,45 +375,4 @@ export function metaNumber(h: GgufHeader, key: string): number | undefined {
 export function metaString(h: GgufHeader, key: string): string | undefined {
   const v = h.metadata.get(key)?.value;
   return typeof v === 'string' ? v : undefined;
-}
-
-/** Bytes read from the start and from the end of every tensor for the content fingerprint. */
-const SAMPLE_BYTES = 4096;
-
-/**
- * The identity two nodes compare before serving one model together. The header alone cannot tell two
- * models of one shape apart (a fine-tune, another seed), and a worker loads weights from its own file, so
- * the fingerprint also hashes a sample of every tensor's bytes: its first and last 4 KiB. That costs two
- * small reads per tensor, never a pass over the weights.
- */
-export async function ggufModelIdentity(path: string, header: GgufHeader): Promise<ModelIdentity> {
-  const hash = createHash('sha256').update(header.fingerprint);
-  let fh;
-  try {
-    fh = await open(path, 'r');
-    const sample = Buffer.alloc(SAMPLE_BYTES);
-    for (const t of header.tensors) {
-      const n = Math.min(SAMPLE_BYTES, t.bytes);
-      for (const at of new Set([t.absoluteOffset, t.absoluteOffset + t.bytes - n])) {
-        const { bytesRead } = await fh.read(sample, 0, n, at);
-        if (bytesRead !== n) throw new GgufError('truncated', `file is truncated inside tensor ${t.name}`, path);
-        hash.update(sample.subarray(0, n));
-      }
-    }
-  } catch (e) {
-    if (e instanceof GgufError) throw e;
-    throw new GgufError('io', `cannot read tensor data: ${(e as Error).message}`, path);
-  } finally {
-    await fh?.close();
-  }
-  return {
-    name: metaString(header, 'general.name') ?? basename(path).replace(/\.gguf$/i, ''),
-    bytes: header.fileBytes,
-    fingerprint: hash.digest('hex'),
-  };
-}
-
-/** Reads the header and a sample of the weights, and returns the model's identity. */
-export async function readModelIdentity(path: string): Promise<ModelIdentity> {
-  return ggufModelIdentity(path, await readGgufHeader(path));
 }

@@ -11,11 +11,10 @@ import {
   GgufValueType,
   alignUp,
   ggmlTensorBytes,
-  readGgufHeader,
-  type GgufHeader,
   type GgufScalar,
   type GgufValue,
-} from './gguf-reader.ts';
+} from './gguf-format.ts';
+import { readGgufHeader, type GgufHeader } from './gguf-reader.ts';
 import { buildSourceDir } from '../llama/llama-binaries.ts';
 
 /** One row of the tensor table: `offset` is relative to the start of the data section. */
