@@ -1,10 +1,9 @@
-// Actor logic around the API: the proxy machine's `watchMesh` slot, the upstream resolver that runs one
-// proxy machine per request (src/machines/proxy.machine.ts) and turns its Route into an Upstream, and the
-// API server itself as a long-lived actor (listen on start, close on stop).
+// Actor logic around the API: the proxy machine's `watchMesh` slot, and the upstream resolver that runs one
+// proxy machine per request (src/machines/proxy.machine.ts) and turns its Route into an Upstream.
 import { createActor, fromCallback, type EventObject, type InspectionEvent, type Observer } from 'xstate';
 import type { EndpointId } from '../machines/mesh-types.ts';
 import { proxyMachine, routeFacts, type ProxyEvent, type Route } from '../machines/proxy.machine.ts';
-import { buildApiServer, type ApiServerInit, type Upstream, type UpstreamResolver } from '../io/http/api-server.ts';
+import type { Upstream, UpstreamResolver } from '../io/http/api-server.ts';
 
 /** What routing reads from the node actor: its snapshot, and updates to it. */
 type NodeSnapshotLike = Parameters<typeof routeFacts>[0];
@@ -31,8 +30,29 @@ export interface MeshResolverInit {
   readonly remoteBaseUrl: (host: EndpointId, signal: AbortSignal) => Promise<string>;
   /** Overrides the proxy machine's wait bound (ms), for tests. */
   readonly maxWaitMs?: number;
-  /** Each request's proxy actor, for the inspector (`inspect` of createActor). */
-  readonly inspect?: Observer<InspectionEvent> | ((event: InspectionEvent) => void);
+  /**
+   * The node's actor system, when the node is inspected: each request's proxy actor reports to the node's
+   * inspector as part of the node's tree (its events carry the node's root id).
+   */
+  readonly system?: NodeSystem;
+}
+
+/** The node actor's session (the root of its system's tree) and the inspector watching that system. */
+export interface NodeSystem {
+  readonly rootId: string;
+  readonly inspect?: Observer<InspectionEvent>;
+}
+
+/**
+ * Why not a child of the node actor: a child's done and error events go to its parent, so a request's route
+ * (or a failure) would become an event of the node machine, one it has no transition for, and a failing
+ * request could fail the node; and a child cannot be stopped by the API that started it. A request's proxy
+ * is the API's to start and stop; the inspector still sees it where it belongs, under the node.
+ */
+function inspectUnder(system: NodeSystem | undefined): ((event: InspectionEvent) => void) | undefined {
+  const observer = system?.inspect;
+  if (observer === undefined) return undefined;
+  return (event) => observer.next?.({ ...event, rootId: system!.rootId });
 }
 
 /**
@@ -44,8 +64,9 @@ export function meshUpstreamResolver(init: MeshResolverInit): UpstreamResolver {
     actors: { watchMesh: watchMeshLogic(init.node) },
     ...(init.maxWaitMs !== undefined ? { delays: { maxWait: init.maxWaitMs } } : {}),
   });
+  const inspect = inspectUnder(init.system);
   return async ({ signal }) => {
-    const actor = createActor(machine, { input: { facts: routeFacts(init.node.getSnapshot()) }, inspect: init.inspect });
+    const actor = createActor(machine, { input: { facts: routeFacts(init.node.getSnapshot()) }, inspect });
     const route = await new Promise<Route | null>((resolve) => {
       const onAbort = () => resolve(null);
       signal.addEventListener('abort', onAbort, { once: true });
@@ -80,37 +101,3 @@ export async function routeToUpstream(
   }
 }
 
-export interface ApiServerActorInput {
-  readonly host: string;
-  readonly port: number;
-}
-
-export type ApiServerActorEvent =
-  | { readonly type: 'api.listening'; readonly url: string; readonly port: number }
-  | { readonly type: 'api.failed'; readonly reason: string };
-
-/** The API as an actor: listens on start (`api.listening` / `api.failed` to its parent), closes on stop. */
-export function apiServerLogic(init: ApiServerInit) {
-  return fromCallback<EventObject, ApiServerActorInput>(({ input, sendBack }) => {
-    const app = buildApiServer(init);
-    const send = (event: ApiServerActorEvent) => sendBack(event);
-    let closed = false;
-    app.listen({ host: input.host, port: input.port }).then(
-      () => {
-        if (closed) return;
-        const addr = app.server.address();
-        const port = typeof addr === 'object' && addr !== null ? addr.port : input.port;
-        send({ type: 'api.listening', url: `http://${input.host === '0.0.0.0' ? '127.0.0.1' : input.host}:${port}`, port });
-      },
-      (err: NodeJS.ErrnoException) => {
-        if (closed) return;
-        const reason = err.code === 'EADDRINUSE' ? `port ${input.port} is already in use (another mesh-inference? pick one with --port)` : err.message;
-        send({ type: 'api.failed', reason });
-      },
-    );
-    return () => {
-      closed = true;
-      void app.close();
-    };
-  });
-}

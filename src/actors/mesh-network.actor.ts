@@ -5,11 +5,6 @@ import type { EndpointId } from '../machines/mesh-types.ts';
 import type { NetworkCommand, NetworkEvent } from '../machines/protocol.ts';
 import { MeshNetwork, type MeshNetworkComponents, type MeshNetworkInit } from '../io/mesh/mesh-network.ts';
 
-export interface MeshNetworkActorInput {
-  readonly init: MeshNetworkInit;
-  readonly components: MeshNetworkComponents;
-}
-
 /** Exported for tests that want the MeshNetwork behind an actor (peers(), direct calls). */
 export type MeshNetworkFactory = (init: MeshNetworkInit, components: MeshNetworkComponents) => MeshNetwork;
 
@@ -48,8 +43,3 @@ export function createMeshNetworkLogic(init: MeshNetworkInit, components: MeshNe
 
 /** What the node machine's `network` slot passes (src/machines/node.machine.ts). */
 export type NetworkSlotInput = { self: EndpointId };
-
-/** The same logic taking its dependencies as input, for a machine that invokes it with `input`. */
-export const meshNetworkLogic = fromCallback<NetworkCommand, MeshNetworkActorInput>(({ input, sendBack, receive }) =>
-  run(input.init, input.components, sendBack, receive, defaultFactory),
-);

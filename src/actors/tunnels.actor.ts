@@ -1,7 +1,10 @@
 // The TCP<->QUIC tunnels of one node, driven by its node machine's context (src/machines/node.machine.ts):
 // which incoming rpc and http streams may reach local processes (the policy), the host's loopback port per
 // remote worker for llama-server's `--rpc`, a worker's or lite client's port to the host's llama-server, and
-// the hand-off. The composition root feeds it every snapshot of the node actor through `follow()`.
+// the hand-off. One owner: the built node (src/node/build.ts) creates it, feeds it every snapshot of the node
+// actor through its one subscription (`follow()`), closes it, and hands the process slots and the API only
+// the one capability each needs (`rpcAddressFor`, `httpBaseUrl`). The admission policy reads the context
+// last followed: before the first snapshot, every stream is refused (the node is starting).
 import type { Logger } from '../io/host/logger.ts';
 import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../io/llama/rpc-traffic.ts';
 import { TunnelService, type TunnelListener } from '../io/transport/tunnel.ts';
@@ -22,8 +25,6 @@ export interface NodeTunnelsInit {
 export interface NodeTunnelsComponents {
   readonly endpoint: MeshEndpoint;
   readonly log: Logger;
-  /** The node machine's current context (null before it exists). */
-  readonly context: () => NodeContext | null;
 }
 
 interface RpcRoute {
@@ -42,18 +43,21 @@ export class NodeTunnels {
   private readonly proxies = new Map<EndpointId, RpcTrafficProxy[]>();
   /** Worker and lite-client side: one http listener per host. */
   private readonly httpRoutes = new Map<EndpointId, Promise<TunnelListener>>();
+  /** The node's context as of the last snapshot followed; null before the first. */
+  private context: NodeContext | null = null;
   private lastPolicy: RpcTunnelPolicy | null = null;
   private lastLinks: readonly EndpointId[] = [];
 
   constructor(init: NodeTunnelsInit, components: NodeTunnelsComponents) {
     this.log = components.log;
     this.countRpc = init.countRpc ?? false;
-    this.service = new TunnelService({ allow: (remote, kind) => tunnelDecision(components.context(), remote, kind) }, { endpoint: components.endpoint, log: components.log });
+    this.service = new TunnelService({ allow: (remote, kind) => tunnelDecision(this.context, remote, kind) }, { endpoint: components.endpoint, log: components.log });
     this.service.start();
   }
 
   /** Every snapshot of the node: the hand-off, dead links, listeners of workers that are no longer stages. */
   follow(c: NodeContext): void {
+    this.context = c;
     const last = this.lastPolicy;
     // Hand-off: the moment the policy leaves a host, nothing of that host may reach our rpc-server.
     if (last !== null && (c.rpcTunnelPolicy === null || c.rpcTunnelPolicy.host !== last.host || c.rpcTunnelPolicy.planId !== last.planId)) {

@@ -1,0 +1,285 @@
+// One mesh node from explicit parts. `buildNode(config, components)` acquires nothing; `start()` acquires
+// step by step (the inspector, STUN, the endpoint, the node's parts on it, the API's port, the node actor),
+// each step pushing the release of what it got onto ONE DisposalStack; `stop()`, a failed step and a node
+// machine that ends by itself all run that stack, newest first. The node machine (src/machines) gets the
+// real network actor on the endpoint and the process slots of the components; the tunnels follow the node
+// through the one subscription the built node owns; the API routes each request with a proxy machine.
+import type { FastifyInstance } from 'fastify';
+import { createActor, waitFor, type Actor, type AnyActorLogic, type InspectionEvent, type Observer, type SnapshotFrom } from 'xstate';
+import { meshUpstreamResolver } from '../actors/api-server.actor.ts';
+import { createMeshNetworkLogic } from '../actors/mesh-network.actor.ts';
+import { NodeTunnels } from '../actors/tunnels.actor.ts';
+import type { CliOptions } from '../io/host/cli-args.ts';
+import { componentLogger, type Logger } from '../io/host/logger.ts';
+import type { StunInit, StunResult } from '../io/host/stun.ts';
+import type { VramInfo } from '../io/host/vram.ts';
+import { buildApiServer } from '../io/http/api-server.ts';
+import { stopAll } from '../io/llama/processes.ts';
+import type { IrohMeshEndpoint, IrohTransportComponents, IrohTransportInit } from '../io/transport/iroh-transport.ts';
+import { createMeshId, createMeshSecret, encodeInviteToken, inviteAddrs } from '../io/wire/invite-token.ts';
+import { PROTOCOL_VERSION, type Announcement, type EndpointId, type ModelIdentity } from '../machines/mesh-types.ts';
+import { nodeMachine, runningRole } from '../machines/node.machine.ts';
+import { DisposalStack } from './disposal.ts';
+import { nameOf, nodeStatus, type NodeStatus } from './status.ts';
+
+/** What the node is asked to be: the command line's part of it, plus where the endpoint binds. */
+export type NodeConfig = Pick<CliOptions, 'name' | 'role' | 'model' | 'joins' | 'bindPort' | 'stun' | 'relay' | 'apiHost' | 'port' | 'apiKey'> & {
+  /** Where the QUIC endpoint binds: 0.0.0.0, or 127.0.0.1 (the demo and tests). */
+  readonly bindHost: string;
+  /** On the host, a counting proxy in front of every worker's tunnel: its figures appear in /api/status. */
+  readonly countRpc: boolean;
+};
+
+/** What this node holds, read before it is built (nothing to release). A lite client: no model, no VRAM. */
+export interface NodeHoldings {
+  readonly secretKey: Uint8Array;
+  readonly model: ModelIdentity | null;
+  readonly vram: VramInfo | null;
+}
+
+/** The acquisitions that reach the network (tests make each of them fail here). */
+export interface NodeNet {
+  readonly stun: (init: StunInit) => Promise<StunResult>;
+  readonly bind: (init: IrohTransportInit, components: IrohTransportComponents) => Promise<IrohMeshEndpoint>;
+  /** The node machine's `network` slot on the bound endpoint; default: the real MeshNetwork. */
+  readonly network?: typeof createMeshNetworkLogic;
+}
+
+/** The node machine's process slots, given the one tunnel capability llama-server needs. A lite client: {}. */
+export type NodeProcessSlots = (tunnels: { rpcAddressFor(peer: EndpointId): Promise<string> }) => {
+  readonly rpcServer?: AnyActorLogic;
+  readonly llamaServer?: AnyActorLogic;
+};
+
+export interface NodeInspector {
+  readonly inspect: Observer<InspectionEvent>;
+  stop(): void;
+}
+
+export interface NodeComponents {
+  readonly logger: Logger;
+  readonly holdings: NodeHoldings;
+  readonly net: NodeNet;
+  readonly processes: NodeProcessSlots;
+  /** Opened first by start() (a connection), closed last; null or absent: not inspected. */
+  readonly inspector?: () => NodeInspector | null;
+}
+
+/** A started node: what its handle and the tests read. */
+export interface StartedNode {
+  readonly id: EndpointId;
+  /** The invite token that lets others join this node's mesh. */
+  readonly token: string;
+  readonly meshId: string;
+  /** "http://127.0.0.1:PORT" of this node's API. */
+  readonly apiUrl: string;
+  readonly apiPort: number;
+  readonly endpoint: IrohMeshEndpoint;
+  readonly actor: Actor<typeof nodeMachine>;
+  readonly api: FastifyInstance;
+  readonly tunnels: NodeTunnels;
+  /** What GET /api/status answers. */
+  status(): NodeStatus;
+}
+
+export interface BuiltNode {
+  /** Acquires everything, in order; on a failure releases what it acquired and throws (a one-line message). */
+  start(): Promise<StartedNode>;
+  /** Graceful stop: leaving to every peer, processes stopped, API and endpoint closed. Idempotent. */
+  stop(reason?: string): Promise<void>;
+  /** Resolves once the node has released everything (by stop(), a failed start, or its machine ending). */
+  readonly stopped: Promise<void>;
+}
+
+export function buildNode(config: NodeConfig, components: NodeComponents): BuiltNode {
+  const log = componentLogger(components.logger, 'node');
+  const stack = new DisposalStack((name, err) => log.warn({ err: String(err), release: name }, 'a release failed'));
+  let reason = 'stopped';
+  let stopping: Promise<void> | null = null;
+  let resolveStopped!: () => void;
+  const stopped = new Promise<void>((r) => (resolveStopped = r));
+  const stop = (why = 'stopped'): Promise<void> => (stopping ??= ((reason = why), stack.dispose().then(resolveStopped)));
+
+  async function start(): Promise<StartedNode> {
+    try {
+      const inspector = openInspector(stack, components.inspector);
+      // Whatever a process slot's cleanup only started to stop: wait for it, SIGKILL after the grace.
+      stack.defer('child processes', () => stopAll(3_000));
+      const publicAddr = await discoverPublicAddr(config, components.net, log);
+      const endpoint = await bindEndpoint(stack, config, components);
+      const parts = assemble(stack, config, components, endpoint, publicAddr, inspector);
+      // The API port before the actor: when it is taken, no process has started that would have to stop.
+      const apiPort = await listenApi(parts.api, config);
+      startActor(stack, parts, log, () => reason, () => void stop('the node machine stopped'));
+      const apiUrl = `http://${config.apiHost === '0.0.0.0' ? '127.0.0.1' : config.apiHost}:${apiPort}`;
+      return { id: endpoint.id, endpoint, apiPort, apiUrl, ...parts };
+    } catch (err) {
+      await stop('the start failed');
+      throw err;
+    }
+  }
+  return { start, stop, stopped };
+}
+
+// ---- the steps of start(), in order --------------------------------------------------------------------
+
+function openInspector(stack: DisposalStack, open: NodeComponents['inspector']): Observer<InspectionEvent> | undefined {
+  const inspector = open?.() ?? null;
+  if (inspector === null) return undefined;
+  stack.defer('inspector', () => inspector.stop());
+  return inspector.inspect;
+}
+
+/** "ip:port" as a STUN server sees the bind port, or null; no answer is no failure (LAN addresses only). */
+async function discoverPublicAddr(config: NodeConfig, net: NodeNet, log: Logger): Promise<string | null> {
+  if (config.bindPort === null || (config.stun !== null && config.stun.length === 0)) return null;
+  // STUN from the very port QUIC will use, before QUIC takes it: the router's mapping is the one peers see.
+  try {
+    const r = await net.stun({ servers: config.stun ?? undefined, localPort: config.bindPort, timeoutMs: 3_000 });
+    log.info({ publicAddr: `${r.address}:${r.port}`, server: r.server }, 'public address (STUN)');
+    return `${r.address}:${r.port}`;
+  } catch (err) {
+    log.warn({ err: (err as Error).message }, 'no public address from STUN; the token carries LAN addresses only');
+    return null;
+  }
+}
+
+function bindEndpoint(stack: DisposalStack, config: NodeConfig, components: NodeComponents): Promise<IrohMeshEndpoint> {
+  const init: IrohTransportInit = {
+    secretKey: components.holdings.secretKey,
+    bindHost: config.bindHost,
+    bindPort: config.bindPort ?? undefined,
+    relay: config.relay.kind === 'custom' ? { url: config.relay.url } : config.relay.kind,
+  };
+  return stack.use(
+    'endpoint',
+    () => components.net.bind(init, { log: componentLogger(components.logger, 'transport') }),
+    async (endpoint) => {
+      // The network's `leaving` frames need a moment on the wire before the connections go.
+      await new Promise((r) => setTimeout(r, 200));
+      await endpoint.close();
+    },
+  );
+}
+
+type Parts = Pick<StartedNode, 'token' | 'meshId' | 'actor' | 'api' | 'tunnels' | 'status'>;
+
+/** On the bound endpoint: the tunnels, the provided node machine's actor (not started) and the API app. */
+function assemble(
+  stack: DisposalStack,
+  config: NodeConfig,
+  components: NodeComponents,
+  endpoint: IrohMeshEndpoint,
+  publicAddr: string | null,
+  inspect: Observer<InspectionEvent> | undefined,
+): Parts {
+  const logger = components.logger;
+  const invite = config.joins[0] ?? null;
+  const secret = invite?.secret ?? createMeshSecret();
+  const meshId = invite?.meshId ?? createMeshId();
+  const tokenAddrs = inviteAddrs(endpoint.addrs().filter((a) => !/^https?:/.test(a)), publicAddr);
+  const token = encodeInviteToken({ meshId, secret, inviter: endpoint.id, addrs: tokenAddrs });
+  const self = announcement(config, components.holdings, endpoint);
+
+  const tunnels = new NodeTunnels({ countRpc: config.countRpc }, { endpoint, log: componentLogger(logger, 'tunnel') });
+  stack.defer('tunnels', () => tunnels.close());
+  const network = (components.net.network ?? createMeshNetworkLogic)(
+    { secret, hello: { role: self.role, vramBytes: self.vramBytes, model: self.model } },
+    { endpoint, logger: componentLogger(logger, 'network') },
+  );
+  const processes = components.processes({ rpcAddressFor: (peer) => tunnels.rpcAddressFor(peer) });
+  const machine = nodeMachine.provide({ actors: { network, ...(processes as object) } });
+  const actor = createActor(machine, {
+    input: { self, bootstrap: config.joins.map((j) => ({ id: j.inviter, addrs: j.addrs })) },
+    inspect,
+  });
+
+  const status = (): NodeStatus => nodeStatus(actor, { meshId, tunnels: tunnels.stats(), rpcTraffic: tunnels.traffic() });
+  const api = buildApiServer({
+    upstream: meshUpstreamResolver({
+      node: actor as never,
+      remoteBaseUrl: (host) => tunnels.httpBaseUrl(host),
+      system: inspect === undefined ? undefined : { rootId: actor.sessionId, inspect },
+    }),
+    status,
+    apiKey: config.apiKey,
+    logger: componentLogger(logger, 'api'),
+  });
+  stack.defer('api', () => api.close());
+  return { token, meshId, actor, api, tunnels, status };
+}
+
+async function listenApi(api: FastifyInstance, config: NodeConfig): Promise<number> {
+  try {
+    await api.listen({ host: config.apiHost, port: config.port });
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    throw new Error(e.code === 'EADDRINUSE' ? `port ${config.port} is already in use (another mesh-inference? pick one with --port)` : `the API could not listen: ${e.message}`);
+  }
+  const addr = api.server.address();
+  return typeof addr === 'object' && addr !== null ? addr.port : config.port;
+}
+
+/** Subscribes the node's one follower, then starts the actor; a machine that ends at once fails the start. */
+function startActor(stack: DisposalStack, parts: Parts, log: Logger, reason: () => string, onEnd: () => void): void {
+  const { actor } = parts;
+  const sub = actor.subscribe({ next: follower(parts.tunnels, log), error: (err) => log.error({ err: String(err) }, 'node machine failed'), complete: onEnd });
+  stack.defer('node subscription', () => sub.unsubscribe());
+  stack.defer('node actor', async () => {
+    if (actor.getSnapshot().status === 'active') {
+      actor.send({ type: 'node.stop', reason: reason() });
+      // leaving -> stopped: peers told, processes stopped (bounded by the machine's leaveTimeout).
+      await waitFor(actor, (s) => s.status !== 'active', { timeout: 15_000 }).catch(() => {});
+    }
+    actor.stop();
+  });
+  actor.start();
+  const snap = actor.getSnapshot();
+  if (snap.status !== 'active') {
+    throw new Error(`the node machine stopped as it started: ${snap.status === 'error' ? String(snap.error) : (snap.context.stopReason ?? snap.status)}`);
+  }
+}
+
+// ---- helpers --------------------------------------------------------------------------------------------
+
+function announcement(config: NodeConfig, holdings: NodeHoldings, endpoint: IrohMeshEndpoint): Announcement {
+  const isClient = config.role === 'client' || config.model === null;
+  return {
+    id: endpoint.id,
+    epoch: Date.now(),
+    seq: 0,
+    name: config.name,
+    role: isClient ? 'client' : config.role,
+    vramBytes: holdings.vram?.bytes ?? 0,
+    model: holdings.model,
+    version: PROTOCOL_VERSION,
+    serving: false,
+    addrs: endpoint.addrs(),
+    connectedTo: [],
+  };
+}
+
+/** The node's one follower: the tunnels (hand-off, dead links, listeners) and the logs of state and plan. */
+function follower(tunnels: NodeTunnels, log: Logger): (snap: SnapshotFrom<typeof nodeMachine>) => void {
+  let lastState = '';
+  let lastPlanId: string | null = null;
+  return (snap) => {
+    const c = snap.context;
+    tunnels.follow(c);
+    const state = JSON.stringify(snap.value);
+    if (state !== lastState) {
+      lastState = state;
+      log.debug({ state: snap.value, role: runningRole(c) }, 'node state');
+    }
+    if (c.running !== null && c.running.id !== lastPlanId) {
+      lastPlanId = c.running.id;
+      const plan = c.running;
+      if (plan.kind === 'ready') {
+        const names = plan.stages.map((s) => `${nameOf(c, s.id)} ${(s.share * 100).toFixed(0)}%`).join(', ');
+        log.info({ plan: plan.id, host: nameOf(c, plan.host), role: runningRole(c) }, `plan: host ${nameOf(c, plan.host)}; layers: ${names}`);
+      } else {
+        log.warn({ plan: plan.id }, `waiting: ${plan.reason}`);
+      }
+    }
+  };
+}

@@ -1,0 +1,94 @@
+// The real parts of a node, made from the command line: what it holds (model, VRAM, key, binaries), its
+// process slots (rpc-server and llama-server processes), and its inspector. `startNode` hands them to
+// `buildNode`; tests hand it parts of their own.
+import { createSkyInspector, createWebSocketInspector } from '@statelyai/inspect';
+import { llamaServerProcessLogic, waitLlamaHealthyLogic } from '../actors/llama-server.actor.ts';
+import { rpcServerProcessLogic, waitRpcServerListeningLogic } from '../actors/rpc-server.actor.ts';
+import type { CliOptions } from '../io/host/cli-args.ts';
+import { componentLogger, type Logger } from '../io/host/logger.ts';
+import { loadOrCreateSecretKey } from '../io/host/secret-key.ts';
+import { detectVram, formatBytes } from '../io/host/vram.ts';
+import { readModelIdentity } from '../io/gguf/gguf-identity.ts';
+import { findLlamaBinaries, type LlamaBinaries } from '../io/llama/llama-binaries.ts';
+import { llamaServerMachine } from '../machines/llama-server.machine.ts';
+import { rpcServerMachine } from '../machines/rpc-server.machine.ts';
+import type { NodeHoldings, NodeInspector, NodeProcessSlots } from './build.ts';
+import { sanitizeForInspector } from './status.ts';
+
+/** SIGTERM -> SIGKILL grace for llama-server (see where it is used). */
+const LLAMA_KILL_GRACE_MS = 1_000;
+
+/** What this node holds, read (and logged) before it is built. A lite client holds no model and no binaries. */
+export async function readHoldings(options: CliOptions, logger: Logger): Promise<NodeHoldings & { readonly binaries: LlamaBinaries | null }> {
+  const log = componentLogger(logger, 'node');
+  const isClient = options.role === 'client' || options.model === null;
+  const model = isClient ? null : await readModelIdentity(options.model!);
+  const vram = isClient ? null : await detectVram({ maxVramBytes: options.maxVramBytes });
+  const binaries = isClient ? null : await findLlamaBinaries();
+  if (model !== null) log.info({ model: model.name, bytes: model.bytes, fingerprint: model.fingerprint }, 'model');
+  if (vram !== null) log.info({ bytes: vram.bytes, source: vram.source }, `offering ${formatBytes(vram.bytes)} (${vram.detail})`);
+  if (binaries !== null) log.info({ dir: binaries.dir, patches: binaries.patches }, 'llama.cpp binaries');
+  const secretKey = (await loadOrCreateSecretKey({ keyFile: options.keyFile ?? undefined })).key;
+  return { secretKey, model, vram, binaries };
+}
+
+/** The rpc-server and llama-server slots of the node machine, over the real processes; none without binaries. */
+export function processSlots(
+  options: Pick<CliOptions, 'model'>,
+  tuning: { readonly threads?: number; readonly ctxSize?: number },
+  binaries: LlamaBinaries | null,
+  logger: Logger,
+): NodeProcessSlots {
+  // A lite client never runs either process: its slots keep the defaults, which fail loudly if ever asked.
+  if (binaries === null) return () => ({});
+  // ggml's abort handler attaches gdb for a backtrace: seconds during which a crash is not yet an exit (and
+  // llama-server aborts whenever an rpc-server goes away under it). MESH_INFERENCE_BACKTRACE=1 keeps it.
+  const crashEnv: Record<string, string> = process.env['MESH_INFERENCE_BACKTRACE'] === '1' ? {} : { GGML_NO_BACKTRACE: '1' };
+  return (tunnels) => ({
+    rpcServer: rpcServerMachine.provide({
+      actors: {
+        rpcServerProcess: rpcServerProcessLogic({
+          binary: binaries.rpcServer,
+          gguf: options.model,
+          ggufSupported: binaries.setTensorGguf,
+          threads: tuning.threads,
+          env: crashEnv,
+          logger: componentLogger(logger, 'rpc-server'),
+        }),
+        waitRpcServerListening: waitRpcServerListeningLogic,
+      },
+    }),
+    llamaServer: llamaServerMachine.provide({
+      actors: {
+        llamaServerProcess: llamaServerProcessLogic({
+          binary: binaries.llamaServer,
+          model: options.model!,
+          rpcAddressFor: (stage) => tunnels.rpcAddressFor(stage.id),
+          threads: tuning.threads,
+          ctxSize: tuning.ctxSize,
+          env: crashEnv,
+          // In llama.cpp's router-child mode llama-server does not exit on SIGTERM while its stdin (the
+          // watchdog pipe) stays open: it hangs in "cleaning up before exit" until SIGKILL. It holds no
+          // state worth a graceful exit, so a short grace keeps every mesh change from costing 5 s.
+          killGraceMs: LLAMA_KILL_GRACE_MS,
+          logger: componentLogger(logger, 'llama-server'),
+        }),
+        waitLlamaHealthy: waitLlamaHealthyLogic,
+      },
+    }),
+  });
+}
+
+/** `--inspect`: opens the connection to the Stately inspector or a WebSocket one; null without the flag. */
+export function openInspector(target: CliOptions['inspect'], logger: Logger): NodeInspector | null {
+  if (target === null) return null;
+  const log = componentLogger(logger, 'node');
+  // The first actors start before the socket is open: keep their events until it is (default: 200).
+  const inspectorOptions = { sanitizeContext: sanitizeForInspector, sanitizeEvent: sanitizeForInspector as never, maxDeferredEvents: 10_000 };
+  const inspector =
+    target.kind === 'sky'
+      ? createSkyInspector({ ...inspectorOptions, onerror: (e: unknown) => log.warn({ err: String(e) }, 'inspector connection failed') })
+      : createWebSocketInspector({ ...inspectorOptions, url: target.url });
+  log.info({ target: target.kind === 'sky' ? 'stately.ai (link printed above)' : target.url }, 'sending the live actors to the inspector');
+  return { inspect: inspector.inspect, stop: () => inspector.stop() };
+}

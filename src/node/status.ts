@@ -1,0 +1,122 @@
+// What GET /api/status answers, read from the node actor's snapshot and the tunnels' figures; and what the
+// inspector may see of a context or event.
+import type { Actor } from 'xstate';
+import type { RpcTrafficSnapshot } from '../io/llama/rpc-traffic.ts';
+import type { EndpointId, ModelIdentity } from '../machines/mesh-types.ts';
+import { runningRole, type NodeContext, type nodeMachine } from '../machines/node.machine.ts';
+
+export interface NodeStatus {
+  readonly node: {
+    readonly id: EndpointId;
+    readonly name: string;
+    readonly rolePreference: string;
+    readonly state: unknown;
+    readonly role: string;
+    readonly model: ModelIdentity | null;
+    readonly vramBytes: number;
+    readonly meshId: string;
+    readonly stopReason: string | null;
+  };
+  readonly plan: NodeContext['running'];
+  readonly electedPlan: NodeContext['plan'];
+  readonly view: readonly {
+    readonly id: EndpointId;
+    readonly name: string;
+    readonly role: string;
+    readonly vramBytes: number;
+    readonly model: string | null;
+    readonly serving: boolean;
+    readonly connectedTo: readonly EndpointId[];
+  }[];
+  readonly links: readonly EndpointId[];
+  readonly machines: {
+    readonly node: unknown;
+    readonly election: unknown;
+    readonly rpcServer: unknown;
+    readonly llamaServer: unknown;
+    readonly peers: Readonly<Record<string, unknown>>;
+  };
+  readonly processes: {
+    readonly rpcServer: { readonly state: string; readonly port: number | null };
+    readonly llamaServer: { readonly state: string; readonly port: number | null; readonly generation: number };
+  };
+  readonly tunnels: { readonly pipes: number; readonly listeners: number };
+  /** Host with countRpc: RPC traffic to each worker through its tunnel, cumulated over generations. */
+  readonly rpcTraffic: Readonly<Record<string, RpcTrafficSnapshot>>;
+}
+
+export function nameOf(c: NodeContext, id: EndpointId): string {
+  return c.view.announcements[id]?.name ?? id.slice(0, 10);
+}
+
+type Snapshotted = { getSnapshot(): { value?: unknown; status?: string } } | undefined;
+const valueOf = (ref: Snapshotted): unknown => ref?.getSnapshot().value ?? null;
+
+export function nodeStatus(
+  actor: Actor<typeof nodeMachine>,
+  extra: { meshId: string; tunnels: { pipes: number; listeners: number }; rpcTraffic: Record<string, RpcTrafficSnapshot> },
+): NodeStatus {
+  const snap = actor.getSnapshot();
+  const c = snap.context;
+  const children = snap.children as Record<string, Snapshotted>;
+  const peers: Record<string, unknown> = {};
+  for (const [id, ref] of Object.entries(c.peers)) peers[id] = valueOf(ref as Snapshotted);
+  return {
+    node: {
+      id: c.self.id,
+      name: c.self.name,
+      rolePreference: c.self.role,
+      state: snap.value,
+      role: runningRole(c),
+      model: c.self.model,
+      vramBytes: c.self.vramBytes,
+      meshId: extra.meshId,
+      stopReason: c.stopReason,
+    },
+    plan: c.running,
+    electedPlan: c.plan,
+    view: Object.values(c.view.announcements).map((a) => ({
+      id: a.id,
+      name: a.name,
+      role: a.role,
+      vramBytes: a.vramBytes,
+      model: a.model?.name ?? null,
+      serving: a.serving,
+      connectedTo: a.connectedTo,
+    })),
+    links: c.links,
+    machines: {
+      node: snap.value,
+      election: valueOf(children['election']),
+      rpcServer: valueOf(children['rpcServer']),
+      llamaServer: valueOf(children['llamaServer']),
+      peers,
+    },
+    processes: {
+      rpcServer: { state: c.rpc, port: c.rpcPort },
+      llamaServer: { state: c.llama, port: c.llamaPort, generation: c.generation },
+    },
+    tunnels: extra.tunnels,
+    rpcTraffic: extra.rpcTraffic,
+  };
+}
+
+/**
+ * What the inspector may see of a context or event: actor refs become their ids (a ref drags the whole
+ * actor system into the serialiser), byte arrays their length.
+ */
+export function sanitizeForInspector<T>(value: T): T {
+  return sanitize(value, 0) as T;
+}
+
+function sanitize(v: unknown, depth: number): unknown {
+  if (v === null || typeof v !== 'object') return v;
+  if (depth > 6) return '…';
+  if (v instanceof Uint8Array) return `<${v.length} bytes>`;
+  const o = v as Record<string, unknown>;
+  if (typeof o['send'] === 'function' && typeof o['getSnapshot'] === 'function') return `<actor ${String(o['id'] ?? '')}>`;
+  if (Array.isArray(v)) return v.map((x) => sanitize(x, depth + 1));
+  const out: Record<string, unknown> = {};
+  for (const [k, x] of Object.entries(o)) out[k] = sanitize(x, depth + 1);
+  return out;
+}
