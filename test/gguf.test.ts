@@ -11,14 +11,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GgmlType, GgufError, GgufValueType, type GgufValue } from '../src/io/gguf/gguf-format.ts';
 import { readModelIdentity } from '../src/io/gguf/gguf-identity.ts';
 import { parseGgufHeader, readGgufHeader, type GgufHeader } from '../src/io/gguf/gguf-reader.ts';
-import {
-  DEFAULT_VOCAB_PATH,
-  encodeGgufHeader,
-  f32ToF16Bits,
-  generateLlamaGguf,
-  planLlamaModel,
-  type LlamaModelSpec,
-} from '../src/io/gguf/gguf-writer.ts';
+import { encodeGgufHeader } from '../src/io/gguf/gguf-encoder.ts';
+import { f32ToF16Bits } from '../src/io/gguf/gguf-weights.ts';
+import { DEFAULT_VOCAB_PATH, generateLlamaGguf, planLlamaModel, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
 
 let dir: string;
 beforeAll(async () => {
