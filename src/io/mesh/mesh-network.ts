@@ -7,6 +7,7 @@ import type { MeshMessage, NetworkCommand, NetworkEvent } from '../../machines/p
 import { checkHello, makeHello, type HelloFacts } from '../wire/mesh-auth.ts';
 import { encodeFrame, FrameDecoder } from '../wire/frame-codec.ts';
 import { firstLine, type MeshConnection, type MeshEndpoint, type MeshStream } from '../transport/transport.ts';
+import { ControlWriter, doneSignal, type Session } from './session.ts';
 
 export interface MeshNetworkInit {
   /** The mesh secret from the invite token (or created by the first node). */
@@ -39,27 +40,6 @@ const DEFAULTS = {
   maxQueuedBytes: 16 * 1024 * 1024,
   maxFrameBytes: 1024 * 1024,
 };
-
-/** handshaking -> admitted -> closing -> closed; handshaking may go straight to closing or closed. */
-type SessionState = 'handshaking' | 'admitted' | 'closing' | 'closed';
-
-interface Session {
-  readonly id: EndpointId;
-  readonly conn: MeshConnection;
-  readonly log: Logger;
-  state: SessionState;
-  /** Whether the node knows of this peer (it dialed it, or we reported it connected): only then does the
-   * node hear how the session ends. Cleared once that is reported, so it is reported exactly once. */
-  reported: boolean;
-  stream: MeshStream | null;
-  queue: Uint8Array[];
-  queuedBytes: number;
-  writing: Promise<void> | null;
-  helloTimer: NodeJS.Timeout | null;
-  /** Resolves once the session is closed (teardown ran). */
-  readonly done: Promise<void>;
-  markDone: () => void;
-}
 
 export class MeshNetwork {
   readonly id: EndpointId;
@@ -236,9 +216,9 @@ export class MeshNetwork {
       state: 'handshaking',
       reported: previous !== undefined && (previous.reported || previous.state === 'admitted'),
       stream: null,
-      queue: [],
-      queuedBytes: 0,
-      writing: null,
+      out: new ControlWriter(this.init.maxQueuedBytes, (err) => {
+        if (session.state === 'handshaking' || session.state === 'admitted') this.teardown(session, `write failed: ${firstLine(err)}`);
+      }),
       helloTimer: null,
       ...doneSignal(),
     };
@@ -296,6 +276,7 @@ export class MeshNetwork {
 
   private attach(s: Session, stream: MeshStream): void {
     s.stream = stream;
+    s.out.attach(stream);
     this.write(s, makeHello(this.init.hello, this.init.secret, this.id, s.id, this.init.protocolVersion));
     void this.readLoop(s, stream);
   }
@@ -396,7 +377,7 @@ export class MeshNetwork {
       const linger = this.init.closeLingerMs;
       await withDeadline(
         (async () => {
-          while (s.writing) await s.writing;
+          await s.out.drained();
           await stream.finish();
         })(),
         linger,
@@ -415,8 +396,7 @@ export class MeshNetwork {
     this.retired.add(s.conn);
     if (s.helloTimer) clearTimeout(s.helloTimer);
     s.helloTimer = null;
-    s.queue = [];
-    s.queuedBytes = 0;
+    s.out.clear();
     if (this.sessions.get(s.id) === s) this.sessions.delete(s.id);
     try {
       if (!s.conn.isClosed) s.conn.close(reason.slice(0, 200));
@@ -447,29 +427,7 @@ export class MeshNetwork {
 
   private enqueue(s: Session, frame: Uint8Array, closing: boolean): void {
     if (s.state === 'closed' || (s.state === 'closing' && !closing)) return;
-    if (s.queuedBytes + frame.length > this.init.maxQueuedBytes) {
-      void this.fail(s, `peer is not reading: over ${this.init.maxQueuedBytes} bytes queued`);
-      return;
-    }
-    s.queue.push(frame);
-    s.queuedBytes += frame.length;
-    if (!s.writing && s.stream) s.writing = this.pump(s, s.stream);
-  }
-
-  /** One writer per stream (awaiting each write is the backpressure); what queues meanwhile goes as one write. */
-  private async pump(s: Session, stream: MeshStream): Promise<void> {
-    try {
-      while (s.queue.length > 0 && s.state !== 'closed') {
-        const batch = s.queue.length === 1 ? s.queue[0]! : concat(s.queue);
-        s.queue = [];
-        s.queuedBytes = 0;
-        await stream.write(batch);
-      }
-    } catch (err) {
-      if (s.state === 'handshaking' || s.state === 'admitted') this.teardown(s, `write failed: ${firstLine(err)}`);
-    } finally {
-      s.writing = null;
-    }
+    if (!s.out.push(frame)) void this.fail(s, `peer is not reading: over ${this.init.maxQueuedBytes} bytes queued`);
   }
 
   private peerLog(id: EndpointId): Logger {
@@ -482,24 +440,6 @@ const short = (id: string): string => id.slice(0, 10);
 function logLeaving(log: Logger, reason: string): void {
   if (reason.startsWith('refused')) log.warn({ reason }, `peer refused the connection: ${reason}`);
   else log.info({ reason }, `peer is leaving: ${reason}`);
-}
-
-function doneSignal(): { done: Promise<void>; markDone: () => void } {
-  let markDone!: () => void;
-  const done = new Promise<void>((r) => (markDone = r));
-  return { done, markDone };
-}
-
-function concat(parts: Uint8Array[]): Uint8Array {
-  let n = 0;
-  for (const p of parts) n += p.length;
-  const out = new Uint8Array(n);
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
 }
 
 async function withDeadline(p: Promise<unknown>, ms: number): Promise<void> {
