@@ -55,8 +55,10 @@ export interface NodeHandle {
 export async function startNode(options: CliOptions, extras: NodeExtras = {}): Promise<NodeHandle> {
   const logger = createLogger({ level: options.logLevel });
   const { binaries, ...holdings } = await readHoldings(options, logger);
+  // A node without a model is a lite client, whatever its role preference.
+  const role = options.role === 'client' || options.model === null ? 'client' : options.role;
   const node = buildNode(
-    { ...options, bindHost: extras.bindHost ?? '0.0.0.0', countRpc: extras.countRpc ?? false },
+    { ...options, role, bindHost: extras.bindHost ?? '0.0.0.0', countRpc: extras.countRpc ?? false },
     {
       logger,
       holdings,

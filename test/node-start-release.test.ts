@@ -63,7 +63,6 @@ function config(bindPort: number, apiPort = 0): NodeConfig {
   return {
     name: 'release-test',
     role: 'auto',
-    model: null,
     joins: [],
     bindHost: '127.0.0.1',
     bindPort,

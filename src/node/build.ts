@@ -22,8 +22,8 @@ import { nodeMachine, runningRole } from '../machines/node.machine.ts';
 import { DisposalStack } from './disposal.ts';
 import { nameOf, nodeStatus, type NodeStatus } from './status.ts';
 
-/** What the node is asked to be: the command line's part of it, plus where the endpoint binds. */
-export type NodeConfig = Pick<CliOptions, 'name' | 'role' | 'model' | 'joins' | 'bindPort' | 'stun' | 'relay' | 'apiHost' | 'port' | 'apiKey'> & {
+/** What the node is asked to be: the command line's part of it (`role` as announced), plus where the endpoint binds. */
+export type NodeConfig = Pick<CliOptions, 'name' | 'role' | 'joins' | 'bindPort' | 'stun' | 'relay' | 'apiHost' | 'port' | 'apiKey'> & {
   /** Where the QUIC endpoint binds: 0.0.0.0, or 127.0.0.1 (the demo and tests). */
   readonly bindHost: string;
   /** On the host, a counting proxy in front of every worker's tunnel: its figures appear in /api/status. */
@@ -243,13 +243,12 @@ function startActor(stack: DisposalStack, parts: Parts, log: Logger, reason: () 
 // ---- helpers --------------------------------------------------------------------------------------------
 
 function announcement(config: NodeConfig, holdings: NodeHoldings, endpoint: IrohMeshEndpoint): Announcement {
-  const isClient = config.role === 'client' || config.model === null;
   return {
     id: endpoint.id,
     epoch: Date.now(),
     seq: 0,
     name: config.name,
-    role: isClient ? 'client' : config.role,
+    role: config.role,
     vramBytes: holdings.vram?.bytes ?? 0,
     model: holdings.model,
     version: PROTOCOL_VERSION,

@@ -1,5 +1,5 @@
-// A whole mesh node for membership tests, in its own process: the node machine (src/machines) with the real
-// network actor on a real iroh endpoint (loopback, no relays). It runs NO model: the rpc-server and
+// A whole mesh node for membership tests, in its own process, built by `buildNode` (src/node/build.ts): the
+// node machine with the real network actor on a real iroh endpoint (loopback, no relays). It runs NO model: the rpc-server and
 // llama-server slots get `noModel*` stand-ins that start nothing. Nodes here hold no model, so their
 // plans wait and nothing would start anyway; the stand-ins make sure of it.
 //
@@ -10,12 +10,11 @@
 import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import { pino, type LevelWithSilent } from 'pino';
-import { createActor, fromCallback } from 'xstate';
+import { fromCallback } from 'xstate';
+import { discoverPublicAddress } from '../../src/io/host/stun.ts';
 import { createIrohEndpoint } from '../../src/io/transport/iroh-transport.ts';
-import { createMeshId, createMeshSecret, decodeInviteToken, encodeInviteToken } from '../../src/io/wire/invite-token.ts';
-import { createMeshNetworkLogic } from '../../src/actors/mesh-network.actor.ts';
-import { nodeMachine } from '../../src/machines/node.machine.ts';
-import { PROTOCOL_VERSION, type Announcement } from '../../src/machines/mesh-types.ts';
+import { decodeInviteToken } from '../../src/io/wire/invite-token.ts';
+import { buildNode } from '../../src/node.ts';
 import type { RpcServerCommand } from '../../src/machines/rpc-server.machine.ts';
 import type { LlamaServerCommand } from '../../src/machines/llama-server.machine.ts';
 
@@ -46,34 +45,28 @@ const noModelLlamaServerLogic = fromCallback<LlamaServerCommand>(({ receive, sen
 });
 
 const invite = config.token ? decodeInviteToken(config.token) : null;
-const secret = invite?.secret ?? createMeshSecret();
-const endpoint = await createIrohEndpoint(
-  { secretKey: new Uint8Array(randomBytes(32)), bindHost: '127.0.0.1', relay: 'none' },
-  { log: logger.child({ component: 'transport' }) },
+const node = buildNode(
+  {
+    name: config.name ?? 'node',
+    role: 'auto',
+    joins: invite ? [invite] : [],
+    bindHost: '127.0.0.1',
+    bindPort: null,
+    stun: [],
+    relay: { kind: 'none' },
+    apiHost: '127.0.0.1',
+    port: 0,
+    apiKey: null,
+    countRpc: false,
+  },
+  {
+    logger,
+    holdings: { secretKey: new Uint8Array(randomBytes(32)), model: null, vram: null },
+    net: { stun: discoverPublicAddress, bind: createIrohEndpoint },
+    processes: () => ({ rpcServer: noModelRpcServerLogic as never, llamaServer: noModelLlamaServerLogic as never }),
+  },
 );
-const self: Announcement = {
-  id: endpoint.id,
-  epoch: Date.now(),
-  seq: 0,
-  name: config.name ?? endpoint.id.slice(0, 6),
-  role: 'auto',
-  vramBytes: 0,
-  model: null,
-  version: PROTOCOL_VERSION,
-  serving: false,
-  addrs: endpoint.addrs(),
-  connectedTo: [],
-};
-const network = createMeshNetworkLogic(
-  { secret, hello: { role: self.role, vramBytes: self.vramBytes, model: self.model } },
-  { endpoint, logger: logger.child({ component: 'network' }) },
-);
-const machine = nodeMachine.provide({
-  actors: { network, rpcServer: noModelRpcServerLogic as never, llamaServer: noModelLlamaServerLogic as never },
-});
-const actor = createActor(machine, {
-  input: { self, bootstrap: invite ? [{ id: invite.inviter, addrs: invite.addrs }] : [] },
-});
+const { actor, endpoint, token } = await node.start();
 
 let last = '';
 /** Prints the node's state, its links and every peer machine's state, when any of them changed. */
@@ -87,30 +80,20 @@ function reportState(snap: ReturnType<typeof actor.getSnapshot>): void {
     out({ ev: 'state', t: Date.now(), ...report });
   }
 }
-actor.subscribe({
-  next: reportState,
-  error: (err) => logger.error({ err: String(err) }, 'node machine failed'),
-});
-actor.start();
+actor.subscribe({ next: reportState, error: () => {} }); // the built node logs a failure
+reportState(actor.getSnapshot());
 // Peer machines change state on their own timers: poll their states too (cheap, and only for the test's eyes).
 const poll = setInterval(() => reportState(actor.getSnapshot()), 100);
 
-const token = encodeInviteToken({ meshId: invite?.meshId ?? createMeshId(), secret, inviter: endpoint.id, addrs: endpoint.addrs() });
 out({ ev: 'ready', id: endpoint.id, addrs: endpoint.addrs(), token });
 
 let exiting = false;
 async function exit(reason: string): Promise<void> {
   if (exiting) return;
   exiting = true;
-  actor.send({ type: 'node.stop', reason });
-  await Promise.race([
-    new Promise<void>((r) => actor.subscribe({ complete: () => r() })),
-    new Promise<void>((r) => setTimeout(r, 3_000)),
-  ]);
-  actor.stop();
   clearInterval(poll);
-  await new Promise((r) => setTimeout(r, 300)); // the network's leaving frames
-  await endpoint.close();
+  // leaving to every peer, then the node's parts released (the endpoint after the leaving frames went out).
+  await node.stop(reason);
   process.exit(0);
 }
 
