@@ -7,9 +7,11 @@
 //  3. what the node's API adds per request: llama-server directly, the host's API, a worker's API (over the
 //     mesh's http tunnel).
 //
-//   npx tsx bench/mesh.bench.ts [--model PATH] [--reps 3] [--tokens 64] [--quick]
+//   npx tsx bench/mesh.bench.ts [--model PATH | --embd 512 --layers 8 --ff 2048 --type f16|q8_0] [--reps 3] [--tokens 64] [--quick]
 //
-// The model is generated (random weights, cached under the user's cache dir) unless --model is given.
+// The model is generated (random weights, cached under the user's cache dir) unless --model is given; --embd,
+// --layers, --ff and --type set its shape (default 8 layers of width 512, ff 2048, f16). On the GPU machine:
+// bench/device/README.md.
 // Threads: every rpc-server and llama-server gets -t 1 (MESH_INFERENCE_THREADS), direct baselines too.
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
@@ -37,8 +39,17 @@ const LATENCY_N = QUICK ? 20 : 50;
 const THREADS = 1;
 const PROMPT = 'The mesh of ordinary machines serves one model, and the tokens';
 
-/** 8 layers of width 512 (~130 MB, F16): big enough that compute, not overhead, sets the pace. */
-const BENCH_MODEL: LlamaModelSpec = { layers: 8, embd: 512, ff: 2048, type: 'f16', seed: 5 };
+const intOpt = (f: string, dflt: number): number => {
+  const v = opt(f);
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n <= 0) throw new Error(`${f} wants a positive integer, not '${v}'`);
+  return n;
+};
+const TYPE = opt('--type') ?? 'f16';
+if (TYPE !== 'f16' && TYPE !== 'q8_0') throw new Error(`--type wants f16 or q8_0, not '${TYPE}'`);
+/** Default 8 layers of width 512 (~130 MB, F16): big enough that compute, not overhead, sets the pace. */
+const BENCH_MODEL: LlamaModelSpec = { layers: intOpt('--layers', 8), embd: intOpt('--embd', 512), ff: intOpt('--ff', 2048), type: TYPE, seed: 5 };
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((p / 100) * xs.length))]!;
