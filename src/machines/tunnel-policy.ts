@@ -2,7 +2,7 @@
 // by the tunnel layer (src/actors/tunnels.actor.ts) and by the churn simulator (model-tests/sim), so both run
 // the same rule.
 import type { EndpointId } from './mesh-types.ts';
-import { runningRole, type NodeContext } from './node.machine.ts';
+import { runningRole, type NodeContext } from './node-context.ts';
 
 /** The two stream kinds a tunnel carries: llama.cpp's rpc protocol, and http to llama-server. */
 export type TunnelKind = 'rpc' | 'http';
