@@ -13,6 +13,8 @@ export const STREAM_KIND_BYTES = {
   rpc: 0x02,
   http: 0x03,
   reserved: 0x04,
+  /** A key for one direct TCP + TLS data connection (direct-offer.ts). */
+  direct: 0x05,
 } as const;
 
 export type StreamKind = keyof typeof STREAM_KIND_BYTES;

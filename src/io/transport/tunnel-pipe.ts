@@ -36,6 +36,10 @@ export class Pipe {
   /** Queued bytes include the end of a message someone waits for: send them as soon as we can. */
   private urgent = false;
   private holdTimer: NodeJS.Timeout | undefined;
+  /** Bytes from the local socket towards the peer, and from the peer to the local socket. */
+  readonly bytes = { bytesOut: 0, bytesIn: 0 };
+  /** `opened`: our local client's connection; `accepted`: a peer's stream to our local target. */
+  readonly side: 'opened' | 'accepted';
 
   /** `codec` undefined: we accepted the stream and learn it from its first byte. */
   constructor(
@@ -50,6 +54,7 @@ export class Pipe {
     private readonly onEnd: (p: Pipe) => void,
     batchRpc: boolean,
   ) {
+    this.side = codec !== undefined ? 'opened' : 'accepted';
     if (codec !== undefined) this.useCodec(codec);
     // The opener's TCP peer is llama-server (requests); the acceptor's is the rpc-server (replies).
     this.scanner = kind === 'rpc' && batchRpc ? new RpcBoundaryScanner(codec !== undefined ? 'requests' : 'replies') : null;
@@ -77,6 +82,7 @@ export class Pipe {
 
   private fromTcp(b: Buffer): void {
     this.counters.tcpBytesIn += b.length;
+    this.bytes.bytesOut += b.length;
     this.queue.push(b);
     this.queued += b.length;
     if (this.queued >= this.highWater && !this.paused) {
@@ -155,8 +161,11 @@ export class Pipe {
           if (chunk.length === 0) continue;
         }
         if (this.decoder) {
-          for (const part of this.decoder.push(chunk)) if (!this.socket.write(part)) await this.drained();
-        } else if (!this.socket.write(chunk)) {
+          for (const part of this.decoder.push(chunk)) {
+            this.bytes.bytesIn += part.length;
+            if (!this.socket.write(part)) await this.drained();
+          }
+        } else if ((this.bytes.bytesIn += chunk.length) && !this.socket.write(chunk)) {
           await this.drained();
         }
       }

@@ -9,6 +9,8 @@ import { createConnection, createServer, type Server, type Socket } from 'node:n
 import { pino, type Logger } from 'pino';
 import type { EndpointId } from '../../machines/mesh-types.ts';
 import type { TunnelDecision, TunnelKind } from '../../machines/tunnel-policy.ts';
+import { relay, type DirectPathServer, type RelayCounters } from './direct-path.ts';
+import { answerDirect, openDirect } from './direct-offer.ts';
 import { CODEC_BYTES, TUNNEL_CLOSED, TUNNEL_REFUSED, TUNNEL_TCP_FAILED, type TunnelCodec } from './tunnel-codec.ts';
 import { Pipe, type Counters } from './tunnel-pipe.ts';
 import { TransportError, firstLine, shortId, type MeshConnection, type MeshEndpoint, type MeshStream } from './transport.ts';
@@ -29,11 +31,32 @@ export interface TunnelInit {
   readonly connectTimeoutMs?: number;
   /** Send each llama.cpp RPC message as one QUIC write (RpcBoundaryScanner). Default true. */
   readonly batchRpc?: boolean;
+  /**
+   * `auto`: each tunnel connection this node opens tries the direct TCP + TLS path first and falls back to an
+   * iroh stream; `quic`: iroh streams only. Default `quic` (the composition passes the user's choice).
+   */
+  readonly dataPath?: 'auto' | 'quic';
+  /** How long the direct attempt may take before the fallback. Default 1 s. */
+  readonly directTimeoutMs?: number;
 }
 
 export interface TunnelComponents {
   readonly endpoint: MeshEndpoint;
   readonly log?: Logger;
+  /** This node's data port, which answers peers' direct offers; none: every offer is refused. */
+  readonly direct?: DirectPathServer | null;
+}
+
+/** One live tunnel connection, as /api/status shows it. */
+export interface TunnelInfo {
+  readonly peer: EndpointId;
+  readonly kind: TunnelKind;
+  /** `opened`: our local client reaches the peer; `accepted`: the peer reaches our local target. */
+  readonly side: 'opened' | 'accepted';
+  readonly path: 'direct' | 'quic';
+  /** Bytes from our local socket towards the peer, and back. */
+  readonly bytesOut: number;
+  readonly bytesIn: number;
 }
 
 export interface TunnelListener {
@@ -54,6 +77,17 @@ export interface TunnelStats {
   readonly tcpBytesIn: number;
   /** QUIC reads (chunks received). */
   readonly quicReads: number;
+  /** Connections ever carried by the direct path, and those that fell back to QUIC after trying it. */
+  readonly directOpened: number;
+  readonly directFallbacks: number;
+}
+
+/** A tunnel connection this node opened on the direct path. */
+interface DirectRelay {
+  readonly peer: EndpointId;
+  readonly kind: TunnelKind;
+  readonly counters: RelayCounters;
+  close(): void;
 }
 
 /**
@@ -73,6 +107,14 @@ export class TunnelService {
   /** Incoming tunnels whose local TCP connect is still in progress (closeFrom must reach them too). */
   private readonly connecting = new Set<{ peer: EndpointId; socket: Socket; stream: MeshStream }>();
   private readonly listeners = new Set<{ server: Server; peer: EndpointId; sockets: Set<Socket> }>();
+  private readonly relays = new Set<DirectRelay>();
+  private readonly direct: DirectPathServer | null;
+  private readonly dataPath: 'auto' | 'quic';
+  private readonly directTimeoutMs: number;
+  private directOpened = 0;
+  private directFallbacks = 0;
+  /** The path last used per peer and kind: the choice is logged when it changes, not per connection. */
+  private readonly lastPath = new Map<string, 'direct' | 'quic'>();
   private started = false;
 
   constructor(init: TunnelInit, components: TunnelComponents) {
@@ -83,6 +125,9 @@ export class TunnelService {
     this.codec = init.codec ?? 'deflate';
     this.batchRpc = init.batchRpc ?? true;
     this.connectTimeoutMs = init.connectTimeoutMs ?? 5_000;
+    this.dataPath = init.dataPath ?? 'quic';
+    this.directTimeoutMs = init.directTimeoutMs ?? 1_000;
+    this.direct = components.direct ?? null;
   }
 
   /** Takes the rpc and http stream kinds on the endpoint. */
@@ -92,6 +137,11 @@ export class TunnelService {
     for (const kind of ['rpc', 'http'] as const) {
       this.endpoint.handle(kind, (stream, conn) => this.incoming(kind, stream, conn));
     }
+    this.endpoint.handle('direct', (stream, conn) => {
+      void answerDirect(stream, conn, this.direct, this.directTimeoutMs * 2).then((answer) => {
+        if ('refuse' in answer) this.log.info({ peer: shortId(conn.remoteId), reason: answer.refuse }, 'refused a direct offer');
+      });
+    });
   }
 
   /**
@@ -146,21 +196,52 @@ export class TunnelService {
       c.stream.reset(TUNNEL_CLOSED);
       n++;
     }
+    for (const r of [...this.relays]) {
+      if (r.peer !== peer) continue;
+      r.close();
+      n++;
+    }
+    n += this.direct?.closeFrom(peer) ?? 0;
     for (const l of [...this.listeners]) if (l.peer === peer) await this.closeListener(l);
     if (n > 0) this.log.info({ peer: shortId(peer), tunnels: n }, 'closed the tunnels of a peer');
     return n;
   }
 
   stats(): TunnelStats {
-    return { pipes: this.pipes.size + this.connecting.size, listeners: this.listeners.size, ...this.counters };
+    return {
+      pipes: this.pipes.size + this.connecting.size + this.relays.size + (this.direct?.connections().length ?? 0),
+      listeners: this.listeners.size,
+      ...this.counters,
+      directOpened: this.directOpened,
+      directFallbacks: this.directFallbacks,
+    };
+  }
+
+  /** Every live tunnel connection, both ways, with its path and bytes. */
+  tunnels(): TunnelInfo[] {
+    const direct = (side: TunnelInfo['side']) => (r: { peer: EndpointId; kind: TunnelKind; counters: RelayCounters }): TunnelInfo => ({
+      peer: r.peer,
+      kind: r.kind,
+      side,
+      path: 'direct',
+      bytesOut: r.counters.bytesOut,
+      bytesIn: r.counters.bytesIn,
+    });
+    return [
+      ...[...this.relays].map(direct('opened')),
+      ...(this.direct?.connections() ?? []).map(direct('accepted')),
+      ...[...this.pipes].map((p) => ({ peer: p.peer, kind: p.kind, side: p.side, path: 'quic' as const, bytesOut: p.bytes.bytesOut, bytesIn: p.bytes.bytesIn })),
+    ];
   }
 
   async close(): Promise<void> {
     if (this.started) {
       this.endpoint.unhandle('rpc');
       this.endpoint.unhandle('http');
+      this.endpoint.unhandle('direct');
       this.started = false;
     }
+    for (const r of [...this.relays]) r.close();
     for (const p of [...this.pipes]) p.fail('tunnels closing', TUNNEL_CLOSED);
     for (const c of this.connecting) {
       c.socket.destroy();
@@ -195,6 +276,8 @@ export class TunnelService {
     }
     // Bytes the local client sends before the stream is open wait in the socket (paused).
     socket.pause();
+    if (this.dataPath === 'auto' && (await this.tryDirect(peer, kind, conn, socket))) return;
+    if (socket.destroyed) return;
     let stream: MeshStream | undefined;
     try {
       stream = await conn.openStream(kind);
@@ -211,6 +294,45 @@ export class TunnelService {
     }
     this.track(new Pipe(peer, kind, socket, stream, this.codec, this.highWater, this.log, this.counters, this.ended, this.batchRpc));
     socket.resume();
+  }
+
+  /**
+   * The direct path for one local connection: true when it carries it (or the socket went away meanwhile),
+   * false to fall back to QUIC. Each connection tries again: llama-server opens one per rpc-server per start,
+   * so a fallback never sticks past a restart.
+   */
+  private async tryDirect(peer: EndpointId, kind: TunnelKind, conn: MeshConnection, socket: Socket): Promise<boolean> {
+    let tls;
+    try {
+      tls = await openDirect(conn, kind, this.directTimeoutMs);
+    } catch (err) {
+      this.directFallbacks++;
+      this.notePath(peer, kind, 'quic', firstLine(err));
+      return socket.destroyed;
+    }
+    if (socket.destroyed) {
+      tls.destroy();
+      return true;
+    }
+    this.directOpened++;
+    this.notePath(peer, kind, 'direct');
+    const counters: RelayCounters = { bytesOut: 0, bytesIn: 0 };
+    const entry: DirectRelay = { peer, kind, counters, close: () => stop() };
+    this.relays.add(entry);
+    // A reset here says nothing about the peer's health: heartbeats on the control stream decide that.
+    const stop = relay(socket, tls, counters, (why) => {
+      this.relays.delete(entry);
+      this.log.debug({ peer: shortId(peer), kind, why }, 'direct tunnel closed');
+    });
+    return true;
+  }
+
+  private notePath(peer: EndpointId, kind: TunnelKind, path: 'direct' | 'quic', why?: string): void {
+    const key = `${peer}:${kind}`;
+    if (this.lastPath.get(key) === path) return;
+    this.lastPath.set(key, path);
+    if (path === 'direct') this.log.info({ peer: shortId(peer), kind }, 'tunnel data path: direct TCP + TLS');
+    else this.log.warn({ peer: shortId(peer), kind, why }, 'tunnel data path: QUIC (the direct path failed)');
   }
 
   private incoming(kind: TunnelKind, stream: MeshStream, conn: MeshConnection): void {
