@@ -19,6 +19,8 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { describeMachine } from './machine.ts';
 import { TunnelService, type TunnelCodec } from '../src/io/transport/tunnel.ts';
+import { DirectPathServer } from '../src/io/transport/direct-path.ts';
+import { pino } from 'pino';
 
 const SELF = fileURLToPath(import.meta.url);
 const args = process.argv.slice(2);
@@ -85,7 +87,11 @@ async function sendN(s: Socket, n: number): Promise<void> {
 
 async function roleWorker(targetPort: number, batchRpc: boolean): Promise<void> {
   const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
-  const t = new TunnelService({ allow: () => ({ host: '127.0.0.1', port: targetPort }), batchRpc }, { endpoint: ep });
+  const allow = () => ({ host: '127.0.0.1', port: targetPort });
+  // Its data port answers hosts that ask for the direct path (those started with 'direct').
+  const direct = new DirectPathServer({ host: '127.0.0.1', port: 0 }, { allow, advertise: () => ['127.0.0.1'], log: pino({ level: 'silent' }) });
+  await direct.start();
+  const t = new TunnelService({ allow, batchRpc }, { endpoint: ep, direct });
   t.start();
   void (async () => {
     while ((await ep.accept()) !== null);
@@ -93,9 +99,10 @@ async function roleWorker(targetPort: number, batchRpc: boolean): Promise<void> 
   process.stdout.write(JSON.stringify({ id: ep.id, addrs: ep.addrs() }) + '\n');
 }
 
-async function roleHost(workerId: string, workerAddrs: string[], codec: TunnelCodec, batchRpc: boolean): Promise<void> {
+async function roleHost(workerId: string, workerAddrs: string[], codec: TunnelCodec | 'direct', batchRpc: boolean): Promise<void> {
   const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
-  const t = new TunnelService({ allow: () => ({ refuse: 'host' }), codec, batchRpc }, { endpoint: ep });
+  const dataPath = codec === 'direct' ? 'auto' : 'quic';
+  const t = new TunnelService({ allow: () => ({ refuse: 'host' }), codec: codec === 'direct' ? 'deflate' : codec, batchRpc, dataPath }, { endpoint: ep });
   await ep.dial(asEndpointId(workerId), workerAddrs);
   const l = await t.listen(asEndpointId(workerId), 'rpc');
   process.stdout.write(JSON.stringify({ port: l.port }) + '\n');
@@ -211,9 +218,11 @@ async function main(): Promise<void> {
   const worker = await child<{ id: string; addrs: string[] }>('worker', String(server.info.port), '0');
   const raw = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs), 'raw', '0');
   const deflate = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs), 'deflate', '0');
+  const tls = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs), 'direct', '0');
   // Random echo traffic is not RPC, so RPC batching would switch itself off here: codecs only.
   const paths: [string, number][] = [
     ['direct TCP', server.info.port],
+    ['direct data path (TLS, Node relay each end)', tls.info.port],
     ['tunnel, raw codec', raw.info.port],
     ['tunnel, deflate codec', deflate.info.port],
   ];
@@ -299,7 +308,7 @@ async function llama(quick: boolean): Promise<void> {
   // A plain worker (every TCP chunk sent at once) for the plain tunnel, a batching one for the others.
   const plainWorker = await child<{ id: string; addrs: string[] }>('worker', String(workerRpc.port), '0');
   const worker = await child<{ id: string; addrs: string[] }>('worker', String(workerRpc.port), '1');
-  const host = async (w: typeof worker, codec: TunnelCodec, batch: boolean): Promise<string> =>
+  const host = async (w: typeof worker, codec: TunnelCodec | 'direct', batch: boolean): Promise<string> =>
     `127.0.0.1:${(await child<{ port: number }>('host', w.info.id, JSON.stringify(w.info.addrs), codec, batch ? '1' : '0')).info.port}`;
   const reps = 2;
   // Many short alternating rounds rather than a few long ones: on a shared machine load comes in bursts.
@@ -308,7 +317,8 @@ async function llama(quick: boolean): Promise<void> {
     ['directly over TCP', workerRpc.address],
     ['tunnel, plain (raw codec, no batching)', await host(plainWorker, 'raw', false)],
     ['tunnel, raw codec + RPC batching', await host(worker, 'raw', true)],
-    ['tunnel, deflate codec + RPC batching (default)', await host(worker, 'deflate', true)],
+    ['tunnel, deflate codec + RPC batching (the QUIC fallback)', await host(worker, 'deflate', true)],
+    ['direct data path (TLS, Node relay each end)', await host(worker, 'direct', true)],
   ];
   const pp = new Map<string, number[]>(paths.map(([n]) => [n, []]));
   const tg = new Map<string, number[]>(paths.map(([n]) => [n, []]));
@@ -422,7 +432,7 @@ async function trafficPerToken(
 const role = args[0];
 if (role === 'server') await roleServer();
 else if (role === 'worker') await roleWorker(Number(args[1]), args[2] === '1');
-else if (role === 'host') await roleHost(args[1]!, JSON.parse(args[2]!) as string[], args[3] as TunnelCodec, args[4] === '1');
+else if (role === 'host') await roleHost(args[1]!, JSON.parse(args[2]!) as string[], args[3] as TunnelCodec | 'direct', args[4] === '1');
 else
   await main().catch((err: unknown) => {
     console.error(err);
