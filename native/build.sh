@@ -12,6 +12,8 @@
 #   MESH_LLAMA_BIN_DIR=DIR    binaries of the user's own: nothing is built, src/io/llama-binaries.ts uses DIR
 #   MESH_LLAMA_CUDA=1|0       force the CUDA backend on / off (default: on when `nvidia-smi -L` lists a GPU)
 #   MESH_LLAMA_CUDA_ARCHS     CMAKE_CUDA_ARCHITECTURES (default: native, i.e. the GPUs of this machine)
+#   MESH_LLAMA_TLS=1|0        the RPC client's TLS-PSK support (patch 0003, links OpenSSL): force on / off
+#                             (default: on when OpenSSL >= 1.1.1 headers and libraries are found)
 #   MESH_LLAMA_JOBS=N         parallel compile jobs (default: number of CPUs)
 #   MESH_LLAMA_CMAKE_ARGS     extra cmake arguments (part of the cache key)
 #   MESH_LLAMA_TARGETS        targets to build (default: llama-server ggml-rpc-server llama-bench)
@@ -42,7 +44,7 @@ while [ $# -gt 0 ]; do
     --force) FORCE=1; shift ;;
     --check) CHECK=1; shift ;;
     --print-bin-dir) PRINT_BIN_DIR=1; shift ;;
-    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "native/build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -159,6 +161,34 @@ case "$ARCH" in
       CMAKE_ARGS+=(-DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX")
     fi ;;
 esac
+# The RPC client's TLS 1.3 PSK support (patch 0003) needs OpenSSL >= 1.1.1. -DGGML_RPC_TLS is always
+# passed for the mesh variant, so it is in the options key: a build made without it (or before it) is rebuilt.
+TLS=off
+TLS_NOTE=""
+OPENSSL_ROOT=""
+if [ "$VARIANT" = mesh ]; then
+  if [ "$OS" = Darwin ] && command -v brew >/dev/null 2>&1; then OPENSSL_ROOT="$(brew --prefix openssl@3 2>/dev/null || true)"; fi
+  openssl_probe() { # prints OpenSSL's version when a TLS 1.3 PSK client compiles and links
+    local flags=() out
+    [ -n "$OPENSSL_ROOT" ] && flags=(-I"$OPENSSL_ROOT/include" -L"$OPENSSL_ROOT/lib")
+    out="$(mktemp)"
+    printf '%s\n' '#include <stdio.h>' '#include <openssl/ssl.h>' '#include <openssl/opensslv.h>' \
+      '#if OPENSSL_VERSION_NUMBER < 0x10101000L' '#error OpenSSL 1.1.1 or newer is needed' '#endif' \
+      'int main(void) { SSL_CTX *c = SSL_CTX_new(TLS_client_method()); SSL_CTX_set_psk_use_session_callback(c, 0);' \
+      '  puts(OPENSSL_VERSION_TEXT); return 0; }' |
+      "$CC_BIN" -x c - "${flags[@]}" -lssl -lcrypto -o "$out" >/dev/null 2>&1 && "$out" 2>/dev/null | head -1
+    rm -f "$out"
+  }
+  case "${MESH_LLAMA_TLS:-}" in
+    0) TLS_NOTE="off (MESH_LLAMA_TLS=0)" ;;
+    *) if ssl_version="$(openssl_probe)" && [ -n "$ssl_version" ]; then TLS=on; TLS_NOTE="on ($ssl_version)"
+       elif [ "${MESH_LLAMA_TLS:-}" = 1 ]; then die "MESH_LLAMA_TLS=1 but OpenSSL >= 1.1.1 (headers and libraries) is not found" \
+         "$(install_hint libssl-dev 'brew install openssl@3')"
+       else TLS_NOTE="off: no OpenSSL >= 1.1.1 found (for the encrypted data path: $(install_hint libssl-dev 'brew install openssl@3'))"; fi ;;
+  esac
+  if [ "$TLS" = on ]; then CMAKE_ARGS+=(-DGGML_RPC_TLS=ON); [ -n "$OPENSSL_ROOT" ] && CMAKE_ARGS+=(-DOPENSSL_ROOT_DIR="$OPENSSL_ROOT")
+  else CMAKE_ARGS+=(-DGGML_RPC_TLS=OFF); fi
+fi
 if [ -n "${MESH_LLAMA_CMAKE_ARGS:-}" ]; then
   # shellcheck disable=SC2206 # word splitting is the point: a list of -D options
   EXTRA=( ${MESH_LLAMA_CMAKE_ARGS} )
@@ -236,6 +266,7 @@ if [ "$waited" != 0 ] && [ "$FORCE" = 0 ] && [ "$(cat "$VARIANT_DIR/build.key" 2
 fi
 cpu_identity >"$CPU_FILE.new"; mv "$CPU_FILE.new" "$CPU_FILE"
 step "      $BACKEND backend${CUDA_WHY:+ ($CUDA_WHY)}, $GENERATOR, $MESH_LLAMA_JOBS jobs, compiler $CXX_BIN, key ${BUILD_KEY:0:12}"
+[ -n "$TLS_NOTE" ] && step "      RPC TLS-PSK client: $TLS_NOTE"
 
 # ---------------------------------------------------------------------------------------------
 step "2/5 locating llama.cpp source ($LLAMA_NPM_PACKAGE@$LLAMA_NPM_VERSION, commit ${LLAMA_COMMIT:0:12})"
@@ -378,6 +409,10 @@ if [ "$rc" -ne 0 ]; then
   die "the build failed (exit $rc); full log: $LOG"
 fi
 all_targets_present || die "the build finished but $BIN_DIR lacks one of: $TARGETS"
+if [ "$TLS" = on ] && ! grep -q "RPC TLS-PSK client enabled" "$OUT_DIR/CMakeFiles/CMakeOutput.log" "$LOG" 2>/dev/null &&
+   ! grep -q "^GGML_RPC_TLS:BOOL=ON" "$OUT_DIR/CMakeCache.txt"; then
+  die "OpenSSL was found but the RPC backend was configured without TLS (see $LOG)"
+fi
 
 {
   echo "variant=$VARIANT"
@@ -386,11 +421,14 @@ all_targets_present || die "the build finished but $BIN_DIR lacks one of: $TARGE
   echo "source=$LLAMA_NPM_PACKAGE@$LLAMA_NPM_VERSION"
   for p in $(patch_files); do echo "patch=$(basename "$p") $(hash_stdin <"$p" | cut -c1-16)"; done
   echo "targets=$TARGETS"
+  [ "$VARIANT" = mesh ] && echo "rpc_tls=$TLS"
   echo "build_key=$BUILD_KEY"
   echo "built_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } >"$BIN_DIR/mesh-build.txt"
 echo "$BUILD_KEY" >"$VARIANT_DIR/build.key"
-step "done: $BIN_DIR"
+step "done: $BIN_DIR${TLS_NOTE:+ (RPC TLS-PSK client: $TLS)}"
 }
 
-main "$@"
+# On the same line as the call: bash reads a script as it runs it, so after main returns it would read on
+# at a byte offset that an edit made meanwhile (a `git pull` during `npm install`) has moved.
+main "$@"; exit $?
