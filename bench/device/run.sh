@@ -71,6 +71,19 @@ else
   NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" # as native/build.sh: no AMX (a VM may announce it unusable)
   echo 'int main(void) { return 0; }' | cc -march=native $NO_AMX -x c -o /dev/null - >/dev/null 2>&1 &&
     ARGS+=(-DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX")
+  # as native/build.sh: the RPC client's TLS-PSK support (patch 0003) when OpenSSL >= 1.1.1 compiles and links
+  TLS=off
+  probe="$(mktemp)"
+  printf '%s\n' '#include <stdio.h>' '#include <openssl/ssl.h>' '#include <openssl/opensslv.h>' \
+    '#if OPENSSL_VERSION_NUMBER < 0x10101000L' '#error OpenSSL 1.1.1 or newer is needed' '#endif' \
+    'int main(void) { SSL_CTX *c = SSL_CTX_new(TLS_client_method()); SSL_CTX_set_psk_use_session_callback(c, 0);' \
+    '  puts(OPENSSL_VERSION_TEXT); return 0; }' | cc -x c - -lssl -lcrypto -o "$probe" >/dev/null 2>&1 &&
+    ssl="$("$probe" | head -1)" && [ -n "$ssl" ] && TLS=on
+  rm -f "$probe"
+  if grep -q GGML_RPC_TLS "$SRC/ggml/src/ggml-rpc/CMakeLists.txt" 2>/dev/null; then
+    if [ "$TLS" = on ]; then ARGS+=(-DGGML_RPC_TLS=ON); say "RPC TLS-PSK client: on ($ssl)"
+    else ARGS+=(-DGGML_RPC_TLS=OFF); say "RPC TLS-PSK client: off (no OpenSSL >= 1.1.1 headers and libraries here)"; fi
+  fi
   TARGETS="llama-server ggml-rpc-server llama-bench"
   KEY="$(printf '%s\n' "$(cat "$BASE/llama-src.key")" "${ARGS[@]}" $TARGETS | sha256sum | cut -c1-16)"
   if [ "$(cat "$BASE/llama/mesh/build.key" 2>/dev/null)" = "$KEY" ] && [ -x "$BIN/llama-server" ] && [ -x "$BIN/ggml-rpc-server" ]; then
@@ -82,8 +95,9 @@ else
     rc=$?
     { grep -E ' error|Error |FAILED' "$BASE/build.log" | head -20; tail -30 "$BASE/build.log"; } >"$OUT/build-tail.txt"
     [ "$rc" = 0 ] || { tail -30 "$BASE/build.log" >&2; fail "llama.cpp build (exit $rc), see build-tail.txt"; }
-    printf 'variant=mesh\nbackend=cuda\nllama_commit=%s\nbuilt_by=bench/device/run.sh\nbuilt_at=%s\n' \
-      "$(cat "$SRC/MESH_LLAMA_COMMIT.txt")" "$(date -u +%FT%TZ)" >"$BIN/mesh-build.txt"
+    { printf 'variant=mesh\nbackend=cuda\nllama_commit=%s\n' "$(cat "$SRC/MESH_LLAMA_COMMIT.txt")"
+      sed 's/^/patch=/' "$SRC/MESH_PATCHES.txt"
+      printf 'rpc_tls=%s\nbuilt_by=bench/device/run.sh\nbuilt_at=%s\n' "$TLS" "$(date -u +%FT%TZ)"; } >"$BIN/mesh-build.txt"
     echo "$KEY" >"$BASE/llama/mesh/build.key"
     say "build took $(( $(date +%s) - b0 )) s"
   fi
