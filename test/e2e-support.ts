@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import OpenAI from 'openai';
 import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
 import { readModelIdentity } from '../src/io/gguf/gguf-identity.ts';
-import { buildBinDir } from '../src/io/llama/llama-binaries.ts';
+import { locateLlamaBinaries } from '../src/io/llama/llama-binaries.ts';
 import { spawnManaged, type ManagedProcess } from '../src/io/llama/processes.ts';
 import type { NodeStatus } from '../src/node.ts';
 import { greedyCompletion, startLlamaServer } from './helpers/llama.ts';
@@ -18,16 +18,10 @@ const BIN = join(ROOT, 'bin/mesh-inference.js');
 
 /**
  * The llama.cpp binaries every node and reference server of a test uses (the same ones: greedy output is
- * compared across them): $MESH_LLAMA_BIN_DIR, else our patched build when complete, else the stock build.
+ * compared across them), as llama-binaries.ts finds them: $MESH_LLAMA_BIN_DIR, else our patched build.
  */
 export function e2eBinDir(): string {
-  const fromEnv = process.env['MESH_LLAMA_BIN_DIR'];
-  if (fromEnv) return fromEnv;
-  const mesh = buildBinDir('mesh');
-  const complete = (d: string) => existsSync(join(d, 'llama-server')) && existsSync(join(d, 'ggml-rpc-server'));
-  const dir = complete(mesh) && existsSync(join(mesh, 'mesh-build.txt')) ? mesh : buildBinDir('stock');
-  if (!complete(dir)) throw new Error(`no llama.cpp binaries in ${dir}: run \`npm run build:native\` or set MESH_LLAMA_BIN_DIR`);
-  return dir;
+  return locateLlamaBinaries().dir;
 }
 // test/helpers/llama.ts (the reference servers) reads the same variable.
 process.env['MESH_LLAMA_BIN_DIR'] = e2eBinDir();

@@ -1,9 +1,9 @@
 // Test support for the native/ tests and benchmark: XXH64 as our SET_TENSOR_GGUF patch computes it, a raw
 // llama.cpp RPC client that sends hand-made frames, and loopback llama.cpp processes from explicit binaries
-// (the tests run patched and stock binaries side by side).
+// (the tests run patched and stock binaries side by side) through helpers/llama.ts.
 import { connect, type Socket } from 'node:net';
-import { spawnManaged, type ManagedProcess } from '../src/io/llama/processes.ts';
-import { freePort } from './helpers/llama.ts';
+import { spawnManaged } from '../src/io/llama/processes.ts';
+import { startLlamaServer, startRpcServer, type LlamaServerHandle, type RpcServerHandle } from './helpers/llama.ts';
 
 // ---------------------------------------------------------------------------------------------
 // XXH64, seed 0 (the patch's rpc_xxh64). BigInt: slow, but the tests hash at most a few hundred KB.
@@ -272,56 +272,15 @@ export class RawRpcClient {
 // ---------------------------------------------------------------------------------------------
 // Processes from explicit binaries
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+export type NativeRpcServer = RpcServerHandle;
 
-export interface NativeRpcServer {
-  readonly process: ManagedProcess;
-  readonly address: string;
-  stop(): Promise<void>;
-}
-
-/** Starts `bin` (a ggml-rpc-server) on a free loopback port; resolves once it answers HELLO. */
-export async function startNativeRpcServer(
+/** Starts `bin` (a ggml-rpc-server) with `args` on a free loopback port; resolves once it answers HELLO. */
+export function startNativeRpcServer(
   bin: string,
   args: readonly string[] = [],
   opts: { threads?: number; env?: Record<string, string>; readyTimeoutMs?: number } = {},
 ): Promise<NativeRpcServer> {
-  const deadline = Date.now() + (opts.readyTimeoutMs ?? 30_000);
-  for (let attempt = 0; ; attempt++) {
-    const port = await freePort();
-    const proc = spawnManaged({
-      name: `rpc-server:${port}`,
-      file: bin,
-      args: ['-H', '127.0.0.1', '-p', String(port), '-t', String(opts.threads ?? 1), ...args],
-      // TCP only, so that the counting proxy sees all traffic
-      env: { GGML_RPC_NO_RDMA: '1', ...opts.env },
-    });
-    const address = `127.0.0.1:${port}`;
-    const handle: NativeRpcServer = { process: proc, address, stop: async () => void (await proc.stop(3_000)) };
-    while (!proc.exitInfo()) {
-      try {
-        const c = await RawRpcClient.connect(address, 1_000);
-        try {
-          await c.hello();
-        } finally {
-          c.close();
-        }
-        return handle;
-      } catch {
-        if (Date.now() > deadline) {
-          await handle.stop();
-          throw new Error(`${bin} on port ${port} did not answer HELLO in time; output:\n${proc.tail().join('\n')}`);
-        }
-        await sleep(50);
-      }
-    }
-    await proc.exited;
-    // exit status 0 and no "listening" means the port was taken between freePort() and bind
-    const info = proc.exitInfo();
-    if (info?.code !== 0 || attempt >= 3) {
-      throw new Error(`${bin} exited (code ${info?.code}) before it was ready; output:\n${proc.tail().join('\n')}`);
-    }
-  }
+  return startRpcServer({ binary: bin, extraArgs: args, threads: opts.threads, env: opts.env, readyTimeoutMs: opts.readyTimeoutMs ?? 30_000 });
 }
 
 /** Runs `bin` to completion and returns its exit code and output (for start-up refusals). */
@@ -333,58 +292,15 @@ export async function runToExit(bin: string, args: readonly string[], timeoutMs 
   return { code: proc.exitInfo()?.code ?? null, output: proc.tail().join('\n') };
 }
 
-export interface NativeLlamaServer {
-  readonly process: ManagedProcess;
-  readonly url: string;
-  /** ms from spawn to /health 200 (model loaded, warm-up done). */
-  readonly loadMs: number;
-  stop(): Promise<void>;
-}
+export type NativeLlamaServer = LlamaServerHandle;
 
 /**
- * Starts `bin` (llama-server) for exact comparisons: flash attention off, one slot, no prompt cache in
- * RAM, every layer offloaded (to the rpc-servers when given), weights read without mmap as the mesh runs it.
+ * Starts `bin` (llama-server) for exact comparisons (helpers/llama.ts's defaults), with CPU repacking left
+ * as the release has it; `loadMs` is spawn to /health 200.
  */
-export async function startNativeLlamaServer(
+export function startNativeLlamaServer(
   bin: string,
   opts: { model: string; rpc?: readonly string[]; threads?: number; env?: Record<string, string>; extraArgs?: readonly string[]; readyTimeoutMs?: number },
 ): Promise<NativeLlamaServer> {
-  const threads = String(opts.threads ?? 1);
-  const deadline = Date.now() + (opts.readyTimeoutMs ?? 180_000);
-  for (let attempt = 0; ; attempt++) {
-    const port = await freePort();
-    const started = performance.now();
-    const proc = spawnManaged({
-      name: `llama-server:${port}`,
-      file: bin,
-      args: [
-        '-m', opts.model, '--host', '127.0.0.1', '--port', String(port),
-        '-c', '512', '-t', threads, '-tb', threads, '-fa', 'off', '-np', '1', '--cache-ram', '0',
-        '-ngl', '999', '-lm', 'none',
-        ...(opts.rpc && opts.rpc.length > 0 ? ['--rpc', opts.rpc.join(',')] : []),
-        ...(opts.extraArgs ?? []),
-      ],
-      env: { GGML_RPC_NO_RDMA: '1', ...opts.env },
-    });
-    const url = `http://127.0.0.1:${port}`;
-    const handle = (loadMs: number): NativeLlamaServer => ({ process: proc, url, loadMs, stop: async () => void (await proc.stop(3_000)) });
-    while (!proc.exitInfo()) {
-      try {
-        const res = await fetch(`${url}/health`, { signal: AbortSignal.timeout(2_000) });
-        if (res.status === 200) return handle(performance.now() - started);
-      } catch {
-        // not listening yet
-      }
-      if (Date.now() > deadline) {
-        await proc.stop(3_000);
-        throw new Error(`llama-server did not become healthy in time; output:\n${proc.tail().slice(-40).join('\n')}`);
-      }
-      await sleep(50);
-    }
-    await proc.exited;
-    const portTaken = proc.tail().some((l) => /address already in use|couldn't bind/i.test(l));
-    if (!portTaken || attempt >= 3) {
-      throw new Error(`llama-server exited (code ${proc.exitInfo()?.code}) before it was ready; output:\n${proc.tail().slice(-40).join('\n')}`);
-    }
-  }
+  return startLlamaServer({ ...opts, binary: bin, repack: true, readyTimeoutMs: opts.readyTimeoutMs ?? 180_000 });
 }

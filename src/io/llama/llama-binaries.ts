@@ -66,11 +66,15 @@ function executable(path: string): boolean {
   }
 }
 
+/** Where the binaries are, found without reading them (synchronous: for test set-up too). */
+export type LocatedLlamaBinaries = Pick<LlamaBinaries, 'dir' | 'source' | 'llamaServer' | 'rpcServer' | 'llamaBench'>;
+
 /**
- * Finds the binaries: MESH_LLAMA_BIN_DIR first (the mesh variant only: the user's own build), then
- * native/build.sh's output. Throws LlamaBinariesError saying what is missing and how to get it.
+ * The one precedence for src, tests and benchmarks: MESH_LLAMA_BIN_DIR first (the mesh variant only: the
+ * user's own build), then native/build.sh's output of the variant. Throws LlamaBinariesError saying what is
+ * missing and how to get it.
  */
-export async function findLlamaBinaries(opts: FindOptions = {}): Promise<LlamaBinaries> {
+export function locateLlamaBinaries(opts: FindOptions = {}): LocatedLlamaBinaries {
   const env = opts.env ?? process.env;
   const variant = opts.variant ?? 'mesh';
   const userDir = variant === 'mesh' ? env.MESH_LLAMA_BIN_DIR : undefined;
@@ -96,16 +100,18 @@ export async function findLlamaBinaries(opts: FindOptions = {}): Promise<LlamaBi
   if (missing.length > 0) {
     throw new LlamaBinariesError(`no ${missing.join(' or ')} in ${dir}; ${howToGet}`);
   }
-  const patches = await detectMeshPatches(dir, [rpcServer!, llamaServer]);
+  return { dir, source, llamaServer, rpcServer: rpcServer!, llamaBench: executable(bench) ? bench : undefined };
+}
+
+/** locateLlamaBinaries, plus what the binaries are: our patches in them and native/build.sh's record. */
+export async function findLlamaBinaries(opts: FindOptions = {}): Promise<LlamaBinaries> {
+  const found = locateLlamaBinaries(opts);
+  const patches = await detectMeshPatches(found.dir, [found.rpcServer, found.llamaServer]);
   return {
-    dir,
-    source,
-    llamaServer,
-    rpcServer: rpcServer!,
-    llamaBench: executable(bench) ? bench : undefined,
+    ...found,
     patches,
     setTensorGguf: patches.some((p) => p.startsWith(`${MESH_PATCH_SET_TENSOR_GGUF}/`)),
-    build: readBuildRecord(dir),
+    build: readBuildRecord(found.dir),
   };
 }
 

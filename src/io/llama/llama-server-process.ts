@@ -37,6 +37,11 @@ export interface LlamaServerInit {
   readonly model: string;
   /** rpc-server addresses ("127.0.0.1:PORT": tunnels to the workers, then the host's own) in plan order. */
   readonly rpc: readonly string[];
+  /**
+   * No rpc-servers at all: every layer on this machine's own devices (`rpc` empty). Never a node's way to
+   * run: the reference that tests and benchmarks compare a split against.
+   */
+  readonly solo?: boolean;
   /** One share per `rpc` entry (any positive scale); default equal shares. */
   readonly tensorSplit?: readonly number[];
   /** Devices each rpc-server exposes (default 1 each); a stage's share is divided among its devices. */
@@ -136,6 +141,10 @@ export function detectLlamaServerFlags(binary: string): Promise<LlamaServerFlags
 
 /** The command line for `init` on `port` (pure: the tests check it, the header explains it). */
 export function llamaServerArgs(init: LlamaServerInit, port: number, flags: LlamaServerFlags): string[] {
+  if (init.solo === true) {
+    if (init.rpc.length > 0) throw new RangeError('a solo llama-server takes no rpc-servers');
+    return [...endpointArgs(init, port), '-ngl', '999', ...runtimeArgs(init, flags), ...(init.extraArgs ?? [])];
+  }
   if (init.rpc.length === 0) throw new RangeError('llama-server needs at least one rpc-server (the host\'s own, last)');
   for (const a of init.rpc) {
     // llama.cpp cannot parse IPv6 `--rpc` entries; every entry we make is a loopback tunnel or server.
@@ -159,13 +168,23 @@ export function llamaServerArgs(init: LlamaServerInit, port: number, flags: Llam
     }
   });
   return [
-    '-m', init.model,
-    '--host', '127.0.0.1',
-    '--port', String(port),
+    ...endpointArgs(init, port),
     '--rpc', init.rpc.join(','),
     '-dev', deviceNames.join(','),
     '-ngl', '999',
     '--tensor-split', split.map(formatShare).join(','),
+    ...runtimeArgs(init, flags),
+    ...(init.extraArgs ?? []),
+  ];
+}
+
+function endpointArgs(init: LlamaServerInit, port: number): string[] {
+  return ['-m', init.model, '--host', '127.0.0.1', '--port', String(port)];
+}
+
+/** Memory, caches, context, threads, slots, name: everything but where the layers go. */
+function runtimeArgs(init: LlamaServerInit, flags: LlamaServerFlags): string[] {
+  return [
     ...(flags.loadMode ? ['-lm', 'none'] : ['--no-mmap']),
     ...(flags.cacheRam ? ['--cache-ram', '0'] : []),
     ...(flags.fit ? ['-fit', 'off'] : []),
@@ -176,7 +195,6 @@ export function llamaServerArgs(init: LlamaServerInit, port: number, flags: Llam
     ...(init.parallel !== undefined ? ['-np', String(init.parallel)] : []),
     // Commas separate aliases for llama.cpp: a name with one would become two.
     ...(init.alias ? ['--alias', init.alias.replace(/,/g, ' ')] : []),
-    ...(init.extraArgs ?? []),
   ];
 }
 

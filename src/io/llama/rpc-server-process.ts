@@ -22,6 +22,8 @@ export interface RpcServerInit {
   readonly devices?: readonly string[];
   /** A fixed port; default: a free ephemeral port (and another one if it was taken meanwhile). */
   readonly port?: number;
+  /** Appended to the command line (tests and benchmarks: flags under test, e.g. a raw `--gguf`). */
+  readonly extraArgs?: readonly string[];
   /** Whole start, spawn to HELLO answered; default 30 s (a CUDA context can take seconds). */
   readonly readyTimeoutMs?: number;
   readonly env?: Readonly<Record<string, string>>;
@@ -93,6 +95,7 @@ async function startOnPort(init: RpcServerInit, port: number, deadline: number):
     ...(init.threads !== undefined ? ['-t', String(init.threads)] : []),
     ...(init.devices !== undefined && init.devices.length > 0 ? ['-d', init.devices.join(',')] : []),
     ...(servesGguf ? ['--gguf', init.gguf!] : []),
+    ...(init.extraArgs ?? []),
   ];
   if (init.gguf && init.ggufSupported !== true) {
     init.logger?.info('this ggml-rpc-server has no --gguf patch: weights will be sent over the network');
