@@ -13,7 +13,7 @@
 import { fork, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { createServer, type Socket } from 'node:net';
-import { cpus, loadavg } from 'node:os';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -25,6 +25,7 @@ import { stopAll } from '../src/io/llama/processes.ts';
 import { DirectPathServer, dialDirect, newTicket, relay, type DirectTicket } from '../src/io/transport/direct-path.ts';
 import type { EndpointId } from '../src/machines/mesh-types.ts';
 import { startNativeRpcServer } from '../test/native-support.ts';
+import { describeMachine } from './machine.ts';
 
 const SELF = fileURLToPath(import.meta.url);
 const HOST_ID = 'h'.repeat(64) as EndpointId;
@@ -216,7 +217,7 @@ async function main(): Promise<void> {
   const tests = Object.keys(results.direct);
   print(`### llama.cpp RPC to a worker: direct TCP vs Node relay on both ends vs native TLS client (patch 0003)`);
   print();
-  print(`machine: ${cpus().length} cores (${cpus()[0]?.model.trim()}), load average during the run ${Math.min(...loads).toFixed(1)}-${Math.max(...loads).toFixed(1)} (1 min); ` +
+  print(`${describeMachine()}; load average during the run ${Math.min(...loads).toFixed(1)}-${Math.max(...loads).toFixed(1)} (1 min); ` +
     `model ${layers}x${embd} ff ${ff} ${a.type}; llama-bench -p ${o.p} -n ${o.n} -r ${o.reps} -fa 0 -t ${o.threads}, two rpc-servers -ts 1/1 ` +
     `(worker first through the mode's path, the host's own last and direct); median of ${rounds} alternating rounds`);
   print();
