@@ -51,6 +51,16 @@ async function tryBind(port: number): Promise<boolean> {
   return ok;
 }
 
+async function tcpPortFree(port: number): Promise<boolean> {
+  const s = createServer();
+  const ok = await new Promise<boolean>((resolve) => {
+    s.once('error', () => resolve(false));
+    s.listen(port, '127.0.0.1', () => resolve(true));
+  });
+  if (ok) await new Promise<void>((r) => s.close(() => r()));
+  return ok;
+}
+
 const activeHandles = (): number => (process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles().length;
 
 /** Handles close on the next turns of the loop (sockets' close callbacks): wait until back at `baseline`. */
@@ -66,6 +76,9 @@ function config(bindPort: number, apiPort = 0): NodeConfig {
     joins: [],
     bindHost: '127.0.0.1',
     bindPort,
+    // The data port takes the bind port's number, in TCP: a step of its own.
+    dataPort: null,
+    dataPath: 'auto',
     // A server that does not answer: STUN really binds the port, then gives up.
     stun: ['127.0.0.1:9'],
     relay: { kind: 'none' },
@@ -96,6 +109,7 @@ describe('a node releases what its start acquired, whichever step fails', () => 
 
   async function expectNothingLeft(bindPort: number, baseline: number): Promise<void> {
     expect(await udpPortFree(bindPort), `UDP port ${bindPort} bound again`).toBe(true);
+    expect(await tcpPortFree(bindPort), `TCP port ${bindPort} (the data port) bound again`).toBe(true);
     expect(runningChildren()).toBe(0);
     expect(await settledHandles(baseline), 'active handles back to the baseline').toBeLessThanOrEqual(baseline);
   }
@@ -112,7 +126,7 @@ describe('a node releases what its start acquired, whichever step fails', () => 
     await expectNothingLeft(bindPort, baseline);
   }, 30_000);
 
-  const failures: { step: string; components: () => NodeComponents; apiPortTaken?: boolean; error: RegExp }[] = [
+  const failures: { step: string; components: () => NodeComponents; apiPortTaken?: boolean; dataPortTaken?: boolean; error: RegExp }[] = [
     {
       step: 'STUN (throws instead of answering)',
       components: () => components({ stun: async () => Promise.reject(new Error('injected: STUN failed')) }),
@@ -138,6 +152,7 @@ describe('a node releases what its start acquired, whichever step fails', () => 
         }),
       error: /injected: inspector failed/,
     },
+    { step: 'the data port (its TCP port taken)', components: () => components(), dataPortTaken: true, error: /data port \d+ \(TCP\) is already in use/ },
     { step: 'the API listen (port taken)', components: () => components(), apiPortTaken: true, error: /is already in use/ },
     {
       step: 'the actor start (its network fails at once)',
@@ -163,6 +178,11 @@ describe('a node releases what its start acquired, whichever step fails', () => 
         apiPort = (server.address() as { port: number }).port;
       }
       const bindPort = await freeUdpPort();
+      if (f.dataPortTaken) {
+        const server = createServer();
+        blocker = server;
+        await new Promise<void>((r) => server.listen(bindPort, '127.0.0.1', () => r()));
+      }
       const node = buildNode(config(bindPort, apiPort), f.components());
       const outcome = await node.start().then(
         async () => {

@@ -7,7 +7,8 @@
 // last followed: before the first snapshot, every stream is refused (the node is starting).
 import type { Logger } from '../io/host/logger.ts';
 import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../io/llama/rpc-traffic.ts';
-import { TunnelService, type TunnelListener } from '../io/transport/tunnel.ts';
+import { DirectPathServer } from '../io/transport/direct-path.ts';
+import { TunnelService, type TunnelInfo, type TunnelListener, type TunnelStats } from '../io/transport/tunnel.ts';
 import type { MeshEndpoint } from '../io/transport/transport.ts';
 import type { EndpointId } from '../machines/mesh-types.ts';
 import { runningRole, type NodeContext, type RpcTunnelPolicy } from '../machines/node.machine.ts';
@@ -20,11 +21,29 @@ const MESH_RPC_COMMANDS = { 18: { name: 'SET_TENSOR_GGUF', reply: true } } as co
 export interface NodeTunnelsInit {
   /** On the host, a counting proxy in front of every worker's tunnel (traffic() reports it). */
   readonly countRpc?: boolean;
+  /**
+   * `auto`: a data port answers peers' direct offers and our tunnels try the direct path first; `quic`: no
+   * data port, iroh streams only. Default `quic`.
+   */
+  readonly dataPath?: 'auto' | 'quic';
+  /** Where the data port listens (`auto` only): the endpoint's bind address, and a port (0: any). */
+  readonly dataHost?: string;
+  readonly dataPort?: number;
 }
 
 export interface NodeTunnelsComponents {
   readonly endpoint: MeshEndpoint;
   readonly log: Logger;
+  /** The IPs peers may dial our data port on. */
+  readonly advertise?: () => readonly string[];
+}
+
+/** What /api/status shows of the tunnels. */
+export interface TunnelsStatus extends TunnelStats {
+  readonly dataPath: 'auto' | 'quic';
+  /** The data port's TCP port; null with `--data-path quic` (or before it listens). */
+  readonly dataPort: number | null;
+  readonly connections: readonly TunnelInfo[];
 }
 
 interface RpcRoute {
@@ -47,12 +66,28 @@ export class NodeTunnels {
   private context: NodeContext | null = null;
   private lastPolicy: RpcTunnelPolicy | null = null;
   private lastLinks: readonly EndpointId[] = [];
+  private readonly dataPath: 'auto' | 'quic';
+  /** The data port (`auto`), listening once listenData() resolved. */
+  private readonly direct: DirectPathServer | null;
 
   constructor(init: NodeTunnelsInit, components: NodeTunnelsComponents) {
     this.log = components.log;
     this.countRpc = init.countRpc ?? false;
-    this.service = new TunnelService({ allow: (remote, kind) => tunnelDecision(this.context, remote, kind) }, { endpoint: components.endpoint, log: components.log });
+    this.dataPath = init.dataPath ?? 'quic';
+    const allow = (remote: EndpointId, kind: 'rpc' | 'http') => tunnelDecision(this.context, remote, kind);
+    this.direct =
+      this.dataPath === 'auto'
+        ? new DirectPathServer({ host: init.dataHost ?? '127.0.0.1', port: init.dataPort ?? 0 }, { allow, advertise: components.advertise ?? (() => [init.dataHost ?? '127.0.0.1']), log: components.log })
+        : null;
+    this.service = new TunnelService({ allow, dataPath: this.dataPath }, { endpoint: components.endpoint, log: components.log, direct: this.direct });
     this.service.start();
+  }
+
+  /** Opens the data port (`auto`); until then peers' offers are refused and they use QUIC. Throws a one-line error. */
+  async listenData(): Promise<number | null> {
+    if (this.direct === null) return null;
+    await this.direct.start();
+    return this.direct.port;
   }
 
   /** Every snapshot of the node: the hand-off, dead links, listeners of workers that are no longer stages. */
@@ -93,8 +128,9 @@ export class NodeTunnels {
     return `http://127.0.0.1:${(await r).port}`;
   }
 
-  stats(): { pipes: number; listeners: number } {
-    return this.service.stats();
+  stats(): TunnelsStatus {
+    const port = this.direct?.port ?? 0;
+    return { ...this.service.stats(), dataPath: this.dataPath, dataPort: port === 0 ? null : port, connections: this.service.tunnels() };
   }
 
   /** Counting proxies only: RPC traffic to each worker, summed over its llama-server generations. */
@@ -107,6 +143,7 @@ export class NodeTunnels {
   async close(): Promise<void> {
     for (const peer of [...this.rpcRoutes.keys()]) this.dropRpcRoute(peer);
     await this.service.close();
+    if (this.direct !== null && this.direct.port !== 0) await this.direct.close();
     await Promise.all([...this.proxies.values()].flat().map((p) => p.close().catch(() => {})));
   }
 

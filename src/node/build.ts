@@ -23,7 +23,7 @@ import { DisposalStack } from './disposal.ts';
 import { nameOf, nodeStatus, type NodeStatus } from './status.ts';
 
 /** What the node is asked to be: the command line's part of it (`role` as announced), plus where the endpoint binds. */
-export type NodeConfig = Pick<CliOptions, 'name' | 'role' | 'joins' | 'bindPort' | 'stun' | 'relay' | 'apiHost' | 'port' | 'apiKey'> & {
+export type NodeConfig = Pick<CliOptions, 'name' | 'role' | 'joins' | 'bindPort' | 'dataPort' | 'dataPath' | 'stun' | 'relay' | 'apiHost' | 'port' | 'apiKey'> & {
   /** Where the QUIC endpoint binds: 0.0.0.0, or 127.0.0.1 (the demo and tests). */
   readonly bindHost: string;
   /** On the host, a counting proxy in front of every worker's tunnel: its figures appear in /api/status. */
@@ -108,6 +108,7 @@ export function buildNode(config: NodeConfig, components: NodeComponents): Built
       const publicAddr = await discoverPublicAddr(config, components.net, log);
       const endpoint = await bindEndpoint(stack, config, components);
       const parts = assemble(stack, config, components, endpoint, publicAddr, inspector);
+      await listenData(parts.tunnels, config, log);
       // The API port before the actor: when it is taken, no process has started that would have to stop.
       const apiPort = await listenApi(parts.api, config);
       startActor(stack, parts, log, () => reason, () => void stop('the node machine stopped'));
@@ -181,7 +182,10 @@ function assemble(
   const token = encodeInviteToken({ meshId, secret, inviter: endpoint.id, addrs: tokenAddrs });
   const self = announcement(config, components.holdings, endpoint);
 
-  const tunnels = new NodeTunnels({ countRpc: config.countRpc }, { endpoint, log: componentLogger(logger, 'tunnel') });
+  const tunnels = new NodeTunnels(
+    { countRpc: config.countRpc, dataPath: config.dataPath, dataHost: config.bindHost, dataPort: config.dataPort ?? config.bindPort ?? 0 },
+    { endpoint, log: componentLogger(logger, 'tunnel'), advertise: () => dataAddresses(config.bindHost, endpoint.addrs(), publicAddr) },
+  );
   stack.defer('tunnels', () => tunnels.close());
   const network = (components.net.network ?? createMeshNetworkLogic)(
     { secret, hello: { role: self.role, vramBytes: self.vramBytes, model: self.model } },
@@ -207,6 +211,17 @@ function assemble(
   });
   stack.defer('api', () => api.close());
   return { token, meshId, actor, api, tunnels, status };
+}
+
+/** The direct data path's TCP port (`--data-path auto`), on the endpoint's bind address. */
+async function listenData(tunnels: NodeTunnels, config: NodeConfig, log: Logger): Promise<void> {
+  const port = await tunnels.listenData();
+  if (port === null) {
+    log.info('data path: QUIC only (--data-path quic)');
+    return;
+  }
+  const forward = config.bindPort !== null ? `; a port forward needs TCP ${port} as well as UDP ${config.bindPort}` : '';
+  log.info({ dataPort: port }, `data port: TCP ${port} (direct TLS between nodes that reach each other${forward})`);
 }
 
 async function listenApi(api: FastifyInstance, config: NodeConfig): Promise<number> {
@@ -256,6 +271,18 @@ function announcement(config: NodeConfig, holdings: NodeHoldings, endpoint: Iroh
     addrs: endpoint.addrs(),
     connectedTo: [],
   };
+}
+
+/**
+ * The IPs our data port can be dialed on: the bind address when it is one, else the endpoint's own
+ * addresses (IPv4: the port listens on 0.0.0.0) and the public one STUN saw.
+ */
+export function dataAddresses(bindHost: string, endpointAddrs: readonly string[], publicAddr: string | null): string[] {
+  if (bindHost !== '0.0.0.0') return [bindHost];
+  const ips = [...endpointAddrs, ...(publicAddr === null ? [] : [publicAddr])]
+    .map((a) => /^(\d{1,3}(?:\.\d{1,3}){3}):\d+$/.exec(a)?.[1])
+    .filter((ip): ip is string => ip !== undefined);
+  return [...new Set(ips)];
 }
 
 /** The node's one follower: the tunnels (hand-off, dead links, listeners) and the logs of state and plan. */

@@ -1,6 +1,7 @@
 // What GET /api/status answers, read from the node actor's snapshot and the tunnels' figures; and what the
 // inspector may see of a context or event.
 import type { Actor } from 'xstate';
+import type { TunnelsStatus } from '../actors/tunnels.actor.ts';
 import type { RpcTrafficSnapshot } from '../io/llama/rpc-traffic.ts';
 import type { EndpointId, ModelIdentity } from '../machines/mesh-types.ts';
 import { runningRole, type NodeContext, type nodeMachine } from '../machines/node.machine.ts';
@@ -40,7 +41,8 @@ export interface NodeStatus {
     readonly rpcServer: { readonly state: string; readonly port: number | null };
     readonly llamaServer: { readonly state: string; readonly port: number | null; readonly generation: number };
   };
-  readonly tunnels: { readonly pipes: number; readonly listeners: number };
+  /** Tunnel connections both ways, each with its data path (direct TLS or QUIC) and bytes; the data port. */
+  readonly tunnels: TunnelsStatus;
   /** Host with countRpc: RPC traffic to each worker through its tunnel, cumulated over generations. */
   readonly rpcTraffic: Readonly<Record<string, RpcTrafficSnapshot>>;
 }
@@ -54,7 +56,7 @@ const valueOf = (ref: Snapshotted): unknown => ref?.getSnapshot().value ?? null;
 
 export function nodeStatus(
   actor: Actor<typeof nodeMachine>,
-  extra: { meshId: string; tunnels: { pipes: number; listeners: number }; rpcTraffic: Record<string, RpcTrafficSnapshot> },
+  extra: { meshId: string; tunnels: TunnelsStatus; rpcTraffic: Record<string, RpcTrafficSnapshot> },
 ): NodeStatus {
   const snap = actor.getSnapshot();
   const c = snap.context;

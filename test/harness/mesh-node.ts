@@ -52,6 +52,8 @@ const node = buildNode(
     joins: invite ? [invite] : [],
     bindHost: '127.0.0.1',
     bindPort: null,
+    dataPort: null,
+    dataPath: 'quic',
     stun: [],
     relay: { kind: 'none' },
     apiHost: '127.0.0.1',
