@@ -211,6 +211,7 @@ describe.skipIf(!canRun || !haveOpenSsl)('native: llama.cpp RPC client over TLS 
 
     expect(llama.output()).toContain(`RPC[${addr}]: connected with TLS 1.3 (pre-shared key)`);
     expect(llama.output()).not.toContain(`RPC[${own.address}]: connected with TLS`);
+    expect(llama.output()).toContain(`RPC[${own.address}]: plain TCP (no key for this endpoint in GGML_RPC_TLS_FD)`);
     // one TLS connection reached the worker through the data port, and it carried the computation
     const conns = worker.data.connections();
     expect(conns.length).toBe(1);
