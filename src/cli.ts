@@ -11,6 +11,8 @@ export const BIND_HOST_ENV = 'MESH_INFERENCE_BIND_HOST';
 export const THREADS_ENV = 'MESH_INFERENCE_THREADS';
 export const COUNT_RPC_ENV = 'MESH_INFERENCE_COUNT_RPC';
 export const CTX_ENV = 'MESH_INFERENCE_CTX';
+/** Where peers dial this node's data port instead of its own addresses ("ip" or "ip:port", comma-separated): tests and the WAN lab put relays there. */
+export const DATA_ADVERTISE_ENV = 'MESH_INFERENCE_DATA_ADVERTISE';
 
 async function main(): Promise<void> {
   const parsed = parseCliArgsOrExit(process.argv.slice(2));
@@ -29,6 +31,7 @@ async function main(): Promise<void> {
       threads,
       ctxSize,
       countRpc: process.env[COUNT_RPC_ENV] === '1',
+      dataAdvertise: process.env[DATA_ADVERTISE_ENV]?.split(',').filter((a) => a !== ''),
     });
   } catch (err) {
     process.stderr.write(`mesh-inference: ${(err as Error).message.split('\n')[0]}\n`);
@@ -44,6 +47,10 @@ async function main(): Promise<void> {
   }
   out('  invite token (other nodes join with --join <token>):');
   out(`    ${node.token}`);
+  if (node.dataPort !== null) {
+    const forward = options.bindPort !== null ? `; a port forward needs TCP ${node.dataPort} as well as UDP ${options.bindPort}` : '';
+    out(`  data port: TCP ${node.dataPort} (direct TLS between nodes that reach each other${forward})`);
+  }
   out(`  API: ${node.apiUrl}  (OpenAI-compatible: POST /v1/chat/completions, /v1/completions; GET /api/status)`);
 
   let signals = 0;

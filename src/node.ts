@@ -28,6 +28,8 @@ export interface NodeExtras {
   readonly ctxSize?: number;
   /** On the host, a counting proxy in front of every worker's tunnel: its figures appear in /api/status. */
   readonly countRpc?: boolean;
+  /** Where peers dial our data port instead of our own addresses (tests and the WAN lab put relays there). */
+  readonly dataAdvertise?: readonly string[];
 }
 
 export interface NodeHandle {
@@ -39,6 +41,8 @@ export interface NodeHandle {
   /** "http://127.0.0.1:PORT" of this node's API. */
   readonly apiUrl: string;
   readonly apiPort: number;
+  /** The direct data path's TCP port; null with --data-path quic. */
+  readonly dataPort: number | null;
   readonly model: ModelIdentity | null;
   readonly vram: VramInfo | null;
   readonly endpoint: IrohMeshEndpoint;
@@ -58,7 +62,7 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
   // A node without a model is a lite client, whatever its role preference.
   const role = options.role === 'client' || options.model === null ? 'client' : options.role;
   const node = buildNode(
-    { ...options, role, bindHost: extras.bindHost ?? '0.0.0.0', countRpc: extras.countRpc ?? false },
+    { ...options, role, bindHost: extras.bindHost ?? '0.0.0.0', countRpc: extras.countRpc ?? false, dataAdvertise: extras.dataAdvertise },
     {
       logger,
       holdings,
@@ -68,8 +72,8 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
     },
   );
   const started = await node.start();
-  const { id, token, meshId, apiUrl, apiPort, endpoint, actor, status } = started;
-  return { id, name: options.name, token, meshId, apiUrl, apiPort, model: holdings.model, vram: holdings.vram, endpoint, actor, status, stop: node.stop, stopped: node.stopped };
+  const { id, token, meshId, apiUrl, apiPort, dataPort, endpoint, actor, status } = started;
+  return { id, name: options.name, token, meshId, apiUrl, apiPort, dataPort, model: holdings.model, vram: holdings.vram, endpoint, actor, status, stop: node.stop, stopped: node.stopped };
 }
 
 /** Every child process this node (this Node.js process) still runs: tests check it is empty after stop. */

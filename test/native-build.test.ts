@@ -113,7 +113,10 @@ describe.skipIf(buildDisabled() && !existsSync(join(buildBinDir('mesh'), 'llama-
   it('finds the binaries and the patch they carry; the build record names the patch', async () => {
     expect(mesh.source).toBe('native-build');
     expect(mesh.setTensorGguf).toBe(true);
-    expect(mesh.patches).toEqual(['rpc-keepalive/1', 'set-tensor-gguf/1']);
+    // Patch 0003 (llama.cpp's RPC client speaking TLS) is compiled in only where OpenSSL was found.
+    const tls = mesh.build?.['rpc_tls'] === 'on';
+    expect(mesh.patches).toEqual(tls ? ['rpc-keepalive/1', 'rpc-tls-psk/1', 'set-tensor-gguf/1'] : ['rpc-keepalive/1', 'set-tensor-gguf/1']);
+    expect(mesh.rpcTlsPsk).toBe(tls);
     expect(mesh.build?.variant).toBe('mesh');
     expect(mesh.build?.patch).toMatch(/0001-rpc-set-tensor-gguf\.patch [0-9a-f]{16}, 0002-rpc-keepalive\.patch [0-9a-f]{16}/);
     expect(mesh.llamaBench).toBeDefined();

@@ -27,6 +27,11 @@ export type LlamaServerActorConfig = Pick<
    */
   readonly rpcAddressFor: (stage: PlanStage, plan: ReadyPlan) => string | Promise<string>;
   /**
+   * A worker's data port that llama-server may dial with TLS itself (patch 0003), asked right before each
+   * launch, after the device-count query has gone through `rpcAddressFor`; null: stay on `rpcAddressFor`.
+   */
+  readonly directRpcFor?: (stage: PlanStage) => Promise<{ readonly address: string; readonly keyLine: string } | null>;
+  /**
    * Ask every rpc-server how many devices it exposes before launching (default true: one extra short
    * connection per stage, and `-dev`/the split stay right for multi-GPU workers). With false, one each.
    */
@@ -75,7 +80,7 @@ export async function rpcLayout(
  * process.actor.ts says (an exit's reason carries the status and its last log lines).
  */
 export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
-  const { rpcAddressFor, queryDeviceCounts, killGraceMs, logger, onProgress, onStarted, ...launch } = config;
+  const { rpcAddressFor, directRpcFor, queryDeviceCounts, killGraceMs, logger, onProgress, onStarted, ...launch } = config;
   return processActorLogic<LlamaServerProcessInput, LlamaServerProcess>({
     name: 'llama-server',
     logger,
@@ -84,9 +89,22 @@ export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
     start: async (input, signal, log) => {
       const layout = await rpcLayout(input, rpcAddressFor, queryDeviceCounts === false ? undefined : (a) => rpcDeviceCount(a));
       signal.throwIfAborted();
+      const tlsKeys: string[] = [];
+      if (directRpcFor !== undefined) {
+        for (const [i, stage] of input.plan.stages.entries()) {
+          if (stage.id === input.plan.host) continue;
+          const direct = await directRpcFor(stage);
+          if (direct === null) continue;
+          layout.rpc[i] = direct.address;
+          tlsKeys.push(direct.keyLine);
+        }
+        if (tlsKeys.length > 0) log?.info({ stages: tlsKeys.length }, 'llama-server dials these workers over TLS itself (no Node relay on this end)');
+      }
+      signal.throwIfAborted();
       return launchLlamaServer({
         ...launch,
         ...layout,
+        tlsKeys,
         alias: input.plan.model.name,
         logger: log,
         signal,

@@ -117,6 +117,18 @@ export class NodeTunnels {
     return (await r).address;
   }
 
+  /**
+   * Host: the worker's data port and a one-time key for llama-server to dial it with TLS itself (patch 0003),
+   * once this node's own direct connection to it has worked (the device-count query before each launch);
+   * null otherwise (and with the counting proxy, which must see the traffic), and llama-server uses
+   * rpcAddressFor's tunnel.
+   */
+  async directRpcFor(peer: EndpointId): Promise<{ address: string; keyLine: string } | null> {
+    if (this.countRpc) return null;
+    const t = await this.service.directTicket(peer, 'rpc');
+    return t === null ? null : { address: t.address, keyLine: `${t.address} ${t.identity} ${t.key.toString('hex')}` };
+  }
+
   /** Worker or lite client: "http://127.0.0.1:PORT" that reaches `host`'s llama-server. */
   async httpBaseUrl(host: EndpointId): Promise<string> {
     let r = this.httpRoutes.get(host);

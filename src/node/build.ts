@@ -28,6 +28,8 @@ export type NodeConfig = Pick<CliOptions, 'name' | 'role' | 'joins' | 'bindPort'
   readonly bindHost: string;
   /** On the host, a counting proxy in front of every worker's tunnel: its figures appear in /api/status. */
   readonly countRpc: boolean;
+  /** Where peers dial our data port instead of our own addresses ("ip" or "ip:port"): tests, the WAN lab. */
+  readonly dataAdvertise?: readonly string[];
 };
 
 /** What this node holds, read before it is built (nothing to release). A lite client: no model, no VRAM. */
@@ -46,7 +48,7 @@ export interface NodeNet {
 }
 
 /** The node machine's process slots, given the one tunnel capability llama-server needs. A lite client: {}. */
-export type NodeProcessSlots = (tunnels: { rpcAddressFor(peer: EndpointId): Promise<string> }) => {
+export type NodeProcessSlots = (tunnels: Pick<NodeTunnels, 'rpcAddressFor' | 'directRpcFor'>) => {
   readonly rpcServer?: AnyActorLogic;
   readonly llamaServer?: AnyActorLogic;
 };
@@ -74,6 +76,8 @@ export interface StartedNode {
   /** "http://127.0.0.1:PORT" of this node's API. */
   readonly apiUrl: string;
   readonly apiPort: number;
+  /** The direct data path's TCP port; null with --data-path quic. */
+  readonly dataPort: number | null;
   readonly endpoint: IrohMeshEndpoint;
   readonly actor: Actor<typeof nodeMachine>;
   readonly api: FastifyInstance;
@@ -108,12 +112,12 @@ export function buildNode(config: NodeConfig, components: NodeComponents): Built
       const publicAddr = await discoverPublicAddr(config, components.net, log);
       const endpoint = await bindEndpoint(stack, config, components);
       const parts = assemble(stack, config, components, endpoint, publicAddr, inspector);
-      await listenData(parts.tunnels, config, log);
+      const dataPort = await listenData(parts.tunnels, config, log);
       // The API port before the actor: when it is taken, no process has started that would have to stop.
       const apiPort = await listenApi(parts.api, config);
       startActor(stack, parts, log, () => reason, () => void stop('the node machine stopped'));
       const apiUrl = `http://${config.apiHost === '0.0.0.0' ? '127.0.0.1' : config.apiHost}:${apiPort}`;
-      return { id: endpoint.id, endpoint, apiPort, apiUrl, ...parts };
+      return { id: endpoint.id, endpoint, apiPort, apiUrl, dataPort, ...parts };
     } catch (err) {
       await stop('the start failed');
       throw err;
@@ -184,14 +188,14 @@ function assemble(
 
   const tunnels = new NodeTunnels(
     { countRpc: config.countRpc, dataPath: config.dataPath, dataHost: config.bindHost, dataPort: config.dataPort ?? config.bindPort ?? 0 },
-    { endpoint, log: componentLogger(logger, 'tunnel'), advertise: () => dataAddresses(config.bindHost, endpoint.addrs(), publicAddr) },
+    { endpoint, log: componentLogger(logger, 'tunnel'), advertise: () => config.dataAdvertise ?? dataAddresses(config.bindHost, endpoint.addrs(), publicAddr) },
   );
   stack.defer('tunnels', () => tunnels.close());
   const network = (components.net.network ?? createMeshNetworkLogic)(
     { secret, hello: { role: self.role, vramBytes: self.vramBytes, model: self.model } },
     { endpoint, logger: componentLogger(logger, 'network') },
   );
-  const processes = components.processes({ rpcAddressFor: (peer) => tunnels.rpcAddressFor(peer) });
+  const processes = components.processes({ rpcAddressFor: (peer) => tunnels.rpcAddressFor(peer), directRpcFor: (peer) => tunnels.directRpcFor(peer) });
   const machine = nodeMachine.provide({ actors: { network, ...(processes as object) } });
   const actor = createActor(machine, {
     input: { self, bootstrap: config.joins.map((j) => ({ id: j.inviter, addrs: j.addrs })) },
@@ -214,14 +218,15 @@ function assemble(
 }
 
 /** The direct data path's TCP port (`--data-path auto`), on the endpoint's bind address. */
-async function listenData(tunnels: NodeTunnels, config: NodeConfig, log: Logger): Promise<void> {
+async function listenData(tunnels: NodeTunnels, config: NodeConfig, log: Logger): Promise<number | null> {
   const port = await tunnels.listenData();
   if (port === null) {
     log.info('data path: QUIC only (--data-path quic)');
-    return;
+    return null;
   }
   const forward = config.bindPort !== null ? `; a port forward needs TCP ${port} as well as UDP ${config.bindPort}` : '';
   log.info({ dataPort: port }, `data port: TCP ${port} (direct TLS between nodes that reach each other${forward})`);
+  return port;
 }
 
 async function listenApi(api: FastifyInstance, config: NodeConfig): Promise<number> {

@@ -64,6 +64,8 @@ export function processSlots(
           binary: binaries.llamaServer,
           model: options.model!,
           rpcAddressFor: (stage) => tunnels.rpcAddressFor(stage.id),
+          // Patch 0003: llama-server speaks TLS to the workers' data ports itself, with no Node relay on this end.
+          directRpcFor: binaries.rpcTlsPsk ? (stage) => tunnels.directRpcFor(stage.id) : undefined,
           threads: tuning.threads,
           ctxSize: tuning.ctxSize,
           env: crashEnv,

@@ -29,6 +29,8 @@ export interface LlamaBinaries {
   readonly patches: readonly string[];
   /** Whether weights can be loaded from each worker's own GGUF (SET_TENSOR_GGUF). */
   readonly setTensorGguf: boolean;
+  /** Whether llama.cpp's RPC client can dial a worker's data port with TLS itself (patch 0003, built with OpenSSL). */
+  readonly rpcTlsPsk: boolean;
   /** native/build.sh's record of the build (variant, backend, patches, key), when there is one. */
   readonly build: Readonly<Record<string, string>> | undefined;
 }
@@ -111,6 +113,7 @@ export async function findLlamaBinaries(opts: FindOptions = {}): Promise<LlamaBi
     ...found,
     patches,
     setTensorGguf: patches.some((p) => p.startsWith(`${MESH_PATCH_SET_TENSOR_GGUF}/`)),
+    rpcTlsPsk: patches.some((p) => p.startsWith('rpc-tls-psk/')),
     build: readBuildRecord(found.dir),
   };
 }

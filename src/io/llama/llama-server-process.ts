@@ -38,6 +38,11 @@ export interface LlamaServerInit {
   /** rpc-server addresses ("127.0.0.1:PORT": tunnels to the workers, then the host's own) in plan order. */
   readonly rpc: readonly string[];
   /**
+   * TLS keys for `rpc` entries that llama-server dials itself (a worker's data port, patch 0003): one line
+   * "host:port identity key-hex" each, handed over on a pipe (fd 5), never in argv or the environment.
+   */
+  readonly tlsKeys?: readonly string[];
+  /**
    * No rpc-servers at all: every layer on this machine's own devices (`rpc` empty). Never a node's way to
    * run: the reference that tests and benchmarks compare a split against.
    */
@@ -245,7 +250,8 @@ async function launchOnPort(init: LlamaServerInit, port: number, args: string[])
     name: 'llama-server',
     file: init.binary,
     args,
-    env: { ...init.env, LLAMA_SERVER_ROUTER_PORT: '0' },
+    env: { ...init.env, LLAMA_SERVER_ROUTER_PORT: '0', ...(init.tlsKeys?.length ? { GGML_RPC_TLS_FD: '5' } : {}) },
+    secretFd5: init.tlsKeys?.length ? `${init.tlsKeys.join('\n')}\n` : undefined,
     logger: init.logger,
     // In router-child mode a SIGTERM alone hangs once loaded: its stdin-monitor thread keeps the process
     // alive until stdin ends. The router's own exit command (then EOF) lets it shut down cleanly at once.

@@ -51,7 +51,7 @@ exec 4<&0
     i=$((i + 1))
   done
   kill -KILL -- "-$target" 2>/dev/null || kill -KILL "$target" 2>/dev/null
-) <&4 4<&- 3<&- >/dev/null 2>&1 &
+) <&4 4<&- 3<&- 5<&- >/dev/null 2>&1 &
 exec 4<&- </dev/null
 unset MESH_WATCHDOG_GRACE_TENTHS
 exec "$@" <&3 3<&-
@@ -77,6 +77,11 @@ export interface SpawnInit {
    * exit, e.g. a command on its stdin.
    */
   readonly beforeStop?: (p: ManagedProcess) => void;
+  /**
+   * Bytes for the program to read on fd 5 (a pipe, written and closed at once): secrets that must not show
+   * in its command line or environment (llama.cpp's TLS keys, patch 0003).
+   */
+  readonly secretFd5?: string;
 }
 
 export interface ExitInfo {
@@ -175,8 +180,8 @@ export function spawnManaged(init: SpawnInit): ManagedProcess {
       },
       extendEnv: true,
       cwd: init.cwd,
-      // 0: the watchdog's pipe; 3: the program's stdin.
-      stdio: ['pipe', 'pipe', 'pipe', 'pipe'],
+      // 0: the watchdog's pipe; 3: the program's stdin; 5: secrets, when given (4 is the watchdog's own).
+      stdio: init.secretFd5 === undefined ? ['pipe', 'pipe', 'pipe', 'pipe'] : ['pipe', 'pipe', 'pipe', 'pipe', 'ignore', 'pipe'],
       buffer: false,
       reject: false,
       detached: true,
@@ -216,6 +221,11 @@ export function spawnManaged(init: SpawnInit): ManagedProcess {
   const watchdogPipe = sub.stdin;
   watchdogPipe.on('error', () => undefined);
   // The program's stdin (a socket pair, so writable from here although execa types it as output).
+  if (init.secretFd5 !== undefined) {
+    const secrets = (sub.stdio as unknown as unknown[])[5] as NodeJS.WritableStream & { on(e: 'error', f: () => void): unknown };
+    secrets.on('error', () => undefined);
+    secrets.end(init.secretFd5);
+  }
   const programStdin = sub.stdio[3] as unknown as NodeJS.WritableStream & { writable: boolean; destroy(): void; on(e: 'error', f: () => void): unknown };
   programStdin.on('error', () => undefined);
 

@@ -15,6 +15,7 @@ import {
   newTicket,
   type DirectAnswer,
   type DirectPathServer,
+  type DirectTicket,
 } from './direct-path.ts';
 import { TUNNEL_REFUSED } from './tunnel-codec.ts';
 import { firstLine, type MeshConnection, type MeshStream } from './transport.ts';
@@ -26,6 +27,16 @@ import { firstLine, type MeshConnection, type MeshStream } from './transport.ts'
  */
 export async function openDirect(conn: MeshConnection, kind: TunnelKind, timeoutMs: number): Promise<TLSSocket> {
   const deadline = Date.now() + timeoutMs;
+  const { ticket, addrs } = await requestTicket(conn, kind, timeoutMs);
+  return await dialDirect(addrs, ticket, Math.max(1, deadline - Date.now()));
+}
+
+/**
+ * Opener: agrees a ticket for one direct connection of `kind` with `conn`'s peer, without dialing: the
+ * connection is then made by whoever gets the ticket (llama-server itself, with patch 0003). Rejects with a
+ * one-line reason.
+ */
+export async function requestTicket(conn: MeshConnection, kind: TunnelKind, timeoutMs: number): Promise<{ ticket: DirectTicket; addrs: readonly string[] }> {
   const ticket = newTicket();
   let stream: MeshStream | undefined;
   try {
@@ -40,7 +51,7 @@ export async function openDirect(conn: MeshConnection, kind: TunnelKind, timeout
     );
     void stream?.finish().catch(() => {});
     if ('refuse' in answer) throw new DirectPathError(`the peer said no: ${answer.refuse}`);
-    return await dialDirect(answer.addrs, ticket, Math.max(1, deadline - Date.now()));
+    return { ticket, addrs: answer.addrs };
   } catch (err) {
     stream?.reset(TUNNEL_REFUSED);
     throw err instanceof DirectPathError ? err : new DirectPathError(firstLine(err));

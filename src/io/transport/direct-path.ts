@@ -157,7 +157,7 @@ export interface DirectPathInit {
 export interface DirectPathComponents {
   /** The same policy as the QUIC tunnels: checked when the key is asked for and again when it is used. */
   readonly allow: TunnelPolicy;
-  /** The IPs (no port) peers may dial us on. */
+  /** Where peers may dial us: IPs (our port is added), or "ip:port" where something relays to it (tests, the WAN lab). */
   readonly advertise: () => readonly string[];
   readonly log: Logger;
 }
@@ -243,7 +243,7 @@ export class DirectPathServer {
     if (mine >= this.init.maxTicketsPerPeer || this.tickets.size >= this.init.maxTickets) return { refuse: 'too many direct offers in flight' };
     if (this.tickets.has(ticket.id)) return { refuse: 'ticket id in use' };
     this.tickets.set(ticket.id, { peer, kind, key: ticket.key, expires: now + this.init.ticketTtlMs });
-    const addrs = this.components.advertise().map((ip) => (isIP(ip) === 6 ? `[${ip}]:${this.boundPort}` : `${ip}:${this.boundPort}`));
+    const addrs = this.components.advertise().map((a) => (isIP(a) === 6 ? `[${a}]:${this.boundPort}` : isIP(a) === 4 ? `${a}:${this.boundPort}` : a));
     return { addrs };
   }
 

@@ -10,7 +10,7 @@ import { pino, type Logger } from 'pino';
 import type { EndpointId } from '../../machines/mesh-types.ts';
 import type { TunnelDecision, TunnelKind } from '../../machines/tunnel-policy.ts';
 import { relay, type DirectPathServer, type RelayCounters } from './direct-path.ts';
-import { answerDirect, openDirect } from './direct-offer.ts';
+import { answerDirect, openDirect, requestTicket } from './direct-offer.ts';
 import { CODEC_BYTES, TUNNEL_CLOSED, TUNNEL_REFUSED, TUNNEL_TCP_FAILED, type TunnelCodec } from './tunnel-codec.ts';
 import { Pipe, type Counters } from './tunnel-pipe.ts';
 import { TransportError, firstLine, shortId, type MeshConnection, type MeshEndpoint, type MeshStream } from './transport.ts';
@@ -115,6 +115,8 @@ export class TunnelService {
   private directFallbacks = 0;
   /** The path last used per peer and kind: the choice is logged when it changes, not per connection. */
   private readonly lastPath = new Map<string, 'direct' | 'quic'>();
+  /** The address our last direct connection to each peer reached ("ip:port"). */
+  private readonly lastDirectAddr = new Map<EndpointId, string>();
   private started = false;
 
   constructor(init: TunnelInit, components: TunnelComponents) {
@@ -316,6 +318,7 @@ export class TunnelService {
     }
     this.directOpened++;
     this.notePath(peer, kind, 'direct');
+    if (tls.remoteAddress !== undefined && tls.remotePort !== undefined) this.lastDirectAddr.set(peer, `${tls.remoteAddress}:${tls.remotePort}`);
     const counters: RelayCounters = { bytesOut: 0, bytesIn: 0 };
     const entry: DirectRelay = { peer, kind, counters, close: () => stop() };
     this.relays.add(entry);
@@ -325,6 +328,25 @@ export class TunnelService {
       this.log.debug({ peer: shortId(peer), kind, why }, 'direct tunnel closed');
     });
     return true;
+  }
+
+  /**
+   * A ticket for one direct `kind` connection to `peer` that someone else will make (llama-server speaking
+   * TLS itself), and the address to dial; null unless the last connection of that kind to `peer` went direct
+   * (so the address is known to work) and the peer agrees now. Never throws.
+   */
+  async directTicket(peer: EndpointId, kind: TunnelKind): Promise<{ address: string; identity: string; key: Buffer } | null> {
+    const address = this.lastDirectAddr.get(peer);
+    const conn = this.endpoint.connection(peer);
+    if (this.dataPath !== 'auto' || this.lastPath.get(`${peer}:${kind}`) !== 'direct' || address === undefined || conn === undefined) return null;
+    try {
+      const { ticket, addrs } = await requestTicket(conn, kind, this.directTimeoutMs);
+      if (!addrs.includes(address)) return null;
+      return { address, identity: ticket.id, key: ticket.key };
+    } catch (err) {
+      this.log.warn({ peer: shortId(peer), kind, err: firstLine(err) }, 'no ticket for a direct connection');
+      return null;
+    }
   }
 
   private notePath(peer: EndpointId, kind: TunnelKind, path: 'direct' | 'quic', why?: string): void {
