@@ -33,6 +33,10 @@ const opt = (f: string): string | undefined => {
   return i >= 0 ? args[i + 1] : undefined;
 };
 const QUICK = args.includes('--quick');
+/** Skip the plan-change and API-latency parts (the GPU run wants tokens/s only). */
+const TOKENS_ONLY = args.includes('--tokens-only');
+/** The mesh's data paths to measure, each against the same direct baseline: auto (direct TLS) and quic. */
+const PATHS = (opt('--paths') ?? 'auto,quic').split(',') as ('auto' | 'quic')[];
 const REPS = Number(opt('--reps') ?? (QUICK ? 2 : 5));
 const TOKENS = Number(opt('--tokens') ?? 64);
 const LATENCY_N = QUICK ? 20 : 50;
@@ -150,12 +154,13 @@ async function compare(meshUrl: string, directUrl: string): Promise<Comparison> 
 
 const nodeEnv = { MESH_INFERENCE_COUNT_RPC: '0', MESH_INFERENCE_THREADS: String(THREADS), MESH_INFERENCE_CTX: '4096' };
 
-async function mesh(model: E2eModel, vrams: readonly number[]): Promise<{ nodes: E2eNode[]; shares: number[] }> {
+async function mesh(model: E2eModel, vrams: readonly number[], dataPath: 'auto' | 'quic' = 'auto'): Promise<{ nodes: E2eNode[]; shares: number[] }> {
   const nodes: E2eNode[] = [];
-  const first = await startE2eNode({ name: 'n1', model, vram: vrams[0]!, dir: model.dir, env: nodeEnv });
+  const extraArgs = ['--data-path', dataPath];
+  const first = await startE2eNode({ name: 'n1', model, vram: vrams[0]!, dir: model.dir, env: nodeEnv, extraArgs });
   nodes.push(first);
   for (let i = 1; i < vrams.length; i++) {
-    nodes.push(await startE2eNode({ name: `n${i + 1}`, model, vram: vrams[i]!, join: first.token, dir: model.dir, env: nodeEnv }));
+    nodes.push(await startE2eNode({ name: `n${i + 1}`, model, vram: vrams[i]!, join: first.token, dir: model.dir, env: nodeEnv, extraArgs }));
   }
   const s = await first.waitStatus(
     (x) => x.node.state === 'serving' && x.plan?.kind === 'ready' && x.plan.stages.length === vrams.length,
@@ -209,17 +214,26 @@ async function main(): Promise<void> {
       await stopAllNodes(nodes);
     }
 
-    // ---- 2 nodes: tokens/s, API latency, plan change, worker death ----------------------------------
-    log('mesh, 2 nodes');
-    {
-      const { nodes, shares } = await mesh(model, [0.7, 0.6]);
+    // ---- 2 and 3 nodes, per data path, each against direct RPC with the same split ----------------
+    for (const vrams of [[0.7, 0.6], [0.45, 0.4, 0.35]]) {
+      let direct: Awaited<ReturnType<typeof startDirect>> | null = null;
+      for (const path of PATHS) {
+        log(`mesh, ${vrams.length} nodes, --data-path ${path}`);
+        const { nodes, shares } = await mesh(model, vrams, path);
+        direct ??= await startDirect(model, shares);
+        const r = await compare((await hostOf(nodes)).api, direct.url);
+        rows.push(row(`${vrams.length}-node mesh, ${path === 'auto' ? 'direct TLS data path' : 'QUIC data path'}`, shares.map((x) => x.toFixed(2)).join(' / '), r, vrams.length - 1));
+        await stopAllNodes(nodes);
+      }
+      await direct?.stop();
+    }
+
+    // ---- 2 nodes: API latency, plan change, worker death ------------------------------------------
+    if (!TOKENS_ONLY) {
+      log('mesh, 2 nodes: API latency and mesh changes');
+      const { nodes } = await mesh(model, [0.7, 0.6]);
       const host = await hostOf(nodes);
       const worker = nodes.find((n) => n !== host)!;
-      log('direct, 2 rpc-servers, alternating with the mesh');
-      const d2 = await startDirect(model, shares);
-      const r2 = await compare(host.api, d2.url);
-      await d2.stop();
-      rows.push(row('2-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), r2));
 
       log('API latency');
       const llamaPort = (await host.status()).processes.llamaServer.port!;
@@ -227,7 +241,7 @@ async function main(): Promise<void> {
       const p50 = median(base);
       lat.push(`| llama-server directly | ${p50.toFixed(2)} | ${pct(base, 99).toFixed(2)} | - |`);
       lat.push(`| the host's API (local route) | ${median(viaHost).toFixed(2)} | ${pct(viaHost, 99).toFixed(2)} | +${(median(viaHost) - p50).toFixed(2)} |`);
-      lat.push(`| a worker's API (http tunnel over QUIC) | ${median(viaWorker).toFixed(2)} | ${pct(viaWorker, 99).toFixed(2)} | +${(median(viaWorker) - p50).toFixed(2)} |`);
+      lat.push(`| a worker's API (http tunnel, direct data path) | ${median(viaWorker).toFixed(2)} | ${pct(viaWorker, 99).toFixed(2)} | +${(median(viaWorker) - p50).toFixed(2)} |`);
 
       log('mesh change: a node with more VRAM than the worker joins');
       const gen = (await host.status()).processes.llamaServer.generation;
@@ -246,18 +260,6 @@ async function main(): Promise<void> {
       changes.push(`| a worker SIGKILLed (kill -> first answer; includes ~5 s of heartbeat detection) | ${((performance.now() - t1) / 1000).toFixed(1)} |`);
       await stopAllNodes(nodes);
     }
-
-    // ---- 3 nodes --------------------------------------------------------------------------------------
-    log('mesh, 3 nodes');
-    {
-      const { nodes, shares } = await mesh(model, [0.45, 0.4, 0.35]);
-      log('direct, 3 rpc-servers, alternating with the mesh');
-      const d3 = await startDirect(model, shares);
-      const r3 = await compare((await hostOf(nodes)).api, d3.url);
-      await d3.stop();
-      await stopAllNodes(nodes);
-      rows.push(row('3-node mesh', shares.map((x) => x.toFixed(2)).join(' / '), r3));
-    }
   } finally {
     await stopAll(2_000);
     await model.remove();
@@ -269,10 +271,11 @@ async function main(): Promise<void> {
   say();
   say(`${describeMachine(machine)} at the start; load ${loadavg().map((x) => x.toFixed(2)).join(' ')} at the end.`);
   say();
-  say('| setup | split (--rpc order, host last) | direct TCP tg tok/s, median (min-max) | mesh tg tok/s | mesh / direct (pairwise median) | direct pp tok/s | mesh pp tok/s |');
-  say('|---|---|---|---|---|---|---|');
+  say('| setup | split (--rpc order, host last) | direct TCP tg tok/s, median (min-max) | mesh tg tok/s | mesh / direct (pairwise median) | added per remote stage per token, ms | direct pp tok/s | mesh pp tok/s | pp mesh / direct |');
+  say('|---|---|---|---|---|---|---|---|---|');
   for (const r of rows) say(r);
   say();
+  if (TOKENS_ONLY) return;
   say('| mesh change | seconds to serving again |');
   say('|---|---|');
   for (const r of changes) say(r);
@@ -282,9 +285,11 @@ async function main(): Promise<void> {
   for (const r of lat) say(r);
 }
 
-function row(name: string, split: string, c: Comparison): string {
+/** `remoteStages`: stages reached over the network (all but the host's own): the per-stage cost divides by it. */
+function row(name: string, split: string, c: Comparison, remoteStages = 0): string {
   const tg = (x: Side) => `${x.tg.toFixed(1)} (${x.tgMin.toFixed(0)}-${x.tgMax.toFixed(0)})`;
-  return `| ${name} | ${split} | ${tg(c.direct)} | ${tg(c.mesh)} | ${c.ratio.toFixed(2)} | ${c.direct.pp.toFixed(0)} | ${c.mesh.pp.toFixed(0)} |`;
+  const perStage = remoteStages > 0 ? ((1000 / c.mesh.tg - 1000 / c.direct.tg) / remoteStages).toFixed(3) : '-';
+  return `| ${name} | ${split} | ${tg(c.direct)} | ${tg(c.mesh)} | ${c.ratio.toFixed(2)} | ${perStage} | ${c.direct.pp.toFixed(0)} | ${c.mesh.pp.toFixed(0)} | ${(c.mesh.pp / c.direct.pp).toFixed(2)} |`;
 }
 
 await main();
