@@ -1,13 +1,15 @@
 // The whole mesh against plain llama.cpp, in one run on this machine, every node a real `mesh-inference`
 // process on loopback. Prints markdown tables:
-//  1. generation tokens/s: solo, 2-node and 3-node meshes, each next to direct llama.cpp RPC over raw TCP with
-//     the same split and layout (same llama-server flags, rpc-servers reached directly instead of through
-//     the mesh's QUIC tunnels), and the ratio;
+//  1. generation tokens/s: solo, 2-node and 3-node meshes, each data path (`--paths auto,quic`: the direct TLS
+//     path, then QUIC only), each next to direct llama.cpp RPC over raw TCP with the same split and layout
+//     (same llama-server flags, rpc-servers reached directly instead of through the mesh), the ratio and
+//     the milliseconds the mesh adds per remote stage per generated token;
 //  2. time from a mesh change to serving again (a joining node that changes the plan; a worker SIGKILLed);
 //  3. what the node's API adds per request: llama-server directly, the host's API, a worker's API (over the
 //     mesh's http tunnel).
 //
-//   npx tsx bench/mesh.bench.ts [--model PATH | --embd 512 --layers 8 --ff 2048 --type f16|q8_0] [--reps 3] [--tokens 64] [--quick]
+//   npx tsx bench/mesh.bench.ts [--model PATH | --embd 512 --layers 8 --ff 2048 --type f16|q8_0] [--reps 3] [--tokens 64]
+//                               [--paths auto,quic] [--tokens-only] [--quick]
 //
 // The model is generated (random weights, cached under the user's cache dir) unless --model is given; --embd,
 // --layers, --ff and --type set its shape (default 8 layers of width 512, ff 2048, f16). On the GPU machine:

@@ -156,6 +156,7 @@ describe('e2e: the direct data path', { timeout: 300_000 }, () => {
     if (nativeTls) {
       // llama-server dials the workers' data ports itself: the host relays no rpc bytes.
       expect(rpcConns(hs, 'opened')).toEqual([]);
+      expect(hs.tunnels.llamaDialsDirect.map((d) => d.peer).sort()).toEqual([w1.id, w2.id].sort());
       expect(host.lines().some((l) => l.includes('dials these workers over TLS itself'))).toBe(true);
     } else {
       expect(rpcConns(hs, 'opened').map((c) => c.path)).toEqual(['direct', 'direct']);

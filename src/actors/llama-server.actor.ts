@@ -3,7 +3,7 @@
 // (waitLlamaHealthy).
 import { fromPromise } from 'xstate';
 import type { LlamaServerProcessInput, ReadyPlan } from '../machines/llama-server.machine.ts';
-import type { PlanStage } from '../machines/mesh-types.ts';
+import type { EndpointId, PlanStage } from '../machines/mesh-types.ts';
 import {
   describeExit,
   launchLlamaServer,
@@ -11,6 +11,8 @@ import {
   type LlamaLoadProgress,
   type LlamaServerInit,
   type LlamaServerProcess,
+  WeightsOverWireTally,
+  type WeightsOverWire,
 } from '../io/llama/llama-server-process.ts';
 import type { Logger } from '../io/host/logger.ts';
 import { rpcDeviceCount } from '../io/llama/rpc-server-process.ts';
@@ -42,7 +44,19 @@ export type LlamaServerActorConfig = Pick<
   /** Load progress of the current generation (the status page shows it). */
   readonly onProgress?: (p: LlamaLoadProgress & { readonly planId: string; readonly generation: number }) => void;
   readonly onStarted?: (server: LlamaServerProcess, input: LlamaServerProcessInput) => void;
+  /**
+   * Weights llama-server sent as bytes to a stage's rpc-server because it refused to load them from its own
+   * GGUF (patch 0001), by stage id, for the current generation: called with none at each launch, then at every
+   * such weight. The host also logs one warning per stage once the model is loaded.
+   */
+  readonly onWeightsOverWire?: (w: WeightsOverWireReport) => void;
 };
+
+export interface WeightsOverWireReport {
+  readonly planId: string;
+  readonly generation: number;
+  readonly byStage: Readonly<Record<EndpointId, WeightsOverWire>>;
+}
 
 /**
  * The `--rpc` list and split of a plan: remote stages through their tunnels, the host's own rpc-server last;
@@ -80,7 +94,10 @@ export async function rpcLayout(
  * process.actor.ts says (an exit's reason carries the status and its last log lines).
  */
 export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
-  const { rpcAddressFor, directRpcFor, queryDeviceCounts, killGraceMs, logger, onProgress, onStarted, ...launch } = config;
+  const { rpcAddressFor, directRpcFor, queryDeviceCounts, killGraceMs, logger, onProgress, onStarted, onWeightsOverWire, ...launch } = config;
+  // A launch that dialed workers over TLS itself and died before it was ready (a handshake that fails, say)
+  // must not repeat the same choice forever: the next launch uses the node's relay instead, once.
+  let relayNextLaunch = false;
   return processActorLogic<LlamaServerProcessInput, LlamaServerProcess>({
     name: 'llama-server',
     logger,
@@ -90,7 +107,9 @@ export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
       const layout = await rpcLayout(input, rpcAddressFor, queryDeviceCounts === false ? undefined : (a) => rpcDeviceCount(a));
       signal.throwIfAborted();
       const tlsKeys: string[] = [];
-      if (directRpcFor !== undefined) {
+      const useRelay = relayNextLaunch;
+      relayNextLaunch = false;
+      if (directRpcFor !== undefined && !useRelay) {
         for (const [i, stage] of input.plan.stages.entries()) {
           if (stage.id === input.plan.host) continue;
           const direct = await directRpcFor(stage);
@@ -101,18 +120,31 @@ export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
         if (tlsKeys.length > 0) log?.info({ stages: tlsKeys.length }, 'llama-server dials these workers over TLS itself (no Node relay on this end)');
       }
       signal.throwIfAborted();
-      return launchLlamaServer({
+      const overWire = weightsOverWireOf(input, layout.rpc, onWeightsOverWire);
+      let ready = false;
+      const server = await launchLlamaServer({
         ...launch,
         ...layout,
         tlsKeys,
         alias: input.plan.model.name,
         logger: log,
         signal,
+        onWeightsSentAsBytes: (w) => overWire.add(w.endpoint, w),
         onProgress: (p) => {
+          if (p.phase === 'ready') overWire.warn(log);
+          if (p.phase === 'ready') ready = true;
           log?.info({ phase: p.phase, fraction: p.fraction }, 'llama-server load progress');
           onProgress?.({ ...p, planId: input.plan.id, generation: input.generation });
         },
       });
+      if (tlsKeys.length > 0) {
+        void server.exited.then((exit) => {
+          if (ready || exit.requested) return;
+          relayNextLaunch = true;
+          log?.warn('llama-server died before it was ready while dialing workers over TLS itself: the next launch goes through the node relay');
+        });
+      }
+      return server;
     },
     exitReason: (exit, log) => {
       const reason = describeExit(exit, exit.requested ? 'after a stop request' : 'on its own');
@@ -121,6 +153,39 @@ export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
     },
     onStarted,
   });
+}
+
+/**
+ * One generation's weights sent as bytes, by the stage behind each `--rpc` endpoint: reported (reset first)
+ * through `report`, and warned about once per stage when the model is loaded. Never silent: a weight that
+ * crosses the network though the worker has the model file means a wrong or different file there.
+ */
+function weightsOverWireOf(input: LlamaServerProcessInput, rpc: readonly string[], report: LlamaServerActorConfig['onWeightsOverWire']) {
+  const { plan, generation } = input;
+  const stageOf = new Map(rpc.map((address, i) => [address, plan.stages[i]?.id ?? address]));
+  const tally = new WeightsOverWireTally();
+  const emit = () => report?.({ planId: plan.id, generation, byStage: tally.snapshot() });
+  emit();
+  let warned = false;
+  return {
+    add(endpoint: string, w: { readonly name: string; readonly bytes: number }) {
+      tally.add(stageOf.get(endpoint) ?? endpoint, w);
+      emit();
+    },
+    warn(log: Logger | undefined) {
+      if (warned) return;
+      warned = true;
+      for (const [stage, w] of Object.entries(tally.snapshot())) {
+        const endpoint = rpc[plan.stages.findIndex((s) => s.id === stage)] ?? stage;
+        const to = stage === plan.host ? 'this host\'s own rpc-server' : stage;
+        const mib = (w.bytes / (1024 * 1024)).toFixed(1);
+        log?.warn(
+          { worker: stage, endpoint, tensors: w.tensors, bytes: w.bytes, names: w.names },
+          `weights crossed the network to ${to}: ${w.tensors} tensors, ${mib} MiB (first: ${w.names.slice(0, 3).join(', ')}${w.tensors > 3 ? ', ...' : ''}); its GGUF refused them (another model file?)`,
+        );
+      }
+    },
+  };
 }
 
 /** The `waitLlamaHealthy` slot: polls /health on the port until 200; the machine bounds it and aborts it. */

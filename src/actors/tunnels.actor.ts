@@ -44,6 +44,8 @@ export interface TunnelsStatus extends TunnelStats {
   /** The data port's TCP port; null with `--data-path quic` (or before it listens). */
   readonly dataPort: number | null;
   readonly connections: readonly TunnelInfo[];
+  /** Host: workers whose data port llama-server dials with TLS itself (patch 0003): no byte passes this node. */
+  readonly llamaDialsDirect: readonly { readonly peer: EndpointId; readonly address: string }[];
 }
 
 interface RpcRoute {
@@ -67,6 +69,8 @@ export class NodeTunnels {
   private lastPolicy: RpcTunnelPolicy | null = null;
   private lastLinks: readonly EndpointId[] = [];
   private readonly dataPath: 'auto' | 'quic';
+  /** Host: the data port each worker's current llama-server connection dials itself. */
+  private readonly llamaDirect = new Map<EndpointId, string>();
   /** The data port (`auto`), listening once listenData() resolved. */
   private readonly direct: DirectPathServer | null;
 
@@ -126,7 +130,12 @@ export class NodeTunnels {
   async directRpcFor(peer: EndpointId): Promise<{ address: string; keyLine: string } | null> {
     if (this.countRpc) return null;
     const t = await this.service.directTicket(peer, 'rpc');
-    return t === null ? null : { address: t.address, keyLine: `${t.address} ${t.identity} ${t.key.toString('hex')}` };
+    if (t === null) {
+      this.llamaDirect.delete(peer);
+      return null;
+    }
+    this.llamaDirect.set(peer, t.address);
+    return { address: t.address, keyLine: `${t.address} ${t.identity} ${t.key.toString('hex')}` };
   }
 
   /** Worker or lite client: "http://127.0.0.1:PORT" that reaches `host`'s llama-server. */
@@ -142,7 +151,13 @@ export class NodeTunnels {
 
   stats(): TunnelsStatus {
     const port = this.direct?.port ?? 0;
-    return { ...this.service.stats(), dataPath: this.dataPath, dataPort: port === 0 ? null : port, connections: this.service.tunnels() };
+    return {
+      ...this.service.stats(),
+      dataPath: this.dataPath,
+      dataPort: port === 0 ? null : port,
+      connections: this.service.tunnels(),
+      llamaDialsDirect: [...this.llamaDirect].map(([peer, address]) => ({ peer, address })),
+    };
   }
 
   /** Counting proxies only: RPC traffic to each worker, summed over its llama-server generations. */
@@ -170,6 +185,7 @@ export class NodeTunnels {
   }
 
   private dropRpcRoute(peer: EndpointId): void {
+    this.llamaDirect.delete(peer);
     const r = this.rpcRoutes.get(peer);
     if (r === undefined) return;
     this.rpcRoutes.delete(peer);
