@@ -38,6 +38,9 @@ const ALPN_BYTES: number[] = [...new TextEncoder().encode(MESH_ALPN)];
 /** Bytes per read() call: iroh allocates this much per call, and 64 KiB keeps wake-ups per byte low. */
 const READ_CHUNK = 64 * 1024;
 
+/** Bytes per writeAll() call: each piece's number[] stays a regular V8 object (see toNumberArray). */
+export const WRITE_PIECE = 15 * 1024;
+
 /** How many streams a peer may have open to us at once (iroh's default of 100 blocks the 101st silently). */
 const MAX_CONCURRENT_BI_STREAMS = 4096n;
 
@@ -73,7 +76,9 @@ export interface IrohMeshEndpoint extends MeshEndpoint {
 
 // ---------------------------------------------------------------------------------------------------------
 // Bytes across the boundary. The binding takes and gives number[] only; a plain indexed loop into a sized
-// array measured ~4x faster than Array.from here, and Uint8Array.from is the fast way back.
+// array is the fastest way there, and Uint8Array.from the fast way back. An array of more than ~16 K elements
+// is over V8's largest regular object (128 KiB): building one costs ~0.5 ms at 16 KiB against ~0.03 ms for
+// 15 KiB, so writes go in pieces of WRITE_PIECE bytes (bench/iroh-binding.bench.ts, docs/transport.md).
 
 export function toNumberArray(u8: Uint8Array): number[] {
   const n = u8.length;
@@ -118,7 +123,10 @@ class IrohRawStream implements RawStream {
   async write(chunk: Uint8Array): Promise<void> {
     if (chunk.length === 0) return;
     try {
-      await this.send.writeAll(toNumberArray(chunk));
+      // Pieces in turn: writeAll calls in flight at once may reach the stream in any order.
+      for (let o = 0; o < chunk.length; o += WRITE_PIECE) {
+        await this.send.writeAll(toNumberArray(chunk.subarray(o, o + WRITE_PIECE)));
+      }
     } catch (err) {
       throw streamError(err, this.conn);
     }
