@@ -103,6 +103,16 @@ else
   fi
 fi
 
+# ---- which tree runs: a committed snapshot when one travels (.device/tree.tar, from `git archive`), so that
+# work in progress in the working tree cannot break the run; else the working tree itself -------------------
+if [ -f .device/tree.tar ]; then
+  TREE="$BASE/tree"
+  rm -rf "$TREE" && mkdir -p "$TREE" && tar -xf .device/tree.tar -C "$TREE" || fail "unpacking .device/tree.tar"
+  ln -sfn "$BASE/node_modules" "$TREE/node_modules"
+  cd "$TREE" || fail "cd $TREE"
+  say "running the committed tree of .device/tree.tar ($(cat .device-tree-rev 2>/dev/null || echo unknown revision))"
+fi
+
 # ---- the bench ---------------------------------------------------------------------------------------
 # Nothing may download: the binaries are given (native/build.sh is never run), tsx only compiles locally.
 export MESH_LLAMA_BIN_DIR="$BIN" MESH_LLAMA_BUILD_ROOT="$BASE/llama" MESH_LLAMA_SKIP_BUILD=1
