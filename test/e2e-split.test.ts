@@ -51,6 +51,8 @@ describe('e2e: host + worker + lite client', { timeout: 240_000 }, () => {
     expect(s.plan.stages.map((x) => x.id)).toEqual([worker.id, host.id]);
     expect(s.plan.stages[0]!.share).toBeCloseTo(0.6 / 1.3, 2);
     expect(s.plan.stages[1]!.share).toBeCloseTo(0.7 / 1.3, 2);
+    // the worker's GGUF is the host's: no weight crossed as bytes after a refusal (patch 0001)
+    expect(s.weightsOverWire).toEqual({});
     expect(llamaChildren(host).map((p) => p.name).sort()).toEqual(['ggml-rpc-server', 'llama-server']);
     expect(llamaChildren(worker).map((p) => p.name)).toEqual(['ggml-rpc-server']);
   });

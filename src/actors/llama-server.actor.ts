@@ -131,9 +131,9 @@ export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
         signal,
         onWeightsSentAsBytes: (w) => overWire.add(w.endpoint, w),
         onProgress: (p) => {
-          if (p.phase === 'ready') overWire.warn(log);
           if (p.phase === 'ready') ready = true;
           log?.info({ phase: p.phase, fraction: p.fraction }, 'llama-server load progress');
+          if (p.phase === 'ready') overWire.warn(log);
           onProgress?.({ ...p, planId: input.plan.id, generation: input.generation });
         },
       });

@@ -51,6 +51,8 @@ export interface NodeNet {
 export type NodeProcessSlots = (tunnels: Pick<NodeTunnels, 'rpcAddressFor' | 'directRpcFor'>) => {
   readonly rpcServer?: AnyActorLogic;
   readonly llamaServer?: AnyActorLogic;
+  /** The current llama-server's weights sent as bytes after a GGUF refusal, by stage (status.ts). */
+  readonly weightsOverWire?: () => NodeStatus['weightsOverWire'];
 };
 
 export interface NodeInspector {
@@ -195,14 +197,14 @@ function assemble(
     { secret, hello: { role: self.role, vramBytes: self.vramBytes, model: self.model } },
     { endpoint, logger: componentLogger(logger, 'network') },
   );
-  const processes = components.processes({ rpcAddressFor: (peer) => tunnels.rpcAddressFor(peer), directRpcFor: (peer) => tunnels.directRpcFor(peer) });
+  const { weightsOverWire, ...processes } = components.processes({ rpcAddressFor: (peer) => tunnels.rpcAddressFor(peer), directRpcFor: (peer) => tunnels.directRpcFor(peer) });
   const machine = nodeMachine.provide({ actors: { network, ...(processes as object) } });
   const actor = createActor(machine, {
     input: { self, bootstrap: config.joins.map((j) => ({ id: j.inviter, addrs: j.addrs })) },
     inspect,
   });
 
-  const status = (): NodeStatus => nodeStatus(actor, { meshId, tunnels: tunnels.stats(), rpcTraffic: tunnels.traffic() });
+  const status = (): NodeStatus => nodeStatus(actor, { meshId, tunnels: tunnels.stats(), rpcTraffic: tunnels.traffic(), weightsOverWire: weightsOverWire?.() });
   const api = buildApiServer({
     upstream: meshUpstreamResolver({
       node: actor as never,

@@ -2,7 +2,7 @@
 // process slots (rpc-server and llama-server processes), and its inspector. `startNode` hands them to
 // `buildNode`; tests hand it parts of their own.
 import { createSkyInspector, createWebSocketInspector } from '@statelyai/inspect';
-import { llamaServerProcessLogic, waitLlamaHealthyLogic } from '../actors/llama-server.actor.ts';
+import { llamaServerProcessLogic, waitLlamaHealthyLogic, type WeightsOverWireReport } from '../actors/llama-server.actor.ts';
 import { rpcServerProcessLogic, waitRpcServerListeningLogic } from '../actors/rpc-server.actor.ts';
 import type { CliOptions } from '../io/host/cli-args.ts';
 import { componentLogger, type Logger } from '../io/host/logger.ts';
@@ -44,7 +44,10 @@ export function processSlots(
   // ggml's abort handler attaches gdb for a backtrace: seconds during which a crash is not yet an exit (and
   // llama-server aborts whenever an rpc-server goes away under it). MESH_INFERENCE_BACKTRACE=1 keeps it.
   const crashEnv: Record<string, string> = process.env['MESH_INFERENCE_BACKTRACE'] === '1' ? {} : { GGML_NO_BACKTRACE: '1' };
+  // The current llama-server generation's weights sent as bytes after a GGUF refusal (/api/status).
+  let overWire: WeightsOverWireReport['byStage'] = {};
   return (tunnels) => ({
+    weightsOverWire: () => overWire,
     rpcServer: rpcServerMachine.provide({
       actors: {
         rpcServerProcess: rpcServerProcessLogic({
@@ -74,6 +77,7 @@ export function processSlots(
           // state worth a graceful exit, so a short grace keeps every mesh change from costing 5 s.
           killGraceMs: LLAMA_KILL_GRACE_MS,
           logger: componentLogger(logger, 'llama-server'),
+          onWeightsOverWire: (w) => (overWire = w.byStage),
         }),
         waitLlamaHealthy: waitLlamaHealthyLogic,
       },

@@ -2,6 +2,7 @@
 // inspector may see of a context or event.
 import type { Actor } from 'xstate';
 import type { TunnelsStatus } from '../actors/tunnels.actor.ts';
+import type { WeightsOverWire } from '../io/llama/llama-server-process.ts';
 import type { RpcTrafficSnapshot } from '../io/llama/rpc-traffic.ts';
 import type { EndpointId, ModelIdentity } from '../machines/mesh-types.ts';
 import { runningRole, type NodeContext, type nodeMachine } from '../machines/node.machine.ts';
@@ -45,6 +46,12 @@ export interface NodeStatus {
   readonly tunnels: TunnelsStatus;
   /** Host with countRpc: RPC traffic to each worker through its tunnel, cumulated over generations. */
   readonly rpcTraffic: Readonly<Record<string, RpcTrafficSnapshot>>;
+  /**
+   * Host: weights the current llama-server sent as bytes to a stage's rpc-server because its GGUF refused
+   * them (patch 0001: another model file there), by stage id; {} when every weight loaded from the GGUFs.
+   * Small weights (norms, under 64 KiB) always go as bytes by design and are not counted.
+   */
+  readonly weightsOverWire: Readonly<Record<EndpointId, WeightsOverWire>>;
 }
 
 export function nameOf(c: NodeContext, id: EndpointId): string {
@@ -56,7 +63,12 @@ const valueOf = (ref: Snapshotted): unknown => ref?.getSnapshot().value ?? null;
 
 export function nodeStatus(
   actor: Actor<typeof nodeMachine>,
-  extra: { meshId: string; tunnels: TunnelsStatus; rpcTraffic: Record<string, RpcTrafficSnapshot> },
+  extra: {
+    meshId: string;
+    tunnels: TunnelsStatus;
+    rpcTraffic: Record<string, RpcTrafficSnapshot>;
+    weightsOverWire?: Readonly<Record<EndpointId, WeightsOverWire>>;
+  },
 ): NodeStatus {
   const snap = actor.getSnapshot();
   const c = snap.context;
@@ -100,6 +112,7 @@ export function nodeStatus(
     },
     tunnels: extra.tunnels,
     rpcTraffic: extra.rpcTraffic,
+    weightsOverWire: extra.weightsOverWire ?? {},
   };
 }
 

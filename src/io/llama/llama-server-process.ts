@@ -1,6 +1,7 @@
 // Runs the host's llama-server: on 127.0.0.1 at a free port, every layer on the rpc-servers of the plan
-// (the host's own last), readiness from `/health`, load progress from its output, and a crash reported with
-// its exit status and last log lines.
+// (the host's own last), readiness from `/health`, load progress from its output, weights sent as bytes to an
+// rpc-server that refused to load them from its own GGUF (patch 0001's lines), and a crash reported with its
+// exit status and last log lines.
 //
 // Flags, and why (see llamaServerArgs):
 //   --rpc A,B,...,OWN     the plan's stages in order; the host's own rpc-server last, so it holds the output
@@ -69,6 +70,12 @@ export interface LlamaServerInit {
   /** Load progress, as llama-server reports it. */
   readonly onProgress?: (p: LlamaLoadProgress) => void;
   /**
+   * A weight whose bytes llama-server sent to an rpc-server because that server refused to load it from its
+   * own GGUF, or was given up on after refusals (patch 0001); never for weights under the patch's size
+   * threshold, which always go as bytes by design.
+   */
+  readonly onWeightsSentAsBytes?: (w: WeightsSentAsBytes) => void;
+  /**
    * Bound on spawn -> HTTP port bound. Connecting to every `--rpc` server happens first, and an rpc-server
    * busy with another client accepts the connection but never answers: without a bound that hangs forever.
    */
@@ -83,6 +90,27 @@ export interface LlamaLoadProgress {
   readonly fraction: number | null;
 }
 
+/** One `RPC[host:port]: weights sent as bytes: 'NAME' N bytes (REASON)` line of patch 0001's client. */
+export interface WeightsSentAsBytes {
+  /** The rpc-server, exactly as in `--rpc`. */
+  readonly endpoint: string;
+  readonly name: string;
+  readonly bytes: number;
+  /** Why: the server's refusal ("content differs", "unknown tensor name"...) or "not asked: ..." once given up on. */
+  readonly reason: string;
+}
+
+/** What crossed the network as bytes to one rpc-server, though it could have loaded it from its own GGUF. */
+export interface WeightsOverWire {
+  /** Distinct weights (a weight uploaded in pieces counts once). */
+  readonly tensors: number;
+  readonly bytes: number;
+  /** The first WEIGHTS_OVER_WIRE_NAMES of them, in upload order. */
+  readonly names: readonly string[];
+}
+
+export const WEIGHTS_OVER_WIRE_NAMES = 20;
+
 export interface LlamaServerProcess {
   readonly port: number;
   /** "http://127.0.0.1:PORT" */
@@ -92,6 +120,8 @@ export interface LlamaServerProcess {
   /** Resolves (never rejects) when it exits. */
   readonly exited: Promise<ExitInfo>;
   progress(): LlamaLoadProgress;
+  /** Weights sent as bytes after a GGUF refusal, per `--rpc` endpoint, so far (empty when none). */
+  weightsOverWire(): Readonly<Record<string, WeightsOverWire>>;
   /** Polls /health until 200; rejects with LlamaServerError if it exits, or on timeout / abort. */
   waitHealthy(opts?: { timeoutMs?: number; signal?: AbortSignal }): Promise<void>;
   stop(graceMs?: number): Promise<ExitInfo>;
@@ -269,8 +299,13 @@ async function launchOnPort(init: LlamaServerInit, port: number, args: string[])
   };
   let bound!: () => void;
   const boundP = new Promise<void>((r) => (bound = r));
+  const overWire = new WeightsOverWireTally();
   proc.onLine((line) => {
-    if (line.startsWith(PROGRESS_PREFIX)) {
+    const sent = line.includes(WEIGHTS_SENT_MARK) ? parseWeightsSentAsBytes(line) : null;
+    if (sent !== null) {
+      overWire.add(sent.endpoint, sent);
+      init.onWeightsSentAsBytes?.(sent);
+    } else if (line.startsWith(PROGRESS_PREFIX)) {
       const p = parseProgressLine(line);
       if (p !== null && progress.phase !== 'ready') setProgress(p);
       bound();
@@ -287,6 +322,7 @@ async function launchOnPort(init: LlamaServerInit, port: number, args: string[])
     process: proc,
     exited: proc.exited,
     progress: () => progress,
+    weightsOverWire: () => overWire.snapshot(),
     async waitHealthy(opts = {}) {
       await waitForHealth(url, { ...opts, process: proc });
       setProgress({ phase: 'ready', fraction: 1 });
@@ -322,6 +358,40 @@ async function launchOnPort(init: LlamaServerInit, port: number, args: string[])
   } finally {
     clearTimeout(timer);
     init.signal?.removeEventListener('abort', onAbort);
+  }
+}
+
+const WEIGHTS_SENT_MARK = ': weights sent as bytes: ';
+// After llama.cpp's log prefix (timestamp, level letter) and any colour codes: see patch 0001's rpc_log_weight_bytes.
+const WEIGHTS_SENT_LINE = /RPC\[([^\]\s]+)\]: weights sent as bytes: '(.*)' (\d+) bytes \((.*)\)$/;
+
+/** Parses patch 0001's "weights sent as bytes" line (with or without llama.cpp's log prefix); null for others. */
+export function parseWeightsSentAsBytes(line: string): WeightsSentAsBytes | null {
+  const m = WEIGHTS_SENT_LINE.exec(line.replace(/\x1b\[[0-9;]*m/g, '').trimEnd());
+  if (m === null) return null;
+  const bytes = Number(m[3]);
+  if (!Number.isSafeInteger(bytes)) return null;
+  return { endpoint: m[1]!, name: m[2]!, bytes, reason: m[4]! };
+}
+
+/** Sums WeightsSentAsBytes per key (an endpoint, or the worker behind it). */
+export class WeightsOverWireTally {
+  readonly #by = new Map<string, { names: Set<string>; bytes: number; first: string[] }>();
+
+  add(key: string, w: Pick<WeightsSentAsBytes, 'name' | 'bytes'>): void {
+    let t = this.#by.get(key);
+    if (t === undefined) this.#by.set(key, (t = { names: new Set(), bytes: 0, first: [] }));
+    t.bytes += w.bytes;
+    if (!t.names.has(w.name)) {
+      t.names.add(w.name);
+      if (t.first.length < WEIGHTS_OVER_WIRE_NAMES) t.first.push(w.name);
+    }
+  }
+
+  snapshot(): Record<string, WeightsOverWire> {
+    const out: Record<string, WeightsOverWire> = {};
+    for (const [key, t] of this.#by) out[key] = { tensors: t.names.size, bytes: t.bytes, names: [...t.first] };
+    return out;
   }
 }
 
