@@ -118,3 +118,63 @@ describe('stun', () => {
     }
   });
 });
+
+describe('stun: failures leave nothing behind (--bind-port)', () => {
+  /** A UDP port that is free now. */
+  async function freePort(): Promise<number> {
+    const probe = createSocket('udp4');
+    await new Promise<void>((r) => probe.bind(0, '127.0.0.1', r));
+    const port = probe.address().port;
+    await new Promise<void>((r) => probe.close(() => r()));
+    return port;
+  }
+  async function canBind(port: number): Promise<boolean> {
+    const s = createSocket('udp4');
+    const ok = await new Promise<boolean>((r) => {
+      s.once('error', () => r(false));
+      s.bind(port, () => r(true));
+    });
+    await new Promise<void>((r) => (ok ? s.close(() => r()) : r()));
+    return ok;
+  }
+
+  it('an unresolvable STUN name costs at most its budget, never throws out, and frees the bound port', async () => {
+    const local = await freePort();
+    const stunPort = await stunServer();
+    const t0 = performance.now();
+    // The unresolvable one first: the socket of each try must be closed before the next binds the port.
+    const r = await discoverPublicAddress({ servers: ['nonexistent.invalid:3478', `127.0.0.1:${stunPort}`], timeoutMs: 2_000, localPort: local });
+    expect(r.server).toBe(`127.0.0.1:${stunPort}`);
+    expect(r.port).toBe(local);
+    expect(performance.now() - t0).toBeLessThan(2_500);
+    expect(await canBind(local)).toBe(true);
+  });
+
+  it('only unresolvable names: a StunError naming the cause, and the port is free at once', async () => {
+    const local = await freePort();
+    const err = await discoverPublicAddress({ servers: ['nonexistent.invalid:3478', 'also-not.invalid:3478'], timeoutMs: 1_000, localPort: local }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(StunError);
+    expect((err as Error).message).toMatch(/nonexistent\.invalid:3478: (cannot resolve|resolving)/);
+    expect(await canBind(local)).toBe(true);
+  });
+
+  it('a silent server with a bound port: the deadline aborts the try and frees the port', async () => {
+    const local = await freePort();
+    const silent = await blackHole();
+    const err = await discoverPublicAddress({ servers: [`127.0.0.1:${silent}`], timeoutMs: 400, localPort: local }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(StunError);
+    expect(await canBind(local)).toBe(true);
+    // No retransmission may fire on the closed socket afterwards (it would throw out of a timer).
+    await new Promise((r) => setTimeout(r, 600));
+  });
+
+  it('the port already taken: a StunError, not a crash', async () => {
+    const taken = createSocket('udp4');
+    await new Promise<void>((r) => taken.bind(0, r));
+    closers.push(() => taken.close());
+    const stunPort = await stunServer();
+    const err = await discoverPublicAddress({ servers: [`127.0.0.1:${stunPort}`], timeoutMs: 500, localPort: taken.address().port }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(StunError);
+    expect((err as Error).message).toMatch(/EADDRINUSE/);
+  });
+});

@@ -1,6 +1,9 @@
 // Finds this machine's public IPv4 address (and the port its NAT maps to) by asking STUN servers, so that
 // an invite token made with `--bind-port` can carry an address reachable from outside the LAN.
+import { createSocket } from 'node:dgram';
+import { lookup } from 'node:dns/promises';
 import { createRequire } from 'node:module';
+import { isIPv4 } from 'node:net';
 
 /** Public servers asked by default, all at once; the first answer wins. */
 export const DEFAULT_STUN_SERVERS: readonly string[] = [
@@ -41,10 +44,16 @@ interface StunResponse {
   getXorAddress(): StunAddress | undefined;
   getAddress(): StunAddress | undefined;
 }
+interface StunServerHandle {
+  on(event: 'error', f: (err: Error) => void): void;
+  emit(event: 'error', err: Error): boolean;
+  close(): void;
+}
 interface StunModule {
+  createServer(options: { type: 'udp4'; socket: import('node:dgram').Socket }): StunServerHandle;
   request(
     url: string,
-    options: { timeout: number; maxTimeout: number; retries: number; socket?: import('node:dgram').Socket },
+    options: { timeout: number; maxTimeout: number; retries: number; server?: StunServerHandle },
     cb: (err: Error | null, res?: StunResponse) => void,
   ): void;
 }
@@ -84,35 +93,87 @@ export function retrySchedule(budgetMs: number): { timeout: number; maxTimeout: 
   return { timeout, maxTimeout, retries: Math.max(0, retries - 1) };
 }
 
-function askOne(server: string, budgetMs: number, localPort: number | undefined): Promise<StunResult> {
+/**
+ * One server, within `budgetMs`. The host name is resolved first, bounded by the budget (an unresolvable
+ * name costs at most its own budget, and the library never sees a name it would resolve on every retry);
+ * then the library asks from our socket (bound to `localPort`, or an ephemeral one). Every path (DNS failure,
+ * socket error, no answer, the caller's abort) closes the socket before the promise settles, so a bound
+ * port is free again for the next try and for QUIC.
+ */
+async function askOne(server: string, budgetMs: number, localPort: number | undefined, signal: AbortSignal): Promise<StunResult> {
   const { host, port } = parseStunServer(server);
-  return new Promise((resolve, reject) => {
-    const options: Parameters<StunModule['request']>[1] = retrySchedule(budgetMs);
-    if (localPort !== undefined) {
-      // The library closes sockets it made itself; one we pass in is ours to close.
-      void import('node:dgram').then((dgram) => {
-        const socket = dgram.createSocket('udp4');
-        socket.once('error', (err) => reject(new StunError(`${server}: ${err.message}`)));
-        socket.bind(localPort, () => {
-          stun.request(`${host}:${port}`, { ...options, socket }, (err, res) => {
-            socket.close();
-            settle(err, res);
-          });
-        });
-      });
-    } else {
-      stun.request(`${host}:${port}`, options, settle);
-    }
-    function settle(err: Error | null, res?: StunResponse): void {
-      if (err || !res) {
-        reject(new StunError(`${server}: ${err?.message ?? 'no response'}`));
-        return;
+  const started = Date.now();
+  const ip = isIPv4(host) ? host : await resolveBounded(server, host, budgetMs, signal);
+  const left = Math.max(50, budgetMs - (Date.now() - started));
+  const socket = createSocket('udp4');
+  let closed: Promise<void> | null = null;
+  const close = (): Promise<void> =>
+    (closed ??= new Promise<void>((r) => {
+      try {
+        socket.close(() => r());
+      } catch {
+        r(); // already closed
       }
-      const a = res.getXorAddress() ?? res.getAddress();
-      if (!a) reject(new StunError(`${server}: the answer carried no address`));
-      else resolve({ address: a.address, port: a.port, server });
-    }
-  });
+    }));
+  // An error listener for the socket's whole life: a late error (a retransmission after the answer) must
+  // never become an uncaught 'error' event.
+  let failed: ((err: Error) => void) | null = null;
+  socket.on('error', (err) => failed?.(err));
+  // Our server object: an 'error' on it is the only way to end the library's retransmission timer.
+  const server_ = stun.createServer({ type: 'udp4', socket });
+  server_.on('error', () => {}); // a malformed packet outside a request is no crash
+  let requesting = false;
+  try {
+    return await new Promise<StunResult>((resolve, reject) => {
+      const fail = (err: Error | StunError) => reject(err instanceof StunError ? err : new StunError(`${server}: ${err.message}`));
+      failed = fail;
+      if (signal.aborted) return fail(new StunError(`${server}: gave up`));
+      signal.addEventListener('abort', () => fail(new StunError(`${server}: gave up`)), { once: true });
+      socket.bind(localPort ?? 0, () => {
+        try {
+          requesting = true;
+          stun.request(`${ip}:${port}`, { ...retrySchedule(left), server: server_ }, (err, res) => {
+            requesting = false;
+            if (err || !res) return fail(new StunError(`${server}: ${err?.message ?? 'no response'}`));
+            const a = res.getXorAddress() ?? res.getAddress();
+            if (!a) fail(new StunError(`${server}: the answer carried no address`));
+            else resolve({ address: a.address, port: a.port, server });
+          });
+        } catch (err) {
+          fail(err as Error);
+        }
+      });
+    });
+  } finally {
+    failed = null;
+    if (requesting) server_.emit('error', new Error('gave up')); // stops the retransmissions
+    server_.close();
+    await close();
+  }
+}
+
+/** dns.lookup, bounded: a name that does not resolve (or a resolver that does not answer) is a StunError. */
+async function resolveBounded(server: string, host: string, budgetMs: number, signal: AbortSignal): Promise<string> {
+  let timer: NodeJS.Timeout | undefined;
+  let onAbort: (() => void) | undefined;
+  try {
+    return await Promise.race([
+      lookup(host, { family: 4 }).then(
+        (r) => r.address,
+        (err: NodeJS.ErrnoException) => {
+          throw new StunError(`${server}: cannot resolve ${host} (${err.code ?? err.message})`);
+        },
+      ),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new StunError(`${server}: resolving ${host} took over ${budgetMs} ms`)), budgetMs);
+        onAbort = () => reject(new StunError(`${server}: gave up`));
+        signal.addEventListener('abort', onAbort, { once: true });
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+    if (onAbort) signal.removeEventListener('abort', onAbort);
+  }
 }
 
 /**
@@ -125,23 +186,34 @@ export async function discoverPublicAddress(init: StunInit = {}): Promise<StunRe
   for (const s of servers) parseStunServer(s);
   // A bound local port can serve one request at a time: then servers are asked in turn.
   const budget = init.localPort !== undefined ? Math.floor(timeoutMs / servers.length) : timeoutMs;
+  // On the deadline every ask in flight is aborted, and we wait for their sockets to close: a bound port
+  // must be free when this returns, since QUIC binds it next.
+  const abort = new AbortController();
+  const asks: Promise<unknown>[] = [];
+  const ask = (s: string): Promise<StunResult> => {
+    const p = askOne(s, budget, init.localPort, abort.signal);
+    asks.push(p.catch(() => {}));
+    return p;
+  };
   let timer: NodeJS.Timeout | undefined;
   const overall = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new StunError('deadline')), timeoutMs + 250);
   });
+  overall.catch(() => {});
   try {
     if (init.localPort !== undefined) {
       const errors: string[] = [];
       for (const s of servers) {
         try {
-          return await Promise.race([askOne(s, budget, init.localPort), overall]);
+          return await Promise.race([ask(s), overall]);
         } catch (err) {
           errors.push((err as Error).message);
+          if ((err as Error).message === 'deadline') break;
         }
       }
       throw new AggregateError(errors.map((m) => new Error(m)));
     }
-    return await Promise.race([Promise.any(servers.map((s) => askOne(s, budget, undefined))), overall]);
+    return await Promise.race([Promise.any(servers.map((s) => ask(s))), overall]);
   } catch (err) {
     const reasons =
       err instanceof AggregateError ? err.errors.map((e: unknown) => (e as Error).message) : [(err as Error).message];
@@ -150,5 +222,7 @@ export async function discoverPublicAddress(init: StunInit = {}): Promise<StunRe
     );
   } finally {
     clearTimeout(timer);
+    abort.abort();
+    await Promise.all(asks);
   }
 }
