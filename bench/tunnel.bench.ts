@@ -86,7 +86,7 @@ async function sendN(s: Socket, n: number): Promise<void> {
 }
 
 async function roleWorker(targetPort: number, batchRpc: boolean): Promise<void> {
-  const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+  const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', admission: 'open' });
   const allow = () => ({ host: '127.0.0.1', port: targetPort });
   // Its data port answers hosts that ask for the direct path (those started with 'direct').
   const direct = new DirectPathServer({ host: '127.0.0.1', port: 0 }, { allow, advertise: () => ['127.0.0.1'], log: pino({ level: 'silent' }) });
@@ -100,7 +100,7 @@ async function roleWorker(targetPort: number, batchRpc: boolean): Promise<void> 
 }
 
 async function roleHost(workerId: string, workerAddrs: string[], codec: TunnelCodec | 'direct', batchRpc: boolean): Promise<void> {
-  const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+  const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', admission: 'open' });
   const dataPath = codec === 'direct' ? 'auto' : 'quic';
   const t = new TunnelService({ allow: () => ({ refuse: 'host' }), codec: codec === 'direct' ? 'deflate' : codec, batchRpc, dataPath }, { endpoint: ep });
   await ep.dial(asEndpointId(workerId), workerAddrs);
@@ -258,11 +258,11 @@ async function main(): Promise<void> {
 
 /** How long until a connection's end is seen, from the transport alone (MESH's heartbeats come on top). */
 async function detection(): Promise<void> {
-  const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+  const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', admission: 'open' });
   const server = await child<{ port: number }>('server');
   const rows: string[] = [];
   {
-    const other = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+    const other = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', admission: 'open' });
     const c = await ep.dial(other.id, other.addrs());
     const inbound = (await other.accept())!;
     const t0 = performance.now();
@@ -391,8 +391,8 @@ async function trafficPerToken(
     ['deflate + RPC batching', 'deflate', true],
   ];
   for (const [label, codec, batchRpc] of variants) {
-    const host = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
-    const worker = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+    const host = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', admission: 'open' });
+    const worker = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', admission: 'open' });
     const wt = new TunnelService({ allow: () => ({ host: '127.0.0.1', port: workerRpc.port }), batchRpc }, { endpoint: worker });
     wt.start();
     const ht = new TunnelService({ allow: () => ({ refuse: 'host' }), codec, batchRpc }, { endpoint: host });

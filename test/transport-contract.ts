@@ -4,10 +4,12 @@ import { afterEach, describe, expect, it } from 'vitest';
 import type { EndpointId } from '../src/machines/mesh-types.ts';
 import {
   CLOSE_CODES,
+  RESET_CODES,
   STREAM_KIND_BYTES,
   StreamResetError,
   type MeshConnection,
   type MeshEndpoint,
+  type MeshEndpointInit,
   type MeshStream,
   type RawEndpoint,
 } from '../src/io/transport/transport.ts';
@@ -30,8 +32,11 @@ export interface RemotePeerOptions {
 
 export interface ContractBackend {
   readonly name: string;
-  endpoint(): Promise<MeshEndpoint>;
-  /** The bare backend, playing a foreign peer; with an identity, a second instance of that peer. */
+  endpoint(init?: MeshEndpointInit): Promise<MeshEndpoint>;
+  /**
+   * The bare backend, playing a foreign peer; with an identity, a second instance of that peer. All raw
+   * endpoints of a backend dial from one address (one machine), as the per-address handshake bound sees it.
+   */
   rawEndpoint(identity?: string): Promise<RawEndpoint>;
   /** A peer that echoes control streams and can be killed silently. */
   remotePeer(options?: RemotePeerOptions): Promise<RemotePeer>;
@@ -93,8 +98,9 @@ export function transportContract(backend: ContractBackend): void {
     afterEach(async () => {
       for (const f of cleanups.splice(0).reverse()) await f();
     });
-    async function ep(): Promise<MeshEndpoint> {
-      const e = await backend.endpoint();
+    // The transport's own rules run with admission open; the admission tests below ask for it.
+    async function ep(init: MeshEndpointInit = { admission: 'open' }): Promise<MeshEndpoint> {
+      const e = await backend.endpoint(init);
       cleanups.push(() => e.close());
       return e;
     }
@@ -417,6 +423,133 @@ export function transportContract(backend: ContractBackend): void {
       await within(waitFor(() => got.length === 1), 5_000, 'control stream handled');
       expect(got[0]).toEqual(new Uint8Array([42]));
       expect(b.connection(raw.id)).toBeDefined();
+    });
+
+    describe('admission', () => {
+      /** A gated endpoint `b` (the mesh's default), a dial to it, and b's side of the connection. */
+      async function gated(init: MeshEndpointInit = {}): Promise<{ a: MeshEndpoint; b: MeshEndpoint; ab: MeshConnection; ba: MeshConnection }> {
+        const a = await ep();
+        const b = await ep(init);
+        const ab = await a.dial(b.id, b.addrs());
+        const ba = (await within(b.accept(), 5_000, 'accept'))!;
+        return { a, b, ab, ba };
+      }
+
+      it('serves only the control stream before the verdict; an early stream is served once admitted', async () => {
+        const handled: string[] = [];
+        const b0 = { control: 0 };
+        const { b, ab, ba } = await gated();
+        b.handle('control', (s) => {
+          b0.control++;
+          echo(s);
+        });
+        b.handle('rpc', (s, c) => {
+          handled.push(`rpc admitted=${c.admitted}`);
+          echo(s);
+        });
+        expect(ba.admitted).toBe(false);
+        const early = await ab.openStream('rpc');
+        await early.write(new Uint8Array([7]));
+        const control = await ab.openStream('control');
+        await control.write(new Uint8Array([1]));
+        expect(await within(control.read(), 5_000, 'control echo')).toEqual(new Uint8Array([1]));
+        await sleep(300);
+        expect(handled).toEqual([]);
+        b.admit(ba);
+        expect(ba.admitted).toBe(true);
+        expect(await within(early.read(), 5_000, 'the early stream, served')).toEqual(new Uint8Array([7]));
+        expect(handled).toEqual(['rpc admitted=true']);
+        const later = await ab.openStream('rpc');
+        await later.write(new Uint8Array([8]));
+        expect(await within(later.read(), 5_000, 'a later stream')).toEqual(new Uint8Array([8]));
+      });
+
+      it('a refusal resets the waiting streams at once and every later one but control', async () => {
+        const { b, ab, ba } = await gated();
+        const handled: string[] = [];
+        for (const kind of ['rpc', 'http', 'direct'] as const) b.handle(kind, (s) => handled.push(s.kind));
+        let controls = 0;
+        b.handle('control', () => controls++);
+        const waiting = await Promise.all((['rpc', 'http', 'direct'] as const).map((k) => ab.openStream(k)));
+        for (const s of waiting) await s.write(new Uint8Array([1]));
+        await sleep(100);
+        b.refuse(ba, 'wrong mesh secret');
+        for (const s of waiting) {
+          const err = await within(s.read(), 5_000, 'reset of a waiting stream').catch((e: unknown) => e);
+          expect(err).toBeInstanceOf(StreamResetError);
+          expect((err as StreamResetError).code).toBe(RESET_CODES.notAdmitted);
+        }
+        const late = await ab.openStream('http');
+        await late.write(new Uint8Array([1]));
+        await expect(within(late.read(), 5_000, 'reset of a later stream')).rejects.toBeInstanceOf(StreamResetError);
+        const c = await ab.openStream('control');
+        await c.write(new Uint8Array([1]));
+        await within(waitFor(() => controls === 1), 5_000, 'control still handled');
+        expect(handled).toEqual([]);
+        b.admit(ba); // a verdict is final
+        expect(ba.admitted).toBe(false);
+      });
+
+      it('an early stream waits admissionWaitMs at most; a connection never admitted is closed', async () => {
+        const { b, ab } = await gated({ admissionWaitMs: 300, admissionTimeoutMs: 1_500 });
+        const handled: string[] = [];
+        b.handle('http', (s) => handled.push(s.kind));
+        const s = await ab.openStream('http');
+        await s.write(new Uint8Array([1]));
+        const t0 = performance.now();
+        const err = await within(s.read(), 5_000, 'reset after the wait').catch((e: unknown) => e);
+        expect((err as StreamResetError).code).toBe(RESET_CODES.notAdmitted);
+        expect(performance.now() - t0).toBeLessThan(4_000);
+        const info = await within(ab.closed, 8_000, 'closed as not admitted');
+        expect(info).toMatchObject({ code: CLOSE_CODES.notAdmitted, byPeer: true });
+        expect(handled).toEqual([]);
+      });
+
+      it('bounds the streams that wait for a verdict', async () => {
+        const { b, ab } = await gated({ maxEarlyStreams: 4 });
+        b.handle('rpc', () => {});
+        const streams = await Promise.all(Array.from({ length: 10 }, () => ab.openStream('rpc')));
+        // A stream reset before this write makes it fail: that is the bound at work.
+        for (const s of streams) await s.write(new Uint8Array([1])).catch(() => {});
+        const outcomes = await Promise.all(
+          streams.map((s) =>
+            within(s.read(), 1_500, 'read').then(
+              () => 'data',
+              (e: unknown) => (e instanceof StreamResetError ? `reset ${e.code}` : 'waiting'),
+            ),
+          ),
+        );
+        expect(outcomes.filter((o) => o === `reset ${RESET_CODES.notAdmitted}`).length).toBeGreaterThanOrEqual(6);
+        expect(outcomes).not.toContain('data');
+      });
+
+      it('bounds unadmitted connections per remote address and in total; admission frees a slot', async () => {
+        const b = await ep({ maxHandshakesPerAddress: 3, maxHandshakes: 100 });
+        b.handle('control', () => {});
+        const raws = await Promise.all(Array.from({ length: 6 }, () => backend.rawEndpoint()));
+        for (const r of raws) cleanups.push(() => r.close());
+        const conns = [];
+        for (const r of raws.slice(0, 5)) {
+          conns.push(await r.dial(b.id, b.addrs(), new AbortController().signal));
+          await sleep(50);
+        }
+        const closedSoon = await Promise.all(conns.map((c) => Promise.race([c.closed, sleep(1_000).then(() => null)])));
+        expect(closedSoon.slice(0, 3)).toEqual([null, null, null]);
+        for (const info of closedSoon.slice(3)) expect(info).toMatchObject({ code: CLOSE_CODES.busy, byPeer: true });
+        // One of the three is admitted: a new connection from the same address fits again.
+        const first = (await within(b.accept(), 5_000, 'accept'))!;
+        b.admit(first);
+        const sixth = await raws[5]!.dial(b.id, b.addrs(), new AbortController().signal);
+        expect(await Promise.race([sixth.closed, sleep(1_000).then(() => null)])).toBeNull();
+        for (const c of [...conns, sixth]) c.close(0, 'done');
+
+        const c = await ep({ maxHandshakesPerAddress: 100, maxHandshakes: 2 });
+        const more = await Promise.all(raws.slice(0, 3).map((r) => r.dial(c.id, c.addrs(), new AbortController().signal)));
+        const total = await Promise.all(more.map((x) => Promise.race([x.closed, sleep(1_000).then(() => null)])));
+        expect(total.filter((x) => x === null).length).toBe(2);
+        expect(total.find((x) => x !== null)).toMatchObject({ code: CLOSE_CODES.busy });
+        for (const x of more) x.close(0, 'done');
+      });
     });
   });
 }

@@ -33,7 +33,7 @@ export async function spawnIrohPeer(options: RemotePeerOptions = {}): Promise<Re
 
 transportContract({
   name: 'iroh',
-  endpoint: () => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' }),
+  endpoint: (init) => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', ...init }),
   rawEndpoint: (identity) =>
     createIrohRawEndpoint({
       secretKey: identity ? new Uint8Array(Buffer.from(identity, 'hex')) : ephemeralSecretKey(),

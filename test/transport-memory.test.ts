@@ -9,10 +9,11 @@ let identities = 0;
 
 transportContract({
   name: 'memory',
-  endpoint: async () => net.createEndpoint(),
-  rawEndpoint: async (identity) => net.createRawEndpoint(identity),
+  endpoint: async (init) => net.createEndpoint(init),
+  // One machine: every raw endpoint dials from the same address.
+  rawEndpoint: async (identity) => net.createRawEndpoint(identity, 'memory-test-machine'),
   remotePeer: async (options = {}) => {
-    const p = net.createEndpoint({ id: options.identity });
+    const p = net.createEndpoint({ id: options.identity, admission: 'open' });
     p.handle('control', (s) => echo(s));
     let dialed: string | undefined;
     if (options.dialTo) {

@@ -6,7 +6,7 @@ import { createIrohEndpoint } from '../src/io/transport/iroh-transport.ts';
 
 const [keyHex, dialTo] = process.argv.slice(2);
 const key = keyHex && keyHex !== '-' ? new Uint8Array(Buffer.from(keyHex, 'hex')) : new Uint8Array(randomBytes(32));
-const ep = await createIrohEndpoint({ secretKey: key, bindHost: '127.0.0.1' });
+const ep = await createIrohEndpoint({ secretKey: key, bindHost: '127.0.0.1', admission: 'open' });
 ep.handle('control', (s) => {
   void (async () => {
     for (;;) {

@@ -88,8 +88,8 @@ async function pair(make: () => Promise<MeshEndpoint>, opts: { dataPort: boolean
 
 const memoryNet = new MemoryNetwork();
 const backends = [
-  { name: 'memory', make: async (): Promise<MeshEndpoint> => memoryNet.createEndpoint() },
-  { name: 'iroh', make: (): Promise<MeshEndpoint> => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' }) },
+  { name: 'memory', make: async (): Promise<MeshEndpoint> => memoryNet.createEndpoint({ admission: 'open' }) },
+  { name: 'iroh', make: (): Promise<MeshEndpoint> => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', admission: 'open' }) },
 ];
 
 for (const backend of backends) {

@@ -61,7 +61,7 @@ describe('rpc tunnel with real llama.cpp', () => {
     }
     expect(directTokens.length).toBe(nPredict);
 
-    const host = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+    const host = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', admission: 'open' });
     stops.push(() => host.close());
     const worker = await spawnTunnelWorker(host.id, workerRpc.port);
     await host.dial(worker.id, worker.addrs);
@@ -101,7 +101,7 @@ describe('rpc tunnel with real llama.cpp', () => {
     stops.push(() => ownA.stop());
     const ownB = await startRpcServer();
     stops.push(() => ownB.stop());
-    const mk = () => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+    const mk = () => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', admission: 'open' });
     const worker = await mk();
     const hostA = await mk();
     const hostB = await mk();

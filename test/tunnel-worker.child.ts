@@ -9,7 +9,7 @@ if (!hostId || !targetPort) {
   process.stderr.write('usage: tunnel-worker.child.ts <host id> <target port>\n');
   process.exit(2);
 }
-const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+const ep = await createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', admission: 'open' });
 const tunnels = new TunnelService(
   {
     allow: (id, kind) =>

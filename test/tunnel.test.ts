@@ -20,8 +20,8 @@ interface Backend {
 }
 
 const net = new MemoryNetwork();
-const memory = async (): Promise<MeshEndpoint> => net.createEndpoint();
-const iroh = (): Promise<MeshEndpoint> => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1' });
+const memory = async (): Promise<MeshEndpoint> => net.createEndpoint({ admission: 'open' });
+const iroh = (): Promise<MeshEndpoint> => createIrohEndpoint({ secretKey: ephemeralSecretKey(), bindHost: '127.0.0.1', admission: 'open' });
 const backends: Backend[] = [
   { name: 'memory', codec: 'raw', endpoint: memory },
   { name: 'memory', codec: 'deflate', endpoint: memory },

@@ -1,5 +1,7 @@
 // The network layer of one node: accepts and dials connections, admits peers by their hello, and turns
-// control-stream frames into NetworkEvents (and NetworkCommands into frames). A bad peer is closed with a
+// control-stream frames into NetworkEvents (and NetworkCommands into frames). Admission is also the
+// transport's verdict (MeshEndpoint.admit/refuse): until a connection's hello is verified, none of its
+// streams but the control stream reaches a handler (rpc, http, direct tunnels included). A bad peer is closed with a
 // logged reason; nothing it sends can throw out of here or disturb the other peers.
 import type { Logger } from 'pino';
 import { PROTOCOL_VERSION, type EndpointId } from '../../machines/mesh-types.ts';
@@ -277,8 +279,14 @@ export class MeshNetwork {
   private attach(s: Session, stream: MeshStream): void {
     s.stream = stream;
     s.out.attach(stream);
-    this.write(s, makeHello(this.init.hello, this.init.secret, this.id, s.id, this.init.protocolVersion));
+    // The dialer speaks first; the acceptor answers with its hello only once the dialer's is verified, so a
+    // stranger learns nothing about this node (role, VRAM, model), only why it was refused.
+    if (s.conn.dialer === 'local') this.write(s, this.ourHello(s));
     void this.readLoop(s, stream);
+  }
+
+  private ourHello(s: Session): MeshMessage {
+    return makeHello(this.init.hello, this.init.secret, this.id, s.id, this.init.protocolVersion);
   }
 
   private async readLoop(s: Session, stream: MeshStream): Promise<void> {
@@ -336,6 +344,9 @@ export class MeshNetwork {
       s.helloTimer = null;
       s.state = 'admitted';
       s.reported = true;
+      if (s.conn.dialer === 'remote') this.write(s, this.ourHello(s));
+      // The transport's verdict: streams of this connection that arrived early, and all later ones, are served.
+      this.endpoint.admit(s.conn);
       const direct = s.conn.isDirect();
       s.log.info({ direct, role: message.role }, 'peer admitted');
       this.emit({ type: 'net.peer.connected', id: s.id, direct });
@@ -366,6 +377,7 @@ export class MeshNetwork {
 
   private async closeSession(s: Session, eventReason: string, leavingReason: string): Promise<void> {
     if (s.state !== 'handshaking' && s.state !== 'admitted') return;
+    if (s.state === 'handshaking') this.endpoint.refuse(s.conn, eventReason);
     s.state = 'closing';
     if (s.helloTimer) clearTimeout(s.helloTimer);
     s.helloTimer = null;
@@ -391,6 +403,7 @@ export class MeshNetwork {
   /** Final cleanup; idempotent. Reports the end to the node if it knew the peer and has not heard yet. */
   private teardown(s: Session, reason: string): void {
     if (s.state === 'closed') return;
+    if (s.state === 'handshaking') this.endpoint.refuse(s.conn, reason);
     s.state = 'closed';
     s.markDone();
     this.retired.add(s.conn);

@@ -44,6 +44,17 @@ export const WRITE_PIECE = 15 * 1024;
 /** How many streams a peer may have open to us at once (iroh's default of 100 blocks the 101st silently). */
 const MAX_CONCURRENT_BI_STREAMS = 4096n;
 
+/** QUIC handshakes in progress at once; more incoming connections are refused before any crypto. */
+const MAX_QUIC_HANDSHAKES = 256;
+
+/** "1.2.3.4:5" -> "1.2.3.4"; "[::1]:5" -> "::1" (the key of the per-address handshake bound). */
+export function hostOf(addr: string): string {
+  const v6 = /^\[(.*)\]:\d+$/.exec(addr);
+  if (v6) return v6[1]!;
+  const i = addr.lastIndexOf(':');
+  return i > 0 && addr.indexOf(':') === i ? addr.slice(0, i) : addr;
+}
+
 /** `none`: LAN and tests. `default`: iroh's public relays and discovery. `{ url }`: one relay of our own (no discovery). */
 export type RelaySetting = 'none' | 'default' | { readonly url: string };
 
@@ -169,6 +180,7 @@ class IrohRawStream implements RawStream {
 
 class IrohRawConnection implements RawConnection {
   readonly remoteId: EndpointId;
+  remoteAddress: string | null = null;
   readonly closed: Promise<CloseInfo>;
   closeInfo: CloseInfo | undefined;
   private ours: CloseInfo | undefined;
@@ -325,13 +337,23 @@ class IrohRawEndpoint implements RawEndpoint {
         continue;
       }
       if (incoming === null || this.closing) break;
+      if (this.handshakes.size >= MAX_QUIC_HANDSHAKES) {
+        // QUIC handshakes in progress are bounded too: past the bound, refused before any crypto.
+        incoming.refuse().catch(() => {});
+        continue;
+      }
       // Each handshake runs on its own, so a slow or hostile one does not hold up the others.
       const hs = (async (): Promise<void> => {
         try {
+          const from = await incoming.remoteAddr().catch(() => null);
           const accepting = await incoming.accept();
           const conn = await accepting.connect();
           if (this.closing) conn.close(3n, [...new TextEncoder().encode('endpoint closing')]);
-          else this.accepted.push(new IrohRawConnection(conn, this));
+          else {
+            const raw = new IrohRawConnection(conn, this);
+            raw.remoteAddress = from?.kind === 'ip' && from.addr ? hostOf(from.addr) : null;
+            this.accepted.push(raw);
+          }
         } catch (err) {
           this.log.info({ err: firstLine(err) }, 'incoming handshake failed');
         }

@@ -31,6 +31,11 @@ export interface MemoryEndpointOptions extends MeshEndpointInit {
   /** A fixed id (64 hex characters); default: derived from a counter, so runs are reproducible. */
   readonly id?: string;
   readonly log?: Logger;
+  /**
+   * The address peers see this endpoint's connections come from (the per-address handshake bound's key).
+   * Default: one of its own; endpoints given the same host play processes on one machine.
+   */
+  readonly host?: string;
 }
 
 /** A world of in-memory endpoints that can dial each other by id. */
@@ -51,7 +56,7 @@ export class MemoryNetwork {
     if (options.id !== undefined && this.endpoints.has(asEndpointId(options.id))) {
       throw new Error(`memory endpoint ${options.id} exists already`);
     }
-    const raw = this.createRawEndpoint(options.id);
+    const raw = this.createRawEndpoint(options.id, options.host);
     return createMeshEndpoint(raw, options, { log: options.log ?? pino({ level: 'silent' }) });
   }
 
@@ -60,9 +65,9 @@ export class MemoryNetwork {
    * taken gives a second instance of that peer (as two processes with one key): it can dial out, and
    * dials to the id still reach the first.
    */
-  createRawEndpoint(id?: string): RawEndpoint {
+  createRawEndpoint(id?: string, host?: string): RawEndpoint {
     const eid = asEndpointId(id ?? createHash('sha256').update(`memory-endpoint-${this.counter++}`).digest('hex'));
-    const raw = new MemoryRawEndpoint(eid, this);
+    const raw = new MemoryRawEndpoint(eid, this, host ?? `memory-host-${eid.slice(0, 16)}`);
     if (!this.endpoints.has(eid)) this.endpoints.set(eid, raw);
     return raw;
   }
@@ -230,6 +235,8 @@ class MemoryRawStream implements RawStream {
 
 class MemoryRawConnection implements RawConnection {
   peer!: MemoryRawConnection;
+  /** Set on the acceptor's side: the dialer's host. */
+  remoteAddress: string | null = null;
   readonly closed: Promise<CloseInfo>;
   private resolveClosed!: (i: CloseInfo) => void;
   private info: CloseInfo | undefined;
@@ -304,6 +311,7 @@ class MemoryRawEndpoint implements RawEndpoint {
   constructor(
     readonly id: EndpointId,
     private readonly net: MemoryNetwork,
+    readonly host: string,
   ) {}
 
   addrs(): string[] {
@@ -324,6 +332,7 @@ class MemoryRawEndpoint implements RawEndpoint {
     const theirs = new MemoryRawConnection(this.id, target, this.net);
     mine.peer = theirs;
     theirs.peer = mine;
+    theirs.remoteAddress = this.host;
     // The handshake: one trip there (the acceptor has it), one back (the dialer has it).
     this.net.deliver(() => {
       if (target.closedFlag) theirs.end({ reason: 'endpoint closed', code: -1, byPeer: false });

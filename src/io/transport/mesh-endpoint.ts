@@ -1,5 +1,7 @@
 // The MeshEndpoint over any backend (RawEndpoint): one connection per pair of peers under a fixed rule for
-// simultaneous dials, the verdict and liveness probe, accept, and stream dispatch by kind.
+// simultaneous dials, the verdict and liveness probe, accept, stream dispatch by kind, and admission: the mesh
+// above says which connections are admitted (admit/refuse), and until then only their control stream is
+// served; incoming connections not yet admitted are bounded per remote address and in total.
 import { pino, type Logger } from 'pino';
 import type { EndpointId } from '../../machines/mesh-types.ts';
 import { asEndpointId } from '../../machines/mesh-types.ts';
@@ -8,6 +10,7 @@ import {
   CLOSE_CODES,
   DialError,
   Queue,
+  RateLimitedLog,
   StreamResetError,
   TransportError,
   delay,
@@ -52,7 +55,19 @@ interface PendingDial {
 class EndpointCore implements MeshEndpoint {
   readonly handlers = new Map<StreamKind, StreamHandler>();
   readonly log: Logger;
+  readonly limited: RateLimitedLog;
   readonly kindTimeoutMs: number;
+  readonly admissionRequired: boolean;
+  readonly admissionWaitMs: number;
+  readonly admissionTimeoutMs: number;
+  readonly maxEarlyStreams: number;
+  private readonly maxHandshakesPerAddress: number;
+  private readonly maxHandshakes: number;
+  /** Incoming connections not admitted yet (and not closed), per remote address and in all. */
+  private readonly handshaking = new Map<string, number>();
+  private handshakingTotal = 0;
+  /** Slots of incoming connections still handshaking: released once admitted or closed. */
+  private readonly slots = new WeakMap<RawConnection, () => void>();
   private readonly probeTimeoutMs: number;
   private readonly defaultDialTimeoutMs: number;
   private readonly current = new Map<EndpointId, ConnectionImpl>();
@@ -68,7 +83,14 @@ class EndpointCore implements MeshEndpoint {
     components: MeshEndpointComponents,
   ) {
     this.log = components.log ?? pino({ level: 'silent' });
+    this.limited = new RateLimitedLog(this.log);
     this.kindTimeoutMs = init.kindTimeoutMs ?? 10_000;
+    this.admissionRequired = (init.admission ?? 'required') === 'required';
+    this.admissionWaitMs = init.admissionWaitMs ?? 5_000;
+    this.admissionTimeoutMs = init.admissionTimeoutMs ?? 10_000;
+    this.maxEarlyStreams = init.maxEarlyStreams ?? 16;
+    this.maxHandshakesPerAddress = init.maxHandshakesPerAddress ?? 16;
+    this.maxHandshakes = init.maxHandshakes ?? 256;
     this.probeTimeoutMs = init.probeTimeoutMs ?? 1_000;
     this.defaultDialTimeoutMs = init.defaultDialTimeoutMs ?? 10_000;
     void this.acceptLoop();
@@ -89,6 +111,46 @@ class EndpointCore implements MeshEndpoint {
 
   unhandle(kind: StreamKind): void {
     this.handlers.delete(kind);
+  }
+
+  admit(connection: MeshConnection): void {
+    if (connection instanceof ConnectionImpl && this.all.has(connection)) connection.admit();
+  }
+
+  refuse(connection: MeshConnection, reason: string): void {
+    if (connection instanceof ConnectionImpl && this.all.has(connection)) connection.refuse(reason);
+  }
+
+  /** A connection was admitted or closed: its handshake slot is free. */
+  settled(conn: ConnectionImpl): void {
+    this.slots.get(conn.raw)?.();
+  }
+
+  /**
+   * Takes a handshake slot for an incoming connection, or says why there is none. The key is the remote
+   * address: a back-off keyed by endpoint id would be dodged with a fresh key.
+   */
+  private takeSlot(raw: RawConnection): string | null {
+    if (!this.admissionRequired) return null;
+    const addr = raw.remoteAddress ?? null;
+    if (this.handshakingTotal >= this.maxHandshakes) return `${this.maxHandshakes} connections are not admitted yet`;
+    const n = addr === null ? 0 : (this.handshaking.get(addr) ?? 0);
+    if (addr !== null && n >= this.maxHandshakesPerAddress) return `${n} connections from ${addr} are not admitted yet`;
+    this.handshakingTotal++;
+    if (addr !== null) this.handshaking.set(addr, n + 1);
+    let freed = false;
+    const free = (): void => {
+      if (freed) return;
+      freed = true;
+      this.handshakingTotal--;
+      if (addr === null) return;
+      const m = (this.handshaking.get(addr) ?? 1) - 1;
+      if (m <= 0) this.handshaking.delete(addr);
+      else this.handshaking.set(addr, m);
+    };
+    this.slots.set(raw, free);
+    void raw.closed.then(free);
+    return null;
   }
 
   connection(id: EndpointId): MeshConnection | undefined {
@@ -228,6 +290,12 @@ class EndpointCore implements MeshEndpoint {
         raw.close(CLOSE_CODES.endpointClosing, 'endpoint closing');
         continue;
       }
+      const busy = this.takeSlot(raw);
+      if (busy !== null) {
+        this.limited.warn('handshake-bound', { peer: shortId(raw.remoteId), addr: raw.remoteAddress ?? null }, `closing an incoming connection at once: ${busy}`);
+        raw.close(CLOSE_CODES.busy, 'too many connections waiting for admission');
+        continue;
+      }
       this.onIncoming(raw);
     }
     this.incoming.end();
@@ -247,10 +315,10 @@ class EndpointCore implements MeshEndpoint {
       void this.probeThenDecide(raw, cur);
       return;
     }
-    this.refuse(raw);
+    this.refuseDuplicate(raw);
   }
 
-  private refuse(raw: RawConnection): void {
+  private refuseDuplicate(raw: RawConnection): void {
     this.log.debug({ peer: shortId(raw.remoteId) }, 'simultaneous dial: refusing the duplicate dialed by the larger id');
     raw.close(CLOSE_CODES.duplicate, 'duplicate connection: the one dialed by the smaller id is kept');
   }
@@ -277,7 +345,7 @@ class EndpointCore implements MeshEndpoint {
     }
     const now = this.connection(raw.remoteId);
     if (alive && now === cur) {
-      this.refuse(raw);
+      this.refuseDuplicate(raw);
       return;
     }
     if (now === cur) {

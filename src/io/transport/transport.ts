@@ -35,6 +35,10 @@ export const CLOSE_CODES = {
   /** A newer connection from the same peer took over (the peer restarted or lost this one). */
   replaced: 2,
   endpointClosing: 3,
+  /** Too many connections from this address (or in all) have not been admitted yet. */
+  busy: 4,
+  /** The connection was not admitted by the mesh in time (admissionTimeoutMs). */
+  notAdmitted: 5,
 } as const;
 
 /** Stream reset / stop codes. */
@@ -45,6 +49,11 @@ export const RESET_CODES = {
   unknownKind: 1,
   /** The opener never sent its kind byte in time. */
   noKind: 2,
+  /**
+   * The stream's connection is not admitted: refused by the mesh, not admitted within admissionWaitMs, or
+   * over maxEarlyStreams streams waiting for the verdict.
+   */
+  notAdmitted: 3,
 } as const;
 
 // ---------------------------------------------------------------------------------------------------------
@@ -114,6 +123,11 @@ export interface MeshStream {
 
 export interface MeshConnection {
   readonly remoteId: EndpointId;
+  /**
+   * Whether the mesh admitted this connection (MeshEndpoint.admit): only then do its streams of any kind but
+   * `control` reach their handlers. Always true with `admission: 'open'`.
+   */
+  readonly admitted: boolean;
   /** Whether we dialed it ('local') or the peer did ('remote'). */
   readonly dialer: 'local' | 'remote';
   /** Resolves (never rejects) once the connection is closed, by either side or by a timeout. */
@@ -160,6 +174,16 @@ export interface MeshEndpoint {
   /** Route incoming streams of `kind` to `handler` (one handler per kind). Unhandled kinds are reset. */
   handle(kind: StreamKind, handler: StreamHandler): void;
   unhandle(kind: StreamKind): void;
+  /**
+   * The mesh's verdict on a connection (its hello verified): from now on its streams of every kind reach
+   * their handlers, and those that arrived early and still wait are handed over. Idempotent.
+   */
+  admit(connection: MeshConnection): void;
+  /**
+   * The mesh's verdict against a connection: its waiting streams are reset at once and so is every later one
+   * but `control` (the caller closes the connection itself, after telling the peer why). Idempotent.
+   */
+  refuse(connection: MeshConnection, reason: string): void;
   /** Closes every connection (peers see it at once) and the endpoint. Idempotent. */
   close(): Promise<void>;
   readonly isClosed: boolean;
@@ -185,6 +209,11 @@ export interface RawConnection {
   close(code: number, reason: string): void;
   readonly closed: Promise<CloseInfo>;
   isDirect(): boolean;
+  /**
+   * Where an incoming connection came from, as the key of the per-address handshake bound: the remote IP
+   * (no port), or null when there is none of its own (through a relay): then only the total bound applies.
+   */
+  readonly remoteAddress?: string | null;
 }
 
 export interface RawEndpoint {
@@ -204,6 +233,22 @@ export interface MeshEndpointComponents {
 export interface MeshEndpointInit {
   /** How long an opened stream may take to send its kind byte before we reset it. Default 10 s. */
   readonly kindTimeoutMs?: number;
+  /**
+   * `required` (default): nothing but the `control` stream (which carries the hello) reaches a handler until
+   * the mesh admits the connection (admit()). `open`: every connection counts as admitted at once, for tests
+   * and tools that use the transport without a mesh on top.
+   */
+  readonly admission?: 'required' | 'open';
+  /** How long a stream that arrived before its connection's verdict waits for it before it is reset. Default 5 s. */
+  readonly admissionWaitMs?: number;
+  /** A connection not admitted by then is closed (CLOSE_CODES.notAdmitted). Default 10 s. */
+  readonly admissionTimeoutMs?: number;
+  /** Streams of one unadmitted connection that may wait for its verdict (control included); more are reset. Default 16. */
+  readonly maxEarlyStreams?: number;
+  /** Incoming connections not yet admitted, per remote address; more are closed at once (CLOSE_CODES.busy). Default 16. */
+  readonly maxHandshakesPerAddress?: number;
+  /** Incoming connections not yet admitted, in all. Default 256. */
+  readonly maxHandshakes?: number;
   /** How long a connection may take to answer a liveness probe before it counts as dead. Default 1 s. */
   readonly probeTimeoutMs?: number;
   readonly defaultDialTimeoutMs?: number;
@@ -245,6 +290,30 @@ export function firstLine(err: unknown): string {
   const s = err instanceof Error ? err.message : String(err);
   const i = s.indexOf('\n');
   return (i < 0 ? s : s.slice(0, i)).trim();
+}
+
+/**
+ * A log line that an attacker can trigger as often as it likes: at most one per `key` per `everyMs`, the
+ * next one saying how many were left out meanwhile.
+ */
+export class RateLimitedLog {
+  private readonly last = new Map<string, { at: number; suppressed: number }>();
+  constructor(
+    private readonly log: Logger,
+    private readonly everyMs = 1_000,
+  ) {}
+  warn(key: string, fields: Record<string, unknown>, msg: string): void {
+    const now = Date.now();
+    const e = this.last.get(key);
+    if (e && now - e.at < this.everyMs) {
+      e.suppressed++;
+      return;
+    }
+    const suppressed = e?.suppressed ?? 0;
+    if (this.last.size > 1024) this.last.clear();
+    this.last.set(key, { at: now, suppressed: 0 });
+    this.log.warn(suppressed > 0 ? { ...fields, suppressed } : fields, msg);
+  }
 }
 
 export function delay(ms: number): Promise<void> {
