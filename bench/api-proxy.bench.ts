@@ -25,10 +25,12 @@ function pct(xs: number[], p: number): number {
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
 }
 const ms = (x: number) => x.toFixed(2);
+/** llama-server's per-start key: the direct target needs it (the proxy sends it itself and ignores ours). */
+let auth: Record<string, string> = {};
 
 async function completion(base: string, body: object): Promise<number> {
   const t0 = performance.now();
-  const res = await fetch(`${base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+  const res = await fetch(`${base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json', ...auth }, body: JSON.stringify(body) });
   await res.json();
   if (!res.ok) throw new Error(`${base}: ${res.status}`);
   return performance.now() - t0;
@@ -36,7 +38,7 @@ async function completion(base: string, body: object): Promise<number> {
 
 async function stream(base: string, body: object): Promise<{ firstMs: number; totalMs: number; chunks: number }> {
   const t0 = performance.now();
-  const res = await fetch(`${base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...body, stream: true }) });
+  const res = await fetch(`${base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json', ...auth }, body: JSON.stringify({ ...body, stream: true }) });
   const reader = res.body!.getReader();
   let first = 0;
   let chunks = 0;
@@ -56,7 +58,8 @@ async function main(): Promise<void> {
   try {
     const rpc = await startRpcServer({ binary: bins.rpcServer, threads: 1 });
     const llama = await startLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [rpc.address], threads: 1, ctxSize: 2048 });
-    const app = buildApiServer({ upstream: async () => ({ kind: 'url', baseUrl: llama.url }), status: () => ({}) });
+    auth = { ...llama.authHeaders };
+    const app = buildApiServer({ upstream: async () => ({ kind: 'url', baseUrl: llama.url, headers: llama.authHeaders }), status: () => ({}) });
     await app.listen({ host: '127.0.0.1', port: 0 });
     const proxy = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`;
     const targets = [

@@ -99,25 +99,26 @@ describe('proxy graph', () => {
     waitingPlan: { ...base, plan: { kind: 'waiting', id: 'w', reason: 'not enough VRAM' } },
   };
 
+  for (const origin of ['client', 'mesh'] as const)
   for (const [start, facts] of Object.entries({ none: base, ...variants })) {
     const events = [
       ...Object.values(variants).map((f) => ({ type: 'mesh.updated', facts: f })),
       { type: 'xstate.after.maxWait.proxy.pending' },
     ];
     const paths = getSimplePaths(proxyMachine, {
-      input: { facts },
+      input: { facts, origin },
       events: events as never,
       serializeState: (s) => JSON.stringify([s.value, s.context.facts, s.context.route]),
     });
 
-    it(`from "${start}": replays all ${paths.length} paths and routes as decideRoute says, or refuses after maxWait`, () => {
+    it(`${origin} request from "${start}": replays all ${paths.length} paths and routes as decideRoute says (never remote for a mesh request), or refuses after maxWait`, () => {
       for (const path of paths) {
         const clock = new SimulatedClock();
         let update: ((e: ProxyEvent) => void) | null = null;
         const watchMesh = fromCallback<EventObject, Record<string, never>>(({ sendBack }) => {
           update = sendBack;
         });
-        const actor = createActor(proxyMachine.provide({ actors: { watchMesh } }), { clock, input: { facts } }).start();
+        const actor = createActor(proxyMachine.provide({ actors: { watchMesh } }), { clock, input: { facts, origin } }).start();
         let last = facts;
         let timedOut = false;
         for (const step of path.steps.slice(1)) {
@@ -133,10 +134,11 @@ describe('proxy graph', () => {
         const snap = actor.getSnapshot();
         expect(snap.value).toEqual(path.state.value);
         if (snap.status === 'done') {
-          const expected = timedOut && decideRoute(last) === null ? { kind: 'refused', status: 503, reason: 'the mesh is restarting; try again shortly', retryAfterS: 5 } : decideRoute(last);
+          const expected = timedOut && decideRoute(last, origin) === null ? { kind: 'refused', status: 503, reason: 'the mesh is restarting; try again shortly', retryAfterS: 5 } : decideRoute(last, origin);
           expect(snap.output).toEqual(expected);
+          if (origin === 'mesh') expect(snap.output!.kind).not.toBe('remote');
         } else {
-          expect(decideRoute(last)).toBeNull();
+          expect(decideRoute(last, origin)).toBeNull();
         }
       }
     });

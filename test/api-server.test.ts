@@ -6,7 +6,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { FastifyInstance } from 'fastify';
 import OpenAI from 'openai';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { buildApiServer, type ApiServerInit, type Upstream } from '../src/io/http/api-server.ts';
+import { allowedHostNames, buildApiServer, hostHeaderName, type ApiServerInit, type Upstream } from '../src/io/http/api-server.ts';
 import { startLlamaServer, type LlamaServerProcess } from '../src/io/llama/llama-server-process.ts';
 import { stopAll } from '../src/io/llama/processes.ts';
 import { startRpcServer } from '../src/io/llama/rpc-server-process.ts';
@@ -113,6 +113,115 @@ describe('request checking (inject)', () => {
     const ok = await a.inject({ method: 'GET', url: '/api/status', headers: { authorization: 'Bearer s3cret' } });
     expect(ok.statusCode).toBe(200);
     expect(ok.json()).toEqual({ state: 'serving' });
+  });
+});
+
+describe('Host check (DNS rebinding)', () => {
+  const ok = async () => ({ kind: 'unavailable' as const, reason: 'r', retryAfterS: 1 });
+
+  it('answers loopback names with or without a port, refuses other names with 421 and a JSON error', async () => {
+    const a = app({ upstream: ok });
+    for (const host of ['localhost', 'localhost:9337', '127.0.0.1', '127.0.0.1:9337', '[::1]', '[::1]:9337', 'LOCALHOST:1']) {
+      const r = await a.inject({ method: 'GET', url: '/api/status', headers: { host } });
+      expect(r.statusCode, host).toBe(200);
+    }
+    for (const host of ['evil.example', 'evil.example:9337', 'localhost.evil.example', '127.0.0.1.nip.io:9337', '10.0.0.5:9337', 'localhost:9337@evil']) {
+      const r = await a.inject({ method: 'GET', url: '/api/status', headers: { host } });
+      expect(r.statusCode, host).toBe(421);
+      expect(r.json().error).toMatchObject({ type: 'invalid_request_error', code: 'host_not_allowed' });
+    }
+    const r = await a.inject({ method: 'POST', url: '/v1/chat/completions', payload: chat, headers: { host: 'rebound.example:9337' } });
+    expect(r.statusCode).toBe(421);
+    expect(r.json().error.message).toMatch(/does not answer to Host "rebound.example:9337" \(DNS rebinding protection\).*--allowed-host rebound.example/);
+    // /health too: no route answers a foreign name.
+    expect((await a.inject({ method: 'GET', url: '/health', headers: { host: 'evil.example' } })).statusCode).toBe(421);
+  });
+
+  it('--allowed-host names and the addresses it listens on are answered; the Host check comes before the key check', async () => {
+    const names = allowedHostNames('0.0.0.0', ['Mesh.LAN', '[fd00::7]'], () => ['192.168.1.5', 'fe80::1']);
+    expect([...names].sort()).toEqual(['127.0.0.1', '192.168.1.5', '::1', 'fd00::7', 'fe80::1', 'localhost', 'mesh.lan'].sort());
+    expect([...allowedHostNames('127.0.0.1')].sort()).toEqual(['127.0.0.1', '::1', 'localhost']);
+    const a = app({ upstream: ok, apiKey: 'k', allowedHosts: names });
+    for (const host of ['mesh.lan:9337', 'MESH.lan', '192.168.1.5:9337', '[fe80::1]:9337', '[fd00::7]']) {
+      const r = await a.inject({ method: 'GET', url: '/api/status', headers: { host, authorization: 'Bearer k' } });
+      expect(r.statusCode, host).toBe(200);
+    }
+    const foreign = await a.inject({ method: 'GET', url: '/api/status', headers: { host: 'evil.example', authorization: 'Bearer k' } });
+    expect(foreign.statusCode).toBe(421);
+    const noKey = await a.inject({ method: 'GET', url: '/api/status', headers: { host: 'evil.example' } });
+    expect(noKey.statusCode).toBe(421);
+  });
+
+  it('parses Host headers', () => {
+    expect(hostHeaderName('Example.COM:80')).toBe('example.com');
+    expect(hostHeaderName('example.com.')).toBe('example.com');
+    expect(hostHeaderName('[::1]:9337')).toBe('::1');
+    expect(hostHeaderName('[::1')).toBeNull();
+    expect(hostHeaderName('')).toBeNull();
+    expect(hostHeaderName('a b')).toBeNull();
+    expect(hostHeaderName('user@host')).toBeNull();
+    expect(hostHeaderName('host:99999999')).toBeNull();
+  });
+});
+
+describe('the mesh listener (where http tunnels end)', () => {
+  it("serves llama-server's /completion, /tokenize and /apply-template; the client API does not", async () => {
+    const seen: { path: string; auth: string | undefined; body: string }[] = [];
+    const up = await upstreamServer((req, res) => {
+      let body = '';
+      req.on('data', (c) => (body += c));
+      req.on('end', () => {
+        seen.push({ path: req.url!, auth: req.headers.authorization, body });
+        res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ path: req.url }));
+      });
+    });
+    const upstream = async () => ({ kind: 'url' as const, baseUrl: up, headers: { authorization: 'Bearer llama-key' } });
+    const mesh = app({ upstream, llamaRoutes: true });
+    for (const [path, body] of [
+      ['/completion', { prompt: 'hi', n_predict: 2 }],
+      ['/tokenize', { content: 'hi' }],
+      ['/apply-template', { messages: [{ role: 'user', content: 'hi' }] }],
+    ] as const) {
+      const r = await mesh.inject({ method: 'POST', url: path, payload: body });
+      expect(r.statusCode, path).toBe(200);
+      expect(r.json()).toEqual({ path });
+    }
+    expect(seen.map((x) => x.auth)).toEqual(['Bearer llama-key', 'Bearer llama-key', 'Bearer llama-key']);
+    expect((await mesh.inject({ method: 'POST', url: '/tokenize', payload: { nope: 1 } })).json().error).toMatchObject({ param: 'content' });
+    // The client API (:9337) has none of them.
+    const client = app({ upstream });
+    expect((await client.inject({ method: 'POST', url: '/completion', payload: { prompt: 'hi' } })).statusCode).toBe(404);
+  });
+
+  it("a client's Authorization header never reaches the upstream; the route's own key does", async () => {
+    const auths: (string | undefined)[] = [];
+    const up = await upstreamServer((req, res) => {
+      auths.push(req.headers.authorization);
+      res.writeHead(200, { 'content-type': 'application/json' }).end('{"data":[]}');
+    });
+    const a = app({ upstream: async () => ({ kind: 'url', baseUrl: up }) });
+    await a.inject({ method: 'GET', url: '/v1/models', headers: { authorization: 'Bearer forged' } });
+    expect(auths).toEqual([undefined]);
+  });
+
+  it("llama-server's /completion stream ends with a stop:true event, no [DONE]: passed on whole, no error event", async () => {
+    const up = await upstreamServer((_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      res.write('data: {"content":"a","stop":false}\n\n');
+      res.end('data: {"content":"","stop":true,"timings":{}}\n\n');
+    });
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: up }), llamaRoutes: true }));
+    const raw = await (await fetch(`${base}/completion`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'x', stream: true }) })).text();
+    expect(raw).toContain('"stop":true');
+    expect(raw).not.toContain('event: error');
+    // Cut before the stop event: an error event.
+    const cut = await upstreamServer((_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      res.end('data: {"content":"a","stop":false}\n\n');
+    });
+    const base2 = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: cut }), llamaRoutes: true }));
+    const raw2 = await (await fetch(`${base2}/completion`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'x', stream: true }) })).text();
+    expect(raw2).toContain('event: error');
   });
 });
 
@@ -234,7 +343,7 @@ describe('against a real llama-server', () => {
   });
 
   it('answers chat and completions through the proxy, with the openai client', async () => {
-    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url }) }));
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url, headers: llama.authHeaders }) }));
     const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0 });
     const models = await client.models.list();
     expect(models.data.length).toBeGreaterThan(0);
@@ -247,7 +356,7 @@ describe('against a real llama-server', () => {
   });
 
   it('streams chunk by chunk: a client that leaves after the first chunk stops the generation', async () => {
-    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url }) }));
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url, headers: llama.authHeaders }) }));
     const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0 });
     const stream = await client.completions.create({ model: 'm', prompt: 'Once upon a time', max_tokens: 3000, temperature: 0, stream: true });
     let chunks = 0;
@@ -270,7 +379,7 @@ describe('against a real llama-server', () => {
   });
 
   it('a full stream ends with [DONE] and the chunks add up', async () => {
-    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url }) }));
+    const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url, headers: llama.authHeaders }) }));
     const raw = await (await fetch(`${base}/v1/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ ...chat, stream: true, max_tokens: 16, temperature: 0 }) })).text();
     expect(raw.trimEnd().endsWith('data: [DONE]')).toBe(true);
     expect(raw).not.toContain('event: error');
@@ -285,7 +394,7 @@ describe('a real llama-server killed mid-stream', () => {
       const bins = llamaBinaries();
       const rpc = await startRpcServer({ binary: bins.rpcServer, threads: 1 });
       const llama = await startLlamaServer({ binary: bins.llamaServer, model: model.path, rpc: [rpc.address], threads: 1, ctxSize: 4096 });
-      const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url }) }));
+      const base = await listen(app({ upstream: async () => ({ kind: 'url', baseUrl: llama.url, headers: llama.authHeaders }) }));
       const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0 });
       const stream = await client.completions.create({ model: 'm', prompt: 'Once upon a time', max_tokens: 3000, temperature: 0, stream: true });
       let chunks = 0;
@@ -341,13 +450,49 @@ describe('meshUpstreamResolver: one proxy machine per request', () => {
     await new Promise((r) => setTimeout(r, 50));
     expect(node.subscribers()).toBe(1);
     node.set({ running: ready('aa'), serving: true, llamaPort: 4242 });
-    expect(await pending).toEqual({ kind: 'url', baseUrl: 'http://127.0.0.1:4242' });
+    expect(await pending).toEqual({ kind: 'url', baseUrl: 'http://127.0.0.1:4242' }); // no llama-server of ours on 4242: no key
     expect(node.subscribers()).toBe(0);
 
     node.set({ running: ready('bb'), links: ['bb'], llamaPort: null });
     expect(await resolve({ path: '/v1/models', signal: new AbortController().signal })).toEqual({ kind: 'url', baseUrl: 'http://127.0.0.1:7/bb' });
     node.set({ running: { kind: 'waiting', id: 'w', reason: 'need 12.1 GB of VRAM, the mesh has 8.0 GB' } });
     expect(await resolve({ path: '/v1/models', signal: new AbortController().signal })).toEqual({ kind: 'unavailable', reason: 'need 12.1 GB of VRAM, the mesh has 8.0 GB', retryAfterS: 30 });
+  });
+
+  it("a local route carries the local llama-server's key; a mesh request is served locally or refused, never forwarded", async () => {
+    const { meshUpstreamResolver } = await import('../src/actors/api-server.actor.ts');
+    const { NOT_HOST_REASON } = await import('../src/machines/proxy.machine.ts');
+    const keys = (port: number) => (port === 4242 ? 'k4242' : null);
+    const node = fakeNode({ running: ready('aa'), llamaPort: 4242, links: [], serving: true });
+    const forwarded: string[] = [];
+    const remoteBaseUrl = async (host: string) => (forwarded.push(host), `http://127.0.0.1:7/${host}`);
+    const client = meshUpstreamResolver({ node, remoteBaseUrl, llamaKeyFor: keys });
+    const mesh = meshUpstreamResolver({ node, remoteBaseUrl, llamaKeyFor: keys, origin: 'mesh' });
+    const sig = () => new AbortController().signal;
+    const local = { kind: 'url', baseUrl: 'http://127.0.0.1:4242', headers: { authorization: 'Bearer k4242' } };
+    expect(await client({ path: '/v1/models', signal: sig() })).toEqual(local);
+    expect(await mesh({ path: '/v1/models', signal: sig() })).toEqual(local);
+    // Another node hosts now (two nodes whose plans disagree): the client's request goes there, the mesh's is
+    // refused at once, never sent back over the mesh.
+    node.set({ running: ready('bb'), links: ['bb'], llamaPort: null });
+    expect(await client({ path: '/v1/models', signal: sig() })).toEqual({ kind: 'url', baseUrl: 'http://127.0.0.1:7/bb' });
+    expect(forwarded).toEqual(['bb']);
+    expect(await mesh({ path: '/v1/models', signal: sig() })).toEqual({ kind: 'unavailable', reason: NOT_HOST_REASON, retryAfterS: 2 });
+    // Through the mesh listener's API: 503 with Retry-After, nothing forwarded.
+    const a = app({ upstream: mesh, llamaRoutes: true });
+    for (const [url, payload] of [['/v1/chat/completions', chat], ['/completion', { prompt: 'x' }]] as const) {
+      const r = await a.inject({ method: 'POST', url, payload });
+      expect(r.statusCode, url).toBe(503);
+      expect(r.json().error.message).toBe(NOT_HOST_REASON);
+    }
+    expect((await a.inject({ method: 'GET', url: '/health' })).statusCode).toBe(503);
+    expect(forwarded).toEqual(['bb']);
+    // Still restarting as the host: the mesh request waits (bounded) like any other.
+    node.set({ running: ready('aa'), links: [], llamaPort: null, serving: false });
+    const pending = mesh({ path: '/v1/models', signal: sig() });
+    await new Promise((r) => setTimeout(r, 30));
+    node.set({ llamaPort: 4242, serving: true });
+    expect(await pending).toEqual(local);
   });
 
   it('gives up after the wait bound, and at once when the client leaves', async () => {

@@ -48,7 +48,7 @@ describe('parseCliArgs', () => {
       expect(r.kind).toBe('help');
       if (r.kind === 'help') expect(r.text).toContain('Examples:');
     }
-    for (const flag of ['--model', '--join', '--role', '--client', '--port', '--bind-port', '--max-vram', '--name', '--listen-all', '--api-key', '--log-level', '--inspect', '--relay', '--key-file', '--stun', '--join-file', '--data-port', '--data-path']) {
+    for (const flag of ['--model', '--join', '--role', '--client', '--port', '--bind-port', '--max-vram', '--name', '--listen-all', '--api-key', '--log-level', '--inspect', '--relay', '--key-file', '--stun', '--join-file', '--data-port', '--data-path', '--allowed-host']) {
       expect(HELP_TEXT).toContain(flag);
     }
   });
@@ -66,6 +66,7 @@ describe('parseCliArgs', () => {
       dataPath: 'auto',
       maxVramBytes: null,
       apiKey: null,
+      allowedHosts: [],
       logLevel: 'info',
       inspect: null,
       relay: { kind: 'default' },
@@ -73,6 +74,18 @@ describe('parseCliArgs', () => {
       stun: null,
     });
     expect(o.name.length).toBeGreaterThan(0);
+  });
+
+  it('--allowed-host: repeatable names (DNS names or IP addresses) the API answers to in Host', () => {
+    expect(run(['--model', model, '--allowed-host', 'Mesh.LAN', '--allowed-host', '192.168.1.5', '--allowed-host', '[fd00::1]']).allowedHosts).toEqual([
+      'mesh.lan',
+      '192.168.1.5',
+      'fd00::1',
+    ]);
+    expect(error(['--model', model, '--allowed-host', 'http://x.example'])).toMatch(/--allowed-host: "http:\/\/x.example" is not a host name or an IP address/);
+    expect(error(['--model', model, '--allowed-host', 'x.example:9337'])).toMatch(/--allowed-host/);
+    expect(error(['--model', model, '--allowed-host', ''])).toMatch(/--allowed-host/);
+    expect(HELP_TEXT).toMatch(/--allowed-host NAME[^]*refuses\s+others with 421/);
   });
 
   it('the direct data path: --data-port and --data-path', () => {

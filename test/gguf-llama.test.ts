@@ -23,7 +23,7 @@ describe('llama.cpp loads generated models', () => {
         // The llama-spm vocab's ids for "Hello world": the tokenizer came across intact.
         const tok = await fetch(`${server.url}/tokenize`, {
           method: 'POST',
-          headers: { 'content-type': 'application/json' },
+          headers: { 'content-type': 'application/json', ...server.authHeaders },
           body: JSON.stringify({ content: 'Hello world' }),
         });
         expect(((await tok.json()) as { tokens: number[] }).tokens).toEqual([15043, 3186]);

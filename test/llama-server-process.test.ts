@@ -9,6 +9,8 @@ import {
   launchLlamaServer,
   LlamaServerError,
   llamaServerArgs,
+  llamaServerEnv,
+  llamaServerKeyFor,
   parseProgressLine,
   startLlamaServer,
   type LlamaLoadProgress,
@@ -56,6 +58,22 @@ describe('llamaServerArgs', () => {
     expect(() => llamaServerArgs({ ...base, rpc: ['127.0.0.1:1'], tensorSplit: [0] }, 1, FLAGS)).toThrow(/not all zero/);
     expect(() => llamaServerArgs({ ...base, rpc: ['[::1]:1'] }, 1, FLAGS)).toThrow(/not a host:port/);
     expect(() => llamaServerArgs({ ...base, rpc: ['127.0.0.1:1'], devicesPerServer: [0] }, 1, FLAGS)).toThrow(/devicesPerServer/);
+  });
+
+  it('turns off the web UI, agent tools and MCP proxy and closes CORS where the release has the flags', () => {
+    const hard = { ...FLAGS, apiKeyFile: true, noWebui: true, noAgent: true, noMcpProxy: true, corsOrigins: true, noCorsCredentials: true };
+    const args = llamaServerArgs({ ...base, rpc: ['127.0.0.1:1'] }, 1, hard);
+    for (const f of ['--no-webui', '--no-agent', '--no-ui-mcp-proxy', '--no-cors-credentials']) expect(args).toContain(f);
+    expect(args[args.indexOf('--cors-origins') + 1]).toBe('https://mesh-inference.invalid');
+    // The key is never in the args llamaServerArgs makes (the launcher adds only a file's path).
+    expect(args.join(' ')).not.toMatch(/--api-key\b(?!-file)/);
+    const old = llamaServerArgs({ ...base, rpc: ['127.0.0.1:1'] }, 1, FLAGS);
+    expect(old.filter((a) => a.startsWith('--no-') || a.startsWith('--cors'))).toEqual([]);
+  });
+
+  it("removes llama.cpp's option variables from what llama-server inherits", () => {
+    const env = llamaServerEnv({ GGML_NO_BACKTRACE: '1', LLAMA_ARG_TOOLS: 'all' }, { PATH: '/bin', LLAMA_ARG_TOOLS: 'all', LLAMA_ARG_AGENT: '1', llama_arg_ui_mcp_proxy: '1', LLAMA_API_KEY: 'x', HF_TOKEN: 't', LLAMA_CACHE: '/c' });
+    expect(env).toEqual({ GGML_NO_BACKTRACE: '1', LLAMA_ARG_TOOLS: undefined, LLAMA_ARG_AGENT: undefined, llama_arg_ui_mcp_proxy: undefined, LLAMA_API_KEY: undefined, HF_TOKEN: undefined });
   });
 
   it('reads progress lines of the router-child protocol', () => {
@@ -254,9 +272,10 @@ describe('the llama-server machine with the real actor logic', () => {
       expect(ready).toMatchObject({ port: started[0]!.port, planId: 'plan-1', generation: 1 });
       expect(started[0]!.args.join(' ')).toContain(`--rpc ${worker.address},${own.address} -dev RPC0,RPC1 -ngl 999 --tensor-split 0.6,0.4`);
       expect(progress).toContain('plan-1/1:loading');
-      const models = (await (await fetch(`http://127.0.0.1:${ready.port}/v1/models`)).json()) as { data: { id: string }[] };
+      const authHeaders = { authorization: `Bearer ${llamaServerKeyFor(ready.port)}` };
+      const models = (await (await fetch(`http://127.0.0.1:${ready.port}/v1/models`, { headers: authHeaders })).json()) as { data: { id: string }[] };
       expect(models.data.map((m) => m.id)).toContain('tiny');
-      const out = await greedyCompletion({ url: `http://127.0.0.1:${ready.port}` }, 'hello', 8);
+      const out = await greedyCompletion({ url: `http://127.0.0.1:${ready.port}`, authHeaders }, 'hello', 8);
       expect(out.tokens).toHaveLength(8);
 
       process.kill(started[0]!.process.pid, 'SIGKILL');

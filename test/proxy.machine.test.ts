@@ -33,6 +33,15 @@ describe('decideRoute', () => {
     expect(decideRoute(facts({ plan: ready('me'), llamaPort: null }))).toBeNull();
     expect(decideRoute(facts({ plan: ready('host'), links: [] }))).toBeNull();
   });
+  it('a request that came over the mesh is served locally or refused at once, never forwarded', () => {
+    expect(decideRoute(facts({ plan: ready('me'), llamaPort: 8081 }), 'mesh')).toEqual({ kind: 'local', port: 8081 });
+    expect(decideRoute(facts({ plan: ready('host'), links: [HOST] }), 'mesh')).toMatchObject({ kind: 'refused', status: 503, retryAfterS: 2 });
+    expect(decideRoute(facts({ plan: ready('host'), settled: false }), 'mesh')).toMatchObject({ kind: 'refused' });
+    expect(decideRoute(facts({ plan: waiting }), 'mesh')).toEqual({ kind: 'refused', status: 503, reason: waiting.reason, retryAfterS: 30 });
+    // Hosting but restarting, or no plan yet: wait (bounded), as any request.
+    expect(decideRoute(facts({ plan: ready('me'), settled: false, llamaPort: 8081 }), 'mesh')).toBeNull();
+    expect(decideRoute(facts({ plan: null }), 'mesh')).toBeNull();
+  });
   it('reads the facts off a node snapshot', () => {
     const snapshot = {
       context: { self: { id: ME }, running: ready('host'), llamaPort: null, links: [HOST] },

@@ -1,9 +1,11 @@
 // Actor logic around the API: the proxy machine's `watchMesh` slot, and the upstream resolver that runs one
-// proxy machine per request (src/machines/proxy.machine.ts) and turns its Route into an Upstream.
+// proxy machine per request (src/machines/proxy.machine.ts) and turns its Route into an Upstream. A local
+// route carries the local llama-server's per-start API key (only this node knows it).
 import { createActor, fromCallback, type EventObject, type InspectionEvent, type Observer } from 'xstate';
 import type { EndpointId } from '../machines/mesh-types.ts';
-import { proxyMachine, routeFacts, type ProxyEvent, type Route } from '../machines/proxy.machine.ts';
+import { NOT_HOST_REASON, proxyMachine, routeFacts, type ProxyEvent, type RequestOrigin, type Route } from '../machines/proxy.machine.ts';
 import type { Upstream, UpstreamResolver } from '../io/http/api-server.ts';
+import { llamaServerKeyFor } from '../io/llama/llama-server-process.ts';
 
 /** What routing reads from the node actor: its snapshot, and updates to it. */
 type NodeSnapshotLike = Parameters<typeof routeFacts>[0];
@@ -30,6 +32,13 @@ export interface MeshResolverInit {
   readonly remoteBaseUrl: (host: EndpointId, signal: AbortSignal) => Promise<string>;
   /** Overrides the proxy machine's wait bound (ms), for tests. */
   readonly maxWaitMs?: number;
+  /**
+   * `mesh`: the resolver of the host's mesh listener (the end of the http tunnel): local or refused, never
+   * remote. Default `client`.
+   */
+  readonly origin?: RequestOrigin;
+  /** The local llama-server's API key for its port (default: the one this process started it with). */
+  readonly llamaKeyFor?: (port: number) => string | null;
   /**
    * The node's actor system, when the node is inspected: each request's proxy actor reports to the node's
    * inspector as part of the node's tree (its events carry the node's root id).
@@ -66,7 +75,7 @@ export function meshUpstreamResolver(init: MeshResolverInit): UpstreamResolver {
   });
   const inspect = inspectUnder(init.system);
   return async ({ signal }) => {
-    const actor = createActor(machine, { input: { facts: routeFacts(init.node.getSnapshot()) }, inspect });
+    const actor = createActor(machine, { input: { facts: routeFacts(init.node.getSnapshot()), origin: init.origin ?? 'client' }, inspect });
     const route = await new Promise<Route | null>((resolve) => {
       const onAbort = () => resolve(null);
       signal.addEventListener('abort', onAbort, { once: true });
@@ -81,7 +90,8 @@ export function meshUpstreamResolver(init: MeshResolverInit): UpstreamResolver {
     });
     actor.stop();
     if (route === null) return { kind: 'unavailable', reason: 'the request was cancelled while the mesh was not ready', retryAfterS: 5 };
-    return routeToUpstream(route, init.remoteBaseUrl, signal);
+    if (route.kind === 'remote' && init.origin === 'mesh') return { kind: 'unavailable', reason: NOT_HOST_REASON, retryAfterS: 2 };
+    return routeToUpstream(route, init.remoteBaseUrl, signal, init.llamaKeyFor ?? llamaServerKeyFor);
   };
 }
 
@@ -90,10 +100,13 @@ export async function routeToUpstream(
   route: Route,
   remoteBaseUrl: MeshResolverInit['remoteBaseUrl'],
   signal: AbortSignal,
+  llamaKeyFor: (port: number) => string | null = llamaServerKeyFor,
 ): Promise<Upstream> {
   switch (route.kind) {
-    case 'local':
-      return { kind: 'url', baseUrl: `http://127.0.0.1:${route.port}` };
+    case 'local': {
+      const key = llamaKeyFor(route.port);
+      return { kind: 'url', baseUrl: `http://127.0.0.1:${route.port}`, ...(key !== null ? { headers: { authorization: `Bearer ${key}` } } : {}) };
+    }
     case 'remote':
       return { kind: 'url', baseUrl: await remoteBaseUrl(route.host, signal) };
     case 'refused':

@@ -13,7 +13,7 @@ import type { MeshEndpoint } from '../io/transport/transport.ts';
 import type { EndpointId } from '../machines/mesh-types.ts';
 import { runningRole, type NodeContext, type RpcTunnelPolicy } from '../machines/node.machine.ts';
 import { remoteWorkers } from '../machines/node-plan.ts';
-import { tunnelDecision } from '../machines/tunnel-policy.ts';
+import { tunnelDecision, type TunnelTarget } from '../machines/tunnel-policy.ts';
 
 /** The patched rpc-server's extra command, for the counting proxy (native/patches/0001). */
 const MESH_RPC_COMMANDS = { 18: { name: 'SET_TENSOR_GGUF', reply: true } } as const;
@@ -66,6 +66,8 @@ export class NodeTunnels {
   private readonly httpRoutes = new Map<EndpointId, Promise<TunnelListener>>();
   /** The node's context as of the last snapshot followed; null before the first. */
   private context: NodeContext | null = null;
+  /** Where an admitted http tunnel ends: this node's mesh API listener (null until it listens). */
+  private meshApi: TunnelTarget | null = null;
   private lastPolicy: RpcTunnelPolicy | null = null;
   private lastLinks: readonly EndpointId[] = [];
   private readonly dataPath: 'auto' | 'quic';
@@ -78,7 +80,7 @@ export class NodeTunnels {
     this.log = components.log;
     this.countRpc = init.countRpc ?? false;
     this.dataPath = init.dataPath ?? 'quic';
-    const allow = (remote: EndpointId, kind: 'rpc' | 'http') => tunnelDecision(this.context, remote, kind);
+    const allow = (remote: EndpointId, kind: 'rpc' | 'http') => tunnelDecision(this.context, remote, kind, this.meshApi);
     this.direct =
       this.dataPath === 'auto'
         ? new DirectPathServer({ host: init.dataHost ?? '127.0.0.1', port: init.dataPort ?? 0 }, { allow, advertise: components.advertise ?? (() => [init.dataHost ?? '127.0.0.1']), log: components.log })
@@ -92,6 +94,11 @@ export class NodeTunnels {
     if (this.direct === null) return null;
     await this.direct.start();
     return this.direct.port;
+  }
+
+  /** Incoming http tunnels end at this loopback address: the node's mesh API listener, never llama-server. */
+  serveHttpAt(target: TunnelTarget): void {
+    this.meshApi = target;
   }
 
   /** Every snapshot of the node: the hand-off, dead links, listeners of workers that are no longer stages. */
@@ -138,7 +145,7 @@ export class NodeTunnels {
     return { address: t.address, keyLine: `${t.address} ${t.identity} ${t.key.toString('hex')}` };
   }
 
-  /** Worker or lite client: "http://127.0.0.1:PORT" that reaches `host`'s llama-server. */
+  /** Worker or lite client: "http://127.0.0.1:PORT" that reaches `host`'s API (its mesh listener). */
   async httpBaseUrl(host: EndpointId): Promise<string> {
     let r = this.httpRoutes.get(host);
     if (r === undefined) {

@@ -4,7 +4,7 @@
 import type { EndpointId } from './mesh-types.ts';
 import { runningRole, type NodeContext } from './node-context.ts';
 
-/** The two stream kinds a tunnel carries: llama.cpp's rpc protocol, and http to llama-server. */
+/** The two stream kinds a tunnel carries: llama.cpp's rpc protocol, and http to the host's API. */
 export type TunnelKind = 'rpc' | 'http';
 
 /** A local TCP address an admitted tunnel connects to. */
@@ -21,8 +21,11 @@ export type TunnelDecision = TunnelTarget | { readonly refuse: string };
  * An rpc stream is admitted from the host that `rpcTunnelPolicy` names; its plan id is not checked here,
  * because an incoming stream does not carry one yet (that needs a protocol version bump). The hand-off
  * (closing a host's tunnels when the policy changes, host or plan) is the tunnel layer's.
+ * An http stream ends at `meshApi`, the host's own API on its mesh listener (never at llama-server): there
+ * the API's limits, bounds and logging apply, and a request is served locally or refused, never forwarded
+ * again. It is admitted while this node hosts its running plan; the API waits (bounded) for llama-server.
  */
-export function tunnelDecision(c: NodeContext | null, remote: EndpointId, kind: TunnelKind): TunnelDecision {
+export function tunnelDecision(c: NodeContext | null, remote: EndpointId, kind: TunnelKind, meshApi: TunnelTarget | null = null): TunnelDecision {
   if (c === null) return { refuse: 'the node is starting' };
   if (kind === 'rpc') {
     // The hand-off: only the host of this worker's current plan reaches its rpc-server.
@@ -33,6 +36,7 @@ export function tunnelDecision(c: NodeContext | null, remote: EndpointId, kind: 
     if (c.rpc !== 'ready' || c.rpcPort === null) return { refuse: 'the rpc-server is not ready' };
     return { host: '127.0.0.1', port: c.rpcPort };
   }
-  if (runningRole(c) !== 'host' || c.llama !== 'ready' || c.llamaPort === null) return { refuse: 'this node does not serve the model right now' };
-  return { host: '127.0.0.1', port: c.llamaPort };
+  if (runningRole(c) !== 'host') return { refuse: 'this node does not serve the model right now' };
+  if (meshApi === null) return { refuse: "this node's mesh API is not listening yet" };
+  return meshApi;
 }

@@ -13,7 +13,7 @@ import type { CliOptions } from '../io/host/cli-args.ts';
 import { componentLogger, type Logger } from '../io/host/logger.ts';
 import type { StunInit, StunResult } from '../io/host/stun.ts';
 import type { VramInfo } from '../io/host/vram.ts';
-import { buildApiServer } from '../io/http/api-server.ts';
+import { allowedHostNames, buildApiServer } from '../io/http/api-server.ts';
 import { stopAll } from '../io/llama/processes.ts';
 import type { IrohMeshEndpoint, IrohTransportComponents, IrohTransportInit } from '../io/transport/iroh-transport.ts';
 import { createMeshId, createMeshSecret, encodeInviteToken, inviteAddrs } from '../io/wire/invite-token.ts';
@@ -30,6 +30,8 @@ export type NodeConfig = Pick<CliOptions, 'name' | 'role' | 'joins' | 'bindPort'
   readonly countRpc: boolean;
   /** Where peers dial our data port instead of our own addresses ("ip" or "ip:port"): tests, the WAN lab. */
   readonly dataAdvertise?: readonly string[];
+  /** `--allowed-host` names the API answers to besides loopback names and its own addresses. */
+  readonly allowedHosts?: readonly string[];
 };
 
 /** What this node holds, read before it is built (nothing to release). A lite client: no model, no VRAM. */
@@ -83,6 +85,8 @@ export interface StartedNode {
   readonly endpoint: IrohMeshEndpoint;
   readonly actor: Actor<typeof nodeMachine>;
   readonly api: FastifyInstance;
+  /** Where incoming http tunnels end (loopback, no key: admission authenticates): served locally or refused. */
+  readonly meshApi: FastifyInstance;
   readonly tunnels: NodeTunnels;
   /** What GET /api/status answers. */
   status(): NodeStatus;
@@ -117,6 +121,10 @@ export function buildNode(config: NodeConfig, components: NodeComponents): Built
       const dataPort = await listenData(parts.tunnels, config, log);
       // The API port before the actor: when it is taken, no process has started that would have to stop.
       const apiPort = await listenApi(parts.api, config);
+      await listenMeshApi(parts, log);
+      if (config.apiHost !== '127.0.0.1' && !config.apiKey) {
+        log.warn(`--listen-all without --api-key: anyone on the network who reaches port ${apiPort} can use this API, and through it the mesh's GPUs; set --api-key`);
+      }
       startActor(stack, parts, log, () => reason, () => void stop('the node machine stopped'));
       const apiUrl = `http://${config.apiHost === '0.0.0.0' ? '127.0.0.1' : config.apiHost}:${apiPort}`;
       return { id: endpoint.id, endpoint, apiPort, apiUrl, dataPort, ...parts };
@@ -169,7 +177,7 @@ function bindEndpoint(stack: DisposalStack, config: NodeConfig, components: Node
   );
 }
 
-type Parts = Pick<StartedNode, 'token' | 'meshId' | 'actor' | 'api' | 'tunnels' | 'status'>;
+type Parts = Pick<StartedNode, 'token' | 'meshId' | 'actor' | 'api' | 'meshApi' | 'tunnels' | 'status'>;
 
 /** On the bound endpoint: the tunnels, the provided node machine's actor (not started) and the API app. */
 function assemble(
@@ -213,10 +221,29 @@ function assemble(
     }),
     status,
     apiKey: config.apiKey,
+    allowedHosts: allowedHostNames(config.apiHost, config.allowedHosts),
     logger: componentLogger(logger, 'api'),
   });
   stack.defer('api', () => api.close());
-  return { token, meshId, actor, api, tunnels, status };
+  // The end of incoming http tunnels: the same API, marked by its listener (never by a header), whose
+  // resolver serves locally or refuses; no key (admission authenticates mesh traffic); loopback names only.
+  const meshApi = buildApiServer({
+    upstream: meshUpstreamResolver({ node: actor as never, origin: 'mesh', remoteBaseUrl: () => Promise.reject(new Error('a mesh request is never forwarded')) }),
+    status,
+    llamaRoutes: true,
+    logger: componentLogger(logger, 'api-mesh'),
+  });
+  stack.defer('mesh api', () => meshApi.close());
+  return { token, meshId, actor, api, meshApi, tunnels, status };
+}
+
+/** The mesh API on a free loopback port; incoming http tunnels end there from now on. */
+async function listenMeshApi(parts: Parts, log: Logger): Promise<void> {
+  await parts.meshApi.listen({ host: '127.0.0.1', port: 0 });
+  const addr = parts.meshApi.server.address();
+  if (typeof addr !== 'object' || addr === null) throw new Error('the mesh API did not get a port');
+  parts.tunnels.serveHttpAt({ host: '127.0.0.1', port: addr.port });
+  log.debug({ port: addr.port }, 'mesh API (the end of incoming http tunnels) listening on loopback');
 }
 
 /** The direct data path's TCP port (`--data-path auto`), on the endpoint's bind address. */

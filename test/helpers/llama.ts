@@ -128,14 +128,14 @@ export interface Completion {
 
 /** A greedy completion of exactly `nPredict` tokens (unless an end-of-generation token comes first). */
 export async function greedyCompletion(
-  server: { readonly url: string },
+  server: { readonly url: string; readonly authHeaders?: Readonly<Record<string, string>> },
   prompt: string,
   nPredict: number,
   extra: Record<string, unknown> = {},
 ): Promise<Completion> {
   const res = await fetch(`${server.url}/completion`, {
     method: 'POST',
-    headers: { 'content-type': 'application/json' },
+    headers: { 'content-type': 'application/json', ...server.authHeaders },
     body: JSON.stringify({
       prompt,
       n_predict: nPredict,

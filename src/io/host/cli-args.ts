@@ -38,6 +38,8 @@ export interface CliOptions {
   readonly maxVramBytes: number | null;
   readonly name: string;
   readonly apiKey: string | null;
+  /** Extra names the API answers to in `Host` (`--allowed-host`, repeatable); loopback names always. */
+  readonly allowedHosts: readonly string[];
   readonly logLevel: LevelWithSilent;
   readonly inspect: InspectTarget | null;
   readonly relay: RelayMode;
@@ -68,6 +70,9 @@ Usage: mesh-inference [options]
   --listen-all          serve the API on every interface instead of 127.0.0.1 (use --api-key too)
   --api-key KEY         require "Authorization: Bearer KEY" on every API route but /health
                         (also $${API_KEY_ENV})
+  --allowed-host NAME   also answer requests whose Host header names NAME (repeatable); the API
+                        answers only loopback names and the addresses it listens on, and refuses
+                        others with 421 (a web page must not reach it by DNS rebinding)
   --bind-port N         fixed port for the mesh, so a router's port-forwarding rule can reach it:
                         forward UDP (QUIC) and TCP (the direct data path) on this port
   --data-port N         TCP port of the direct data path (default: the --bind-port number when
@@ -117,6 +122,7 @@ const OPTIONS = {
   name: { type: 'string' },
   'listen-all': { type: 'boolean' },
   'api-key': { type: 'string' },
+  'allowed-host': { type: 'string', multiple: true },
   'log-level': { type: 'string' },
   inspect: { type: 'string' },
   relay: { type: 'string' },
@@ -174,6 +180,7 @@ function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse
     maxVramBytes: values['max-vram'] === undefined ? null : parseMaxVram(values['max-vram']),
     name: parseName(values.name),
     apiKey,
+    allowedHosts: parseAllowedHosts(values['allowed-host'] ?? []),
     logLevel,
     inspect: parseInspect(values.inspect),
     relay: parseRelay(values.relay),
@@ -366,6 +373,18 @@ function parseInspect(raw: string | undefined): InspectTarget | null {
     throw new CliUsageError(`--inspect: "${raw}" must be a ws:// or wss:// URL`);
   }
   return { kind: 'websocket', url: raw };
+}
+
+/** `--allowed-host NAME`: a DNS name or an IP address (IPv6 with or without brackets), no port, no scheme. */
+function parseAllowedHosts(raw: readonly string[]): string[] {
+  return raw.map((r) => {
+    const name = r.trim().toLowerCase();
+    const bare = name.startsWith('[') && name.endsWith(']') ? name.slice(1, -1) : name;
+    if (!/^[a-z0-9]([a-z0-9_.-]*[a-z0-9])?\.?$/.test(bare) && !/^[0-9a-f:.]+$/.test(bare)) {
+      throw new CliUsageError(`--allowed-host: "${r}" is not a host name or an IP address (no scheme, no port)`);
+    }
+    return bare;
+  });
 }
 
 function parseRelay(raw: string | undefined): RelayMode {

@@ -5,7 +5,15 @@
 // Failure rules: no route yet -> 503 with Retry-After and the reason; the client goes away -> the upstream
 // request is aborted (llama-server stops generating); the upstream dies mid-stream -> the stream ends with
 // an SSE `error` event and no `[DONE]` (OpenAI clients throw on it), never a silent truncation or a hang.
+//
+// Two listeners use it: the node's API (`:9337`, clients, `--api-key`) and, on every node that may host, the
+// mesh listener where incoming http tunnels end (loopback only, reached through admitted tunnels, no key:
+// admission authenticates mesh traffic; its resolver never forwards, see proxy.machine.ts); the mesh
+// listener also serves llama-server's own /completion, /tokenize and /apply-template (`llamaRoutes`).
+// Both check `Host` (DNS rebinding): loopback names, the addresses listened on, and `--allowed-host` names.
 import { timingSafeEqual } from 'node:crypto';
+import { isIP } from 'node:net';
+import { networkInterfaces } from 'node:os';
 import { Agent, request as httpRequest, type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from '../host/logger.ts';
@@ -45,6 +53,13 @@ export interface ApiServerInit {
   readonly healthResolveTimeoutMs?: number;
   /** Request body limit (default 32 MiB: long prompts, but not unbounded). */
   readonly bodyLimit?: number;
+  /**
+   * The `Host` names this API answers to besides loopback names (see allowedHostNames); others get 421.
+   * Undefined: loopback names only.
+   */
+  readonly allowedHosts?: ReadonlySet<string>;
+  /** Also serve llama-server's /completion, /tokenize and /apply-template (the host's mesh listener). */
+  readonly llamaRoutes?: boolean;
 }
 
 /** The OpenAI error body. */
@@ -71,9 +86,53 @@ interface ParsedBody {
 }
 
 const MODEL_ROUTES = [
-  { path: '/v1/chat/completions', field: 'messages' },
-  { path: '/v1/completions', field: 'prompt' },
+  { path: '/v1/chat/completions', field: 'messages', done: 'openai' },
+  { path: '/v1/completions', field: 'prompt', done: 'openai' },
 ] as const;
+
+/** llama-server's own routes, served on the host's mesh listener (`llamaRoutes`). */
+const LLAMA_ROUTES = [
+  { path: '/completion', field: 'prompt', done: 'llama' },
+  { path: '/tokenize', field: 'content', done: 'llama' },
+  { path: '/apply-template', field: 'messages', done: 'llama' },
+] as const;
+
+const LOOPBACK_HOSTS = ['localhost', '127.0.0.1', '::1'] as const;
+
+/**
+ * The `Host` names an API listening on `listenHost` answers to: loopback names, `listenHost` itself, every
+ * address of this machine when it listens on all of them (0.0.0.0 / ::), and `extra` (`--allowed-host`).
+ * Lowercase, IPv6 without brackets.
+ */
+export function allowedHostNames(
+  listenHost: string,
+  extra: readonly string[] = [],
+  interfaces: () => readonly string[] = () => Object.values(networkInterfaces()).flatMap((l) => (l ?? []).map((i) => i.address)),
+): Set<string> {
+  const out = new Set<string>(LOOPBACK_HOSTS);
+  const add = (h: string) => out.add(normalizeHostName(h));
+  if (listenHost === '0.0.0.0' || listenHost === '::') for (const a of interfaces()) add(a);
+  else add(listenHost);
+  for (const h of extra) add(h);
+  return out;
+}
+
+function normalizeHostName(h: string): string {
+  const t = h.trim().toLowerCase().replace(/\.$/, '');
+  return t.startsWith('[') && t.endsWith(']') ? t.slice(1, -1) : t;
+}
+
+/** The host name of a `Host` header ("name", "name:port", "[v6]", "[v6]:port"); null when malformed. */
+export function hostHeaderName(header: string): string | null {
+  const h = header.trim();
+  if (h === '') return null;
+  if (h.startsWith('[')) {
+    const m = /^\[([0-9a-fA-F:.]+)\](?::\d{1,5})?$/.exec(h);
+    return m === null ? null : m[1]!.toLowerCase();
+  }
+  const m = /^([^:\s/@]+)(?::\d{1,5})?$/.exec(h);
+  return m === null ? null : normalizeHostName(m[1]!);
+}
 
 /** Builds the app; the caller listens (`app.listen({ host, port })`) and closes it. */
 export function buildApiServer(init: ApiServerInit): FastifyInstance {
@@ -124,6 +183,26 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
   app.setNotFoundHandler((request, reply) =>
     reply.code(404).send(apiError(`no route ${request.method} ${request.url.split('?')[0]}`, 'invalid_request_error', 'not_found')),
   );
+
+  // DNS rebinding: a web page whose name now resolves to this machine sends its own name as Host.
+  const allowedHosts = init.allowedHosts ?? new Set<string>(LOOPBACK_HOSTS);
+  app.addHook('onRequest', async (request, reply) => {
+    const header = request.headers.host;
+    if (header === undefined) return; // HTTP/1.0 without Host: no browser sends that
+    const name = hostHeaderName(header);
+    if (name !== null && allowedHosts.has(name)) return;
+    request.log.warn({ host: header.slice(0, 100), url: request.url.slice(0, 100) }, 'refused a request for a Host this node does not answer to');
+    const shown = JSON.stringify(header.slice(0, 100));
+    return reply
+      .code(421)
+      .send(
+        apiError(
+          `this node does not answer to Host ${shown} (DNS rebinding protection): use a loopback address or one it listens on, or start it with --allowed-host ${name !== null && isIP(name) === 0 ? name : 'NAME'}`,
+          'invalid_request_error',
+          'host_not_allowed',
+        ),
+      );
+  });
 
   if (init.apiKey) {
     const expected = Buffer.from(init.apiKey, 'utf8');
@@ -191,7 +270,7 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
     return proxyBuffered(request, reply, agent, up, 'GET', '/v1/models', null);
   });
 
-  for (const route of MODEL_ROUTES) {
+  for (const route of [...MODEL_ROUTES, ...(init.llamaRoutes ? LLAMA_ROUTES : [])]) {
     app.post(route.path, async (request, reply) => {
       const body = request.body as ParsedBody | undefined;
       if (body === undefined || body === null) {
@@ -205,7 +284,7 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
       if (reply.raw.destroyed) return abandon(reply); // the client left while we waited
       if (up.kind === 'unavailable') return unavailable(reply, up);
       return stream
-        ? proxyStream(request, reply, agent, up, route.path, body.raw)
+        ? proxyStream(request, reply, agent, up, route.path, body.raw, route.done)
         : proxyBuffered(request, reply, agent, up, 'POST', route.path, body.raw);
     });
   }
@@ -213,7 +292,7 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
 }
 
 /** An OpenAI-style 400 body when the request lacks what the route needs, else null. */
-export function validateModelRequest(json: unknown, field: 'messages' | 'prompt'): ApiErrorBody | null {
+export function validateModelRequest(json: unknown, field: 'messages' | 'prompt' | 'content'): ApiErrorBody | null {
   if (typeof json !== 'object' || json === null || Array.isArray(json)) {
     return apiError('the body must be a JSON object', 'invalid_request_error', 'invalid_body');
   }
@@ -225,7 +304,7 @@ export function validateModelRequest(json: unknown, field: 'messages' | 'prompt'
     const bad = v.findIndex((m) => typeof m !== 'object' || m === null || typeof (m as { role?: unknown }).role !== 'string');
     if (bad >= 0) return apiError(`'messages[${bad}]' must be an object with a string 'role'`, 'invalid_request_error', 'invalid_field', `messages[${bad}]`);
   } else if (!(typeof v === 'string' || (Array.isArray(v) && v.length > 0))) {
-    return apiError("'prompt' must be a string or a non-empty array", 'invalid_request_error', 'invalid_field', 'prompt');
+    return apiError(`'${field}' must be a string or a non-empty array`, 'invalid_request_error', 'invalid_field', field);
   }
   if (o['stream'] !== undefined && typeof o['stream'] !== 'boolean') {
     return apiError("'stream' must be a boolean", 'invalid_request_error', 'invalid_field', 'stream');
@@ -304,7 +383,10 @@ async function proxyBuffered(
   }
 }
 
-/** SSE proxying: chunks are written as they arrive; a stream that ends without `[DONE]` gets an error event. */
+/**
+ * SSE proxying: chunks are written as they arrive; a stream that ends without its last event (`[DONE]` for
+ * the OpenAI routes, an event with `"stop":true` for llama-server's /completion) gets an error event.
+ */
 async function proxyStream(
   request: FastifyRequest,
   reply: FastifyReply,
@@ -312,6 +394,7 @@ async function proxyStream(
   up: Extract<Upstream, { kind: 'url' }>,
   path: string,
   body: Buffer,
+  doneKind: 'openai' | 'llama' = 'openai',
 ): Promise<FastifyReply> {
   const ctrl = new AbortController();
   const raw = reply.raw;
@@ -348,7 +431,7 @@ async function proxyStream(
     'x-accel-buffering': 'no',
   });
   raw.flushHeaders();
-  const done = new DoneDetector();
+  const done = new DoneDetector(doneKind);
   await new Promise<void>((resolveStream) => {
     let finished = false;
     const finish = (problem: string | null) => {
@@ -399,17 +482,23 @@ function abandon(reply: FastifyReply): FastifyReply {
   return reply;
 }
 
-/** Watches an SSE byte stream for a `data: [DONE]` line, across chunk boundaries. */
+/**
+ * Watches an SSE byte stream for its last event, across chunk boundaries: a `data: [DONE]` line (OpenAI), or
+ * a `data: {...}` line with `"stop":true` (llama-server's own /completion).
+ */
 class DoneDetector {
   seen = false;
   private carry = '';
+  constructor(private readonly kind: 'openai' | 'llama' = 'openai') {}
   push(chunk: Buffer): void {
     if (this.seen) return;
     const text = this.carry + chunk.toString('latin1');
     const lines = text.split('\n');
     this.carry = lines.pop() ?? '';
-    if (this.carry.length > 64) this.carry = this.carry.slice(-64);
-    if (lines.some((l) => l.trim() === 'data: [DONE]')) this.seen = true;
+    const keep = this.kind === 'openai' ? 64 : 1 << 20;
+    if (this.carry.length > keep) this.carry = this.carry.slice(-keep);
+    const last = this.kind === 'openai' ? (l: string) => l.trim() === 'data: [DONE]' : (l: string) => l.startsWith('data: ') && /"stop"\s*:\s*true/.test(l);
+    if (lines.some(last)) this.seen = true;
   }
 }
 

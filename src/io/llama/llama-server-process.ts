@@ -23,10 +23,29 @@
 //   --alias NAME          the model's name in /v1/models and answers, not the host's file path
 //   (warmup kept)         the empty warm-up decode runs the whole pipeline once before /health says ok, so a
 //                         broken stage fails the start, not the first user's request
+//   --api-key-file F      a random key per start that only this node knows (llamaServerKeyFor): the node's
+//                         API adds it when it forwards; F is a 0600 file in a 0700 temp dir, removed once
+//                         the server is bound, so the key is never in argv (`ps` shows argv to every user).
+//                         Releases without the flag get it as $LLAMA_API_KEY (readable by the same user only,
+//                         like the file). /health stays open (llama.cpp's one public route besides the web UI)
+//   --no-webui --no-agent --no-ui-mcp-proxy
+//                         no web UI, no built-in tools/agent, no MCP CORS proxy (each only where this release
+//                         has the flag); --tools and the MCP server lists are off by default and their
+//                         environment variables are removed (below)
+//   --cors-origins https://mesh-inference.invalid --no-cors-credentials
+//                         no browser origin matches (the reserved .invalid TLD), so no web page may read its
+//                         answers; llama.cpp's default is "*" with credentials
+// Environment: every LLAMA_ARG_* variable (llama.cpp reads one per flag: LLAMA_ARG_TOOLS, LLAMA_ARG_AGENT,
+// LLAMA_ARG_UI_MCP_PROXY... enable shell tools and a CORS proxy), LLAMA_API_KEY, HF_TOKEN and
+// MTMD_BACKEND_DEVICE are removed from what it inherits (llamaServerEnv).
 // It runs in llama.cpp's own "router child" mode (env LLAMA_SERVER_ROUTER_PORT): that mode prints load
 // progress as JSON lines on stdout, and, once loaded, exits when its stdin (our watchdog pipe) closes: a
 // second guard against orphans on top of processes.ts.
 import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import type { Logger } from '../host/logger.ts';
 import { spawnManaged, summarizeTail, type ExitInfo, type ManagedProcess } from './processes.ts';
 import { freeLoopbackPort } from './rpc-server-process.ts';
@@ -115,6 +134,10 @@ export interface LlamaServerProcess {
   readonly port: number;
   /** "http://127.0.0.1:PORT" */
   readonly url: string;
+  /** This start's random API key: every route but /health needs "Authorization: Bearer <apiKey>". */
+  readonly apiKey: string;
+  /** { authorization: 'Bearer <apiKey>' } */
+  readonly authHeaders: Readonly<Record<string, string>>;
   readonly args: readonly string[];
   readonly process: ManagedProcess;
   /** Resolves (never rejects) when it exits. */
@@ -150,6 +173,13 @@ export interface LlamaServerFlags {
   readonly loadMode: boolean;
   readonly fit: boolean;
   readonly cacheRam: boolean;
+  /** Hardening flags (false on releases without them): see the header. */
+  readonly apiKeyFile?: boolean;
+  readonly noWebui?: boolean;
+  readonly noAgent?: boolean;
+  readonly noMcpProxy?: boolean;
+  readonly corsOrigins?: boolean;
+  readonly noCorsCredentials?: boolean;
 }
 
 const flagCache = new Map<string, Promise<LlamaServerFlags>>();
@@ -165,7 +195,17 @@ export function detectLlamaServerFlags(binary: string): Promise<LlamaServerFlags
           return;
         }
         const has = (flag: string) => new RegExp(`(^|[\\s,])${flag}([\\s,=]|$)`, 'm').test(text);
-        resolve({ loadMode: has('--load-mode'), fit: has('--fit'), cacheRam: has('--cache-ram') });
+        resolve({
+          loadMode: has('--load-mode'),
+          fit: has('--fit'),
+          cacheRam: has('--cache-ram'),
+          apiKeyFile: has('--api-key-file'),
+          noWebui: has('--no-webui'),
+          noAgent: has('--no-agent'),
+          noMcpProxy: has('--no-ui-mcp-proxy'),
+          corsOrigins: has('--cors-origins'),
+          noCorsCredentials: has('--no-cors-credentials'),
+        });
       });
     });
     flagCache.set(binary, p);
@@ -230,7 +270,47 @@ function runtimeArgs(init: LlamaServerInit, flags: LlamaServerFlags): string[] {
     ...(init.parallel !== undefined ? ['-np', String(init.parallel)] : []),
     // Commas separate aliases for llama.cpp: a name with one would become two.
     ...(init.alias ? ['--alias', init.alias.replace(/,/g, ' ')] : []),
+    ...hardeningArgs(flags),
   ];
+}
+
+/** No origin a browser can have, no credentials. */
+export const LLAMA_CORS_ORIGIN = 'https://mesh-inference.invalid';
+
+/** Web UI, agent tools, MCP proxy off; CORS closed (each where this release has the flag; see the header). */
+function hardeningArgs(flags: LlamaServerFlags): string[] {
+  return [
+    ...(flags.noWebui ? ['--no-webui'] : []),
+    ...(flags.noAgent ? ['--no-agent'] : []),
+    ...(flags.noMcpProxy ? ['--no-ui-mcp-proxy'] : []),
+    ...(flags.corsOrigins ? ['--cors-origins', LLAMA_CORS_ORIGIN] : []),
+    ...(flags.noCorsCredentials ? ['--no-cors-credentials'] : []),
+  ];
+}
+
+/** Variables llama.cpp reads as options (or secrets it does not need) that must not reach llama-server. */
+export function isLlamaOptionVariable(name: string): boolean {
+  return /^LLAMA_ARG_/i.test(name) || ['LLAMA_API_KEY', 'HF_TOKEN', 'MTMD_BACKEND_DEVICE'].includes(name.toUpperCase());
+}
+
+/**
+ * llama-server's environment on top of this process's: `extra` without llama.cpp's option variables, and
+ * every such variable this process has set to undefined, so the child does not inherit it (Node leaves
+ * undefined values out of a child's environment).
+ */
+export function llamaServerEnv(extra: Readonly<Record<string, string>>, inherited: NodeJS.ProcessEnv = process.env): Record<string, string | undefined> {
+  const env: Record<string, string | undefined> = {};
+  for (const name of Object.keys(inherited)) if (isLlamaOptionVariable(name)) env[name] = undefined;
+  for (const [name, value] of Object.entries(extra)) env[name] = isLlamaOptionVariable(name) ? undefined : value;
+  return env;
+}
+
+/** The key of each llama-server this process runs, by port, while it runs. */
+const keysByPort = new Map<number, string>();
+
+/** The API key of the llama-server this process runs on `port`; null when there is none. */
+export function llamaServerKeyFor(port: number): string | null {
+  return keysByPort.get(port) ?? null;
 }
 
 function formatShare(s: number): string {
@@ -251,7 +331,7 @@ export async function launchLlamaServer(init: LlamaServerInit): Promise<LlamaSer
     init.signal?.throwIfAborted();
     const port = init.port ?? (await freeLoopbackPort());
     try {
-      return await launchOnPort(init, port, llamaServerArgs(init, port, flags));
+      return await launchOnPort(init, port, llamaServerArgs(init, port, flags), flags);
     } catch (err) {
       if (!(err instanceof LlamaServerError)) throw err;
       last = err;
@@ -275,21 +355,48 @@ export async function startLlamaServer(init: LlamaServerInit & { readyTimeoutMs?
   return server;
 }
 
-async function launchOnPort(init: LlamaServerInit, port: number, args: string[]): Promise<LlamaServerProcess> {
-  const proc = spawnManaged({
-    name: 'llama-server',
-    file: init.binary,
-    args,
-    env: { ...init.env, LLAMA_SERVER_ROUTER_PORT: '0', ...(init.tlsKeys?.length ? { GGML_RPC_TLS_FD: '5' } : {}) },
-    secretFd5: init.tlsKeys?.length ? `${init.tlsKeys.join('\n')}\n` : undefined,
-    logger: init.logger,
-    // In router-child mode a SIGTERM alone hangs once loaded: its stdin-monitor thread keeps the process
-    // alive until stdin ends. The router's own exit command (then EOF) lets it shut down cleanly at once.
-    beforeStop: (p) => {
-      p.writeStdin(`${ROUTER_EXIT_COMMAND}\n`);
-      p.closeStdin();
-    },
-  });
+async function launchOnPort(init: LlamaServerInit, port: number, baseArgs: string[], flags: LlamaServerFlags): Promise<LlamaServerProcess> {
+  const apiKey = randomBytes(32).toString('base64url');
+  // The key file: a fresh 0700 directory, a 0600 file, removed once the server has read it (bound) or exited.
+  let keyDir: string | null = null;
+  const removeKeyFile = () => {
+    if (keyDir !== null) rmSync(keyDir, { recursive: true, force: true });
+    keyDir = null;
+  };
+  const keyArgs: string[] = [];
+  const keyEnv: Record<string, string> = {};
+  if (flags.apiKeyFile) {
+    keyDir = mkdtempSync(join(tmpdir(), 'mesh-llama-key-'));
+    const file = join(keyDir, 'key');
+    writeFileSync(file, `${apiKey}\n`, { mode: 0o600 });
+    keyArgs.push('--api-key-file', file);
+  } else {
+    keyEnv['LLAMA_API_KEY'] = apiKey;
+  }
+  const args = [...baseArgs, ...keyArgs];
+  let proc: ManagedProcess;
+  try {
+    proc = spawnManaged({
+      name: 'llama-server',
+      file: init.binary,
+      args,
+      env: {
+        ...(llamaServerEnv({ ...init.env, LLAMA_SERVER_ROUTER_PORT: '0', ...(init.tlsKeys?.length ? { GGML_RPC_TLS_FD: '5' } : {}) }) as Record<string, string>),
+        ...keyEnv,
+      },
+      secretFd5: init.tlsKeys?.length ? `${init.tlsKeys.join('\n')}\n` : undefined,
+      logger: init.logger,
+      // In router-child mode a SIGTERM alone hangs once loaded: its stdin-monitor thread keeps the process
+      // alive until stdin ends. The router's own exit command (then EOF) lets it shut down cleanly at once.
+      beforeStop: (p) => {
+        p.writeStdin(`${ROUTER_EXIT_COMMAND}\n`);
+        p.closeStdin();
+      },
+    });
+  } catch (err) {
+    removeKeyFile();
+    throw err;
+  }
   const url = `http://127.0.0.1:${port}`;
   let progress: LlamaLoadProgress = { phase: 'starting', fraction: null };
   const setProgress = (p: LlamaLoadProgress) => {
@@ -315,9 +422,17 @@ async function launchOnPort(init: LlamaServerInit, port: number, args: string[])
     }
   });
 
+  const authHeaders = { authorization: `Bearer ${apiKey}` };
+  keysByPort.set(port, apiKey);
+  void proc.exited.then(() => {
+    removeKeyFile();
+    if (keysByPort.get(port) === apiKey) keysByPort.delete(port);
+  });
   const server: LlamaServerProcess = {
     port,
     url,
+    apiKey,
+    authHeaders,
     args,
     process: proc,
     exited: proc.exited,
@@ -341,6 +456,7 @@ async function launchOnPort(init: LlamaServerInit, port: number, args: string[])
       new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), timeoutMs))),
     ]);
     if (outcome === 'bound') {
+      removeKeyFile();
       init.logger?.info({ port, pid: proc.pid, rpc: init.rpc }, 'llama-server launched; loading');
       return server;
     }
@@ -356,6 +472,7 @@ async function launchOnPort(init: LlamaServerInit, port: number, args: string[])
     init.signal?.throwIfAborted();
     throw new LlamaServerError(describeExit(exit, 'before its HTTP port was up'), exit, exit.tail);
   } finally {
+    removeKeyFile();
     clearTimeout(timer);
     init.signal?.removeEventListener('abort', onAbort);
   }
