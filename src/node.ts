@@ -58,7 +58,7 @@ export interface NodeHandle {
 /** Starts a node. Throws (with a one-line message) when something it needs is missing or broken. */
 export async function startNode(options: CliOptions, extras: NodeExtras = {}): Promise<NodeHandle> {
   const logger = createLogger({ level: options.logLevel });
-  const { binaries, ...holdings } = await readHoldings(options, logger);
+  const { binaries, memory, ...holdings } = await readHoldings(options, logger);
   // A node without a model is a lite client, whatever its role preference.
   const role = options.role === 'client' || options.model === null ? 'client' : options.role;
   const node = buildNode(
@@ -69,6 +69,7 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
       net: { stun: discoverPublicAddress, bind: createIrohEndpoint },
       processes: processSlots(options, extras, binaries, logger),
       inspector: () => openInspector(options.inspect, logger),
+      memory,
     },
   );
   const started = await node.start();

@@ -11,12 +11,13 @@ import { createMeshNetworkLogic } from '../actors/mesh-network.actor.ts';
 import { NodeTunnels } from '../actors/tunnels.actor.ts';
 import type { CliOptions } from '../io/host/cli-args.ts';
 import { componentLogger, type Logger } from '../io/host/logger.ts';
+import { chooseMesh, mergePeers, MeshMemoryWriter, type MeshChoice, type RememberedMesh, type RememberedPeer } from '../io/host/mesh-memory.ts';
 import type { StunInit, StunResult } from '../io/host/stun.ts';
 import type { VramInfo } from '../io/host/vram.ts';
 import { allowedHostNames, buildApiServer } from '../io/http/api-server.ts';
 import { stopAll } from '../io/llama/processes.ts';
 import type { IrohMeshEndpoint, IrohTransportComponents, IrohTransportInit } from '../io/transport/iroh-transport.ts';
-import { createMeshId, createMeshSecret, encodeInviteToken, inviteAddrs } from '../io/wire/invite-token.ts';
+import { encodeInviteToken, inviteAddrs } from '../io/wire/invite-token.ts';
 import { PROTOCOL_VERSION, type Announcement, type EndpointId, type ModelIdentity } from '../machines/mesh-types.ts';
 import { nodeMachine, runningRole } from '../machines/node.machine.ts';
 import { DisposalStack } from './disposal.ts';
@@ -32,6 +33,8 @@ export type NodeConfig = Pick<CliOptions, 'name' | 'role' | 'joins' | 'bindPort'
   readonly dataAdvertise?: readonly string[];
   /** `--allowed-host` names the API answers to besides loopback names and its own addresses. */
   readonly allowedHosts?: readonly string[];
+  /** `--new-mesh`: a fresh mesh even where the mesh file remembers one. */
+  readonly newMesh?: boolean;
 };
 
 /** What this node holds, read before it is built (nothing to release). A lite client: no model, no VRAM. */
@@ -69,6 +72,14 @@ export interface NodeComponents {
   readonly processes: NodeProcessSlots;
   /** Opened first by start() (a connection), closed last; null or absent: not inspected. */
   readonly inspector?: () => NodeInspector | null;
+  /** The key file's mesh file (src/io/host/mesh-memory.ts); absent for an ephemeral key: nothing remembered. */
+  readonly memory?: NodeMeshMemory | null;
+}
+
+/** Where this node remembers its mesh, and what it remembered when it was read. */
+export interface NodeMeshMemory {
+  readonly path: string;
+  readonly remembered: RememberedMesh | null;
 }
 
 /** A started node: what its handle and the tests read. */
@@ -126,6 +137,7 @@ export function buildNode(config: NodeConfig, components: NodeComponents): Built
         log.warn(`--listen-all without --api-key: anyone on the network who reaches port ${apiPort} can use this API, and through it the mesh's GPUs; set --api-key`);
       }
       startActor(stack, parts, log, () => reason, () => void stop('the node machine stopped'));
+      await rememberMesh(stack, parts, components.memory ?? null, log);
       const apiUrl = `http://${config.apiHost === '0.0.0.0' ? '127.0.0.1' : config.apiHost}:${apiPort}`;
       return { id: endpoint.id, endpoint, apiPort, apiUrl, dataPort, ...parts };
     } catch (err) {
@@ -177,7 +189,7 @@ function bindEndpoint(stack: DisposalStack, config: NodeConfig, components: Node
   );
 }
 
-type Parts = Pick<StartedNode, 'token' | 'meshId' | 'actor' | 'api' | 'meshApi' | 'tunnels' | 'status'>;
+type Parts = Pick<StartedNode, 'token' | 'meshId' | 'actor' | 'api' | 'meshApi' | 'tunnels' | 'status'> & { readonly mesh: MeshChoice };
 
 /** On the bound endpoint: the tunnels, the provided node machine's actor (not started) and the API app. */
 function assemble(
@@ -189,9 +201,9 @@ function assemble(
   inspect: Observer<InspectionEvent> | undefined,
 ): Parts {
   const logger = components.logger;
-  const invite = config.joins[0] ?? null;
-  const secret = invite?.secret ?? createMeshSecret();
-  const meshId = invite?.meshId ?? createMeshId();
+  const mesh = chooseMesh(config.joins, components.memory?.remembered ?? null, config.newMesh ?? false, endpoint.id);
+  const { meshId, secret } = mesh;
+  logMeshChoice(componentLogger(logger, 'node'), mesh, components.memory ?? null);
   const tokenAddrs = inviteAddrs(endpoint.addrs().filter((a) => !/^https?:/.test(a)), publicAddr);
   const token = encodeInviteToken({ meshId, secret, inviter: endpoint.id, addrs: tokenAddrs });
   const self = announcement(config, components.holdings, endpoint);
@@ -208,7 +220,7 @@ function assemble(
   const { weightsOverWire, ...processes } = components.processes({ rpcAddressFor: (peer) => tunnels.rpcAddressFor(peer), directRpcFor: (peer) => tunnels.directRpcFor(peer) });
   const machine = nodeMachine.provide({ actors: { network, ...(processes as object) } });
   const actor = createActor(machine, {
-    input: { self, bootstrap: config.joins.map((j) => ({ id: j.inviter, addrs: j.addrs })) },
+    input: { self, bootstrap: mesh.bootstrap.map((p) => ({ id: p.id, addrs: p.addrs })) },
     inspect,
   });
 
@@ -234,7 +246,7 @@ function assemble(
     logger: componentLogger(logger, 'api-mesh'),
   });
   stack.defer('mesh api', () => meshApi.close());
-  return { token, meshId, actor, api, meshApi, tunnels, status };
+  return { token, meshId, actor, api, meshApi, tunnels, status, mesh };
 }
 
 /** The mesh API on a free loopback port; incoming http tunnels end there from now on. */
@@ -244,6 +256,52 @@ async function listenMeshApi(parts: Parts, log: Logger): Promise<void> {
   if (typeof addr !== 'object' || addr === null) throw new Error('the mesh API did not get a port');
   parts.tunnels.serveHttpAt({ host: '127.0.0.1', port: addr.port });
   log.debug({ port: addr.port }, 'mesh API (the end of incoming http tunnels) listening on loopback');
+}
+
+function logMeshChoice(log: Logger, mesh: MeshChoice, memory: NodeMeshMemory | null): void {
+  const id = mesh.meshId.slice(0, 8);
+  const left = mesh.left?.slice(0, 8);
+  switch (mesh.how) {
+    case 'remembered':
+      log.info({ meshId: mesh.meshId, peers: mesh.bootstrap.length, file: memory?.path }, `rejoining the remembered mesh ${id} through ${mesh.bootstrap.length} known peer(s)`);
+      return;
+    case 'switched':
+      log.warn({ meshId: mesh.meshId, left: mesh.left, file: memory?.path }, `switching mesh: the --join token is for mesh ${id}; leaving the remembered mesh ${left}`);
+      return;
+    case 'joined':
+      log.info({ meshId: mesh.meshId }, `joining mesh ${id}`);
+      return;
+    case 'new':
+      if (mesh.left !== null) log.warn({ meshId: mesh.meshId, left: mesh.left }, `--new-mesh: a fresh mesh ${id}; leaving the remembered mesh ${left}`);
+      else log.info({ meshId: mesh.meshId }, `a new mesh ${id}`);
+  }
+}
+
+/**
+ * Keeps the mesh file in step: written at once (the mesh chosen, so a restart finds it even after a crash),
+ * then whenever the view's peers change (debounced), and flushed on stop (before the peers are told we leave).
+ */
+async function rememberMesh(stack: DisposalStack, parts: Parts, memory: NodeMeshMemory | null, log: Logger): Promise<void> {
+  if (memory === null) return;
+  const writer = new MeshMemoryWriter(memory.path, (err) => log.warn({ err: err.message }, 'the mesh file could not be written'));
+  const before = memory.remembered?.meshId === parts.mesh.meshId ? memory.remembered.peers : [];
+  const { meshId, secret } = parts.mesh;
+  let known: readonly RememberedPeer[] = mergePeers(parts.mesh.bootstrap, before);
+  const remember = (snap: SnapshotFrom<typeof nodeMachine>): void => {
+    const c = snap.context;
+    const inView: RememberedPeer[] = Object.values(c.view.announcements)
+      .filter((a) => a.id !== c.self.id)
+      .map((a) => ({ id: a.id, addrs: a.addrs.slice(0, 8), name: a.name }));
+    known = mergePeers(inView, known, c.self.id);
+    writer.update({ meshId, secret, peers: known });
+  };
+  remember(parts.actor.getSnapshot());
+  await writer.flush();
+  const sub = parts.actor.subscribe({ next: remember, error: () => {} });
+  stack.defer('mesh file', async () => {
+    sub.unsubscribe();
+    await writer.flush();
+  });
 }
 
 /** The direct data path's TCP port (`--data-path auto`), on the endpoint's bind address. */

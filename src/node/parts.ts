@@ -6,20 +6,24 @@ import { llamaServerProcessLogic, waitLlamaHealthyLogic, type WeightsOverWireRep
 import { rpcServerProcessLogic, waitRpcServerListeningLogic } from '../actors/rpc-server.actor.ts';
 import type { CliOptions } from '../io/host/cli-args.ts';
 import { componentLogger, type Logger } from '../io/host/logger.ts';
+import { meshMemoryPath, readMeshMemory } from '../io/host/mesh-memory.ts';
 import { loadOrCreateSecretKey } from '../io/host/secret-key.ts';
 import { detectVram, formatBytes } from '../io/host/vram.ts';
 import { readModelIdentity } from '../io/gguf/gguf-identity.ts';
 import { findLlamaBinaries, type LlamaBinaries } from '../io/llama/llama-binaries.ts';
 import { llamaServerMachine } from '../machines/llama-server.machine.ts';
 import { rpcServerMachine } from '../machines/rpc-server.machine.ts';
-import type { NodeHoldings, NodeInspector, NodeProcessSlots } from './build.ts';
+import type { NodeHoldings, NodeInspector, NodeMeshMemory, NodeProcessSlots } from './build.ts';
 import { sanitizeForInspector } from './status.ts';
 
 /** SIGTERM -> SIGKILL grace for llama-server (see where it is used). */
 const LLAMA_KILL_GRACE_MS = 1_000;
 
 /** What this node holds, read (and logged) before it is built. A lite client holds no model and no binaries. */
-export async function readHoldings(options: CliOptions, logger: Logger): Promise<NodeHoldings & { readonly binaries: LlamaBinaries | null }> {
+export async function readHoldings(
+  options: CliOptions,
+  logger: Logger,
+): Promise<NodeHoldings & { readonly binaries: LlamaBinaries | null; readonly memory: NodeMeshMemory }> {
   const log = componentLogger(logger, 'node');
   const isClient = options.role === 'client' || options.model === null;
   const model = isClient ? null : await readModelIdentity(options.model!);
@@ -28,8 +32,11 @@ export async function readHoldings(options: CliOptions, logger: Logger): Promise
   if (model !== null) log.info({ model: model.name, bytes: model.bytes, fingerprint: model.fingerprint }, 'model');
   if (vram !== null) log.info({ bytes: vram.bytes, source: vram.source }, `offering ${formatBytes(vram.bytes)} (${vram.detail})`);
   if (binaries !== null) log.info({ dir: binaries.dir, patches: binaries.patches }, 'llama.cpp binaries');
-  const secretKey = (await loadOrCreateSecretKey({ keyFile: options.keyFile ?? undefined })).key;
-  return { secretKey, model, vram, binaries };
+  const { key: secretKey, path: keyPath } = await loadOrCreateSecretKey({ keyFile: options.keyFile ?? undefined });
+  // The key file's mesh file: the mesh this identity belongs to (src/io/host/mesh-memory.ts).
+  const memoryPath = meshMemoryPath(keyPath);
+  const memory = { path: memoryPath, remembered: await readMeshMemory(memoryPath) };
+  return { secretKey, model, vram, binaries, memory };
 }
 
 /** The rpc-server and llama-server slots of the node machine, over the real processes; none without binaries. */

@@ -44,6 +44,8 @@ export interface CliOptions {
   readonly inspect: InspectTarget | null;
   readonly relay: RelayMode;
   readonly keyFile: string | null;
+  /** `--new-mesh`: start a fresh mesh even where the key file's mesh file remembers one. */
+  readonly newMesh: boolean;
   /** STUN servers ("host:port") to ask for the public address; empty = none (`--stun none`); null = the defaults. */
   readonly stun: readonly string[] | null;
 }
@@ -83,7 +85,10 @@ Usage: mesh-inference [options]
   --name NAME           name shown to the other nodes (default: the host name)
   --relay MODE          default (iroh's public relays) | none (LAN and tests) | a relay URL
   --stun HOST:PORT      STUN server for the public address (repeatable; "none" to skip)
-  --key-file PATH       where this node's secret key lives (default: in the user's config directory)
+  --key-file PATH       where this node's secret key lives (default: in the user's config directory);
+                        next to it, PATH.mesh.json remembers the mesh (id, secret, known peers), so the
+                        same command line rejoins it after a restart
+  --new-mesh            start a fresh mesh instead of rejoining the remembered one
   --log-level LEVEL     ${LOG_LEVELS.join(' | ')} (default info)
   --inspect [URL]       send the live state machines to the Stately inspector (online), or to the
                         WebSocket inspector at URL (ws://...)
@@ -127,6 +132,7 @@ const OPTIONS = {
   inspect: { type: 'string' },
   relay: { type: 'string' },
   'key-file': { type: 'string' },
+  'new-mesh': { type: 'boolean' },
   stun: { type: 'string', multiple: true },
   help: { type: 'boolean', short: 'h' },
 } as const;
@@ -186,7 +192,9 @@ function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse
     relay: parseRelay(values.relay),
     keyFile: values['key-file'] === undefined ? null : resolve(nonEmpty('--key-file', values['key-file'])),
     stun: parseStun(values.stun),
+    newMesh: values['new-mesh'] ?? false,
   };
+  if (options.newMesh && joins.length > 0) throw new CliUsageError('--new-mesh contradicts --join: a node starts a fresh mesh or joins one');
   return { kind: 'run', options };
 }
 

@@ -1,0 +1,180 @@
+// A mesh remembers itself: next to each key file, `<key file>.mesh.json` (mode 0600) keeps the mesh id, the
+// mesh secret and the last known peers (ids and addresses) of the mesh that key's node belongs to, so the same
+// command line rejoins that mesh after a restart, from any of its known peers. Written atomically (temp file +
+// rename), debounced (the view changes with every gossip frame; the disk does not need to). Only key files
+// have one: a node with an ephemeral key (in-process tests) remembers nothing.
+import { chmod, mkdir, open, readFile, rename, unlink } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import type { EndpointId } from '../../machines/mesh-types.ts';
+import { asEndpointId } from '../../machines/mesh-types.ts';
+import { createMeshId, createMeshSecret, MESH_SECRET_BYTES, type InviteToken } from '../wire/invite-token.ts';
+
+export const MESH_MEMORY_VERSION = 1;
+/** Peers kept: the ones in the view first, then the ones remembered before, newest first. */
+export const MAX_REMEMBERED_PEERS = 32;
+const MAX_ADDRS_PER_PEER = 8;
+
+export interface RememberedPeer {
+  readonly id: EndpointId;
+  readonly addrs: readonly string[];
+  readonly name?: string;
+}
+
+export interface RememberedMesh {
+  readonly meshId: string;
+  readonly secret: Uint8Array;
+  readonly peers: readonly RememberedPeer[];
+}
+
+export class MeshMemoryError extends Error {
+  override name = 'MeshMemoryError';
+}
+
+/** The mesh file of a key file. */
+export function meshMemoryPath(keyPath: string): string {
+  return `${keyPath}.mesh.json`;
+}
+
+/** The remembered mesh, or null when there is none. A file that is not one is an error, never ignored (a node that silently started a fresh mesh would split its old one). */
+export async function readMeshMemory(path: string): Promise<RememberedMesh | null> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw new MeshMemoryError(`cannot read the mesh file ${path}: ${(err as Error).message}`);
+  }
+  const bad = (why: string) => new MeshMemoryError(`the mesh file ${path} is damaged (${why}); move it away (or start with --new-mesh or --join TOKEN)`);
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch {
+    throw bad('not JSON');
+  }
+  const o = raw as { version?: unknown; meshId?: unknown; secret?: unknown; peers?: unknown };
+  if (o === null || typeof o !== 'object' || o.version !== MESH_MEMORY_VERSION) throw bad(`version ${String(o?.version)}, expected ${MESH_MEMORY_VERSION}`);
+  if (typeof o.meshId !== 'string' || !/^[0-9a-f]{32}$/.test(o.meshId)) throw bad('mesh id');
+  if (typeof o.secret !== 'string' || !new RegExp(`^[0-9a-f]{${MESH_SECRET_BYTES * 2}}$`).test(o.secret)) throw bad('secret');
+  const peers: RememberedPeer[] = [];
+  for (const p of Array.isArray(o.peers) ? o.peers.slice(0, MAX_REMEMBERED_PEERS) : []) {
+    const q = p as { id?: unknown; addrs?: unknown; name?: unknown };
+    if (typeof q?.id !== 'string' || !/^[0-9a-f]{64}$/.test(q.id)) continue;
+    const addrs = Array.isArray(q.addrs) ? q.addrs.filter((a): a is string => typeof a === 'string' && a.length <= 300).slice(0, MAX_ADDRS_PER_PEER) : [];
+    peers.push({ id: asEndpointId(q.id), addrs, ...(typeof q.name === 'string' ? { name: q.name.slice(0, 64) } : {}) });
+  }
+  // Tighten a file readable by others, as the key file is.
+  await chmod(path, 0o600).catch(() => {});
+  return { meshId: o.meshId, secret: new Uint8Array(Buffer.from(o.secret, 'hex')), peers };
+}
+
+/** Writes the whole file atomically (a temp file of mode 0600, then rename), so a crash leaves the old one or the new one. */
+export async function writeMeshMemory(path: string, mesh: RememberedMesh): Promise<void> {
+  const body = JSON.stringify(
+    {
+      version: MESH_MEMORY_VERSION,
+      meshId: mesh.meshId,
+      secret: Buffer.from(mesh.secret).toString('hex'),
+      peers: mesh.peers.slice(0, MAX_REMEMBERED_PEERS).map((p) => ({ id: p.id, addrs: p.addrs.slice(0, MAX_ADDRS_PER_PEER), ...(p.name === undefined ? {} : { name: p.name }) })),
+      savedAt: new Date().toISOString(),
+    },
+    null,
+    2,
+  );
+  await mkdir(dirname(path), { recursive: true, mode: 0o700 });
+  const tmp = `${path}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
+  try {
+    const fh = await open(tmp, 'wx', 0o600);
+    try {
+      await fh.writeFile(`${body}\n`);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, path);
+  } catch (err) {
+    await unlink(tmp).catch(() => {});
+    throw new MeshMemoryError(`cannot write the mesh file ${path}: ${(err as Error).message}`);
+  }
+}
+
+/** How this start chose its mesh. */
+export type MeshChoice = {
+  readonly meshId: string;
+  readonly secret: Uint8Array;
+  /** Whom to dial first: the --join tokens' inviters, then the remembered peers of that same mesh. */
+  readonly bootstrap: readonly RememberedPeer[];
+  readonly how: 'new' | 'remembered' | 'joined' | 'switched';
+  /** The mesh left behind when `how` is 'switched' or a --new-mesh replaced a remembered one. */
+  readonly left: string | null;
+};
+
+/**
+ * The mesh of this start: `--new-mesh` makes a fresh one; a `--join` token names its mesh (switching away
+ * from a remembered other one); otherwise the remembered mesh, rejoined through its known peers; otherwise a
+ * fresh one.
+ */
+export function chooseMesh(joins: readonly InviteToken[], remembered: RememberedMesh | null, newMesh: boolean, self?: EndpointId): MeshChoice {
+  const others = (peers: readonly RememberedPeer[]) => peers.filter((p) => p.id !== self);
+  if (newMesh) return { meshId: createMeshId(), secret: createMeshSecret(), bootstrap: [], how: 'new', left: remembered?.meshId ?? null };
+  const invite = joins[0];
+  if (invite !== undefined) {
+    const inviters = joins.filter((j) => j.inviter !== self).map((j) => ({ id: j.inviter, addrs: j.addrs }));
+    if (remembered !== null && remembered.meshId === invite.meshId) {
+      // The same mesh: the token's secret is the one to prove (it may be newer), the known peers help.
+      const known = others(remembered.peers).filter((p) => !inviters.some((i) => i.id === p.id));
+      return { meshId: invite.meshId, secret: invite.secret, bootstrap: [...inviters, ...known], how: 'joined', left: null };
+    }
+    return { meshId: invite.meshId, secret: invite.secret, bootstrap: inviters, how: remembered === null ? 'joined' : 'switched', left: remembered?.meshId ?? null };
+  }
+  if (remembered !== null) return { meshId: remembered.meshId, secret: remembered.secret, bootstrap: others(remembered.peers), how: 'remembered', left: null };
+  return { meshId: createMeshId(), secret: createMeshSecret(), bootstrap: [], how: 'new', left: null };
+}
+
+/**
+ * The peers to remember: the view's (as they are now) first, then the ones remembered before that the view
+ * does not hold (a peer that is down now may be the one up at the next start), bounded.
+ */
+export function mergePeers(current: readonly RememberedPeer[], before: readonly RememberedPeer[], self?: EndpointId): RememberedPeer[] {
+  const out: RememberedPeer[] = [];
+  const seen = new Set<string>(self === undefined ? [] : [self]);
+  for (const p of [...current, ...before]) {
+    if (seen.has(p.id) || p.addrs.length === 0) continue;
+    seen.add(p.id);
+    out.push(p);
+    if (out.length >= MAX_REMEMBERED_PEERS) break;
+  }
+  return out;
+}
+
+/** The store a node writes through: the last write wins, writes are debounced, `flush` writes what is pending. */
+export class MeshMemoryWriter {
+  private pending: RememberedMesh | null = null;
+  private lastKey = '';
+  private timer: NodeJS.Timeout | null = null;
+  private writing: Promise<void> = Promise.resolve();
+
+  constructor(
+    readonly path: string,
+    private readonly onError: (err: Error) => void,
+    private readonly debounceMs = 2_000,
+  ) {}
+
+  /** Remembers `mesh` (soon): nothing is written when it equals what was last written. */
+  update(mesh: RememberedMesh): void {
+    const key = JSON.stringify([mesh.meshId, Buffer.from(mesh.secret).toString('hex'), mesh.peers]);
+    if (key === this.lastKey) return;
+    this.lastKey = key;
+    this.pending = mesh;
+    this.timer ??= setTimeout(() => void this.flush(), this.debounceMs);
+  }
+
+  /** Writes now what is pending; resolves once it is on disk (errors go to onError). */
+  flush(): Promise<void> {
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.timer = null;
+    const mesh = this.pending;
+    this.pending = null;
+    if (mesh !== null) this.writing = this.writing.then(() => writeMeshMemory(this.path, mesh).catch((err: Error) => this.onError(err)));
+    return this.writing;
+  }
+}
