@@ -12,6 +12,7 @@ import { roleIn } from '../src/machines/node-plan.ts';
 import type { ProcessEvent, ProcessKillCommand } from '../src/machines/process-slot.ts';
 import type { NetworkCommand, NetworkEvent } from '../src/machines/protocol.ts';
 import { rpcServerMachine, type RpcServerProcessInput } from '../src/machines/rpc-server.machine.ts';
+import { fakeFacts } from '../test/support/fake-facts.ts';
 
 const ME = asEndpointId('me');
 const W = asEndpointId('w');
@@ -68,7 +69,7 @@ interface Proc<T> {
 
 describe('node graph', () => {
   const paths = getShortestPaths(nodeMachine, {
-    input: { self: SELF },
+    input: { self: SELF, facts: fakeFacts() },
     events: feasible as never,
     serializeState: (s) => {
       const c = (s as unknown as { context: NodeContext }).context;
@@ -120,7 +121,7 @@ describe('node graph', () => {
           llamaServer: llamaServerMachine.provide({ actors: { llamaServerProcess: proc(llamas), waitLlamaHealthy: probe(probes.llama) } }),
         },
       });
-      const actor = createActor(machine, { clock, input: { self: SELF } }).start();
+      const actor = createActor(machine, { clock, input: { self: SELF, facts: fakeFacts() } }).start();
       const live = <T,>(list: Proc<T>[]) => list.filter((p) => p.alive);
       const exit = <T,>(p: Proc<T> | undefined, reason: string) => {
         if (p === undefined || !p.alive) return;
@@ -141,11 +142,16 @@ describe('node graph', () => {
             plan!({ type: 'election.planned', plan: e.plan } as EventObject);
             break;
           case 'mesh.changed':
-            // Gossip that teaches the node something new is a mesh change.
+            // Gossip that teaches the node something new (a new fact, signed by its owner) is a mesh change; a
+            // new seq alone is a refresh that changes nothing.
+            ++gossipSeq;
             net!({
               type: 'net.message',
               from: asEndpointId('c'),
-              message: { type: 'gossip', announcements: [{ ...SELF, id: asEndpointId('c'), role: 'client', model: null, seq: ++gossipSeq }] },
+              message: {
+                type: 'gossip',
+                announcements: [fakeFacts().sign({ ...SELF, id: asEndpointId('c'), name: `c${gossipSeq}`, role: 'client', model: null, seq: gossipSeq })],
+              },
             });
             break;
           case 'rpc.ready':

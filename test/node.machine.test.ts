@@ -9,6 +9,7 @@ import { ELECTION_QUIET_MS, nodeMachine } from '../src/machines/node.machine.ts'
 import type { MeshMessage, NetworkCommand, NetworkEvent } from '../src/machines/protocol.ts';
 import { rpcServerMachine, type RpcServerProcessInput } from '../src/machines/rpc-server.machine.ts';
 import { announcement, fakeProcess, flush, readyAtOnce, type FakeProcess } from './machine-fakes.ts';
+import { fakeFacts } from './support/fake-facts.ts';
 
 function harness(self: Announcement) {
   const clock = new SimulatedClock();
@@ -26,7 +27,7 @@ function harness(self: Announcement) {
       llamaServer: llamaServerMachine.provide({ actors: { llamaServerProcess: fakeProcess(llamaRuns), waitLlamaHealthy: readyAtOnce } }),
     },
   });
-  const actor = createActor(machine, { clock, input: { self } }).start();
+  const actor = createActor(machine, { clock, input: { self, facts: fakeFacts() } }).start();
   const h = {
     actor,
     clock,
@@ -48,7 +49,12 @@ function harness(self: Announcement) {
       h.message(peer.id, { type: 'gossip', announcements: [peer] });
       await flush();
     },
+    /** Delivers a message; gossip about unsigned announcements gets their owners' (stand-in) signatures. */
     message(from: EndpointId, message: MeshMessage) {
+      if (message.type === 'gossip') {
+        const facts = fakeFacts();
+        message = { ...message, announcements: message.announcements.map((a) => (a.sig === undefined ? facts.sign(a) : a)) };
+      }
       net.deliver!({ type: 'net.message', from, message });
     },
     sentTo: (to: EndpointId, type: MeshMessage['type']) =>

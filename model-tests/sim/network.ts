@@ -2,7 +2,8 @@
 // get through waits and retries, as QUIC retransmits, until the connection is closed), partitions, hung nodes,
 // latency and loss (a lost packet costs a retransmission delay, and holds back what follows it). It logs what
 // was really sent, which the invariant checker reads instead of any machine's context.
-import type { EndpointId } from '../../src/machines/mesh-types.ts';
+import { sameFacts } from '../../src/machines/gossip.ts';
+import type { Announcement, EndpointId } from '../../src/machines/mesh-types.ts';
 import type { MeshMessage, NetworkCommand, NetworkEvent } from '../../src/machines/protocol.ts';
 import type { Prng } from './prng.ts';
 import type { SimScheduler } from './scheduler.ts';
@@ -176,11 +177,26 @@ export class SimNetwork {
     });
   }
 
+  // The latest announcement of each node that any gossip carried: a gossip whose announcements all say what
+  // their nodes said before (a periodic re-announcement: a new seq, the same facts) changes nothing.
+  private lastFacts = new Map<EndpointId, Announcement>();
+
+  private isRefreshOnly(message: MeshMessage): boolean {
+    if (message.type !== 'gossip') return false;
+    let refreshOnly = true;
+    for (const a of message.announcements) {
+      const last = this.lastFacts.get(a.id);
+      if (last === undefined || !sameFacts(last, a)) refreshOnly = false;
+      if (last === undefined || a.epoch > last.epoch || (a.epoch === last.epoch && a.seq > last.seq)) this.lastFacts.set(a.id, a);
+    }
+    return refreshOnly;
+  }
+
   private send(from: EndpointId, to: EndpointId, message: MeshMessage): void {
     const link = this.links.get(key(from, to));
     if (link === undefined || !link.open) return; // no connection: dropped, as the contract says
     this.sent++;
-    if (message.type !== 'heartbeat' && message.type !== 'heartbeat-ack') this.lastBusyAt = this.sched.now();
+    if (message.type !== 'heartbeat' && message.type !== 'heartbeat-ack' && !this.isRefreshOnly(message)) this.lastBusyAt = this.sched.now();
     if (message.type === 'rpc-ready') {
       const list = this.rpcReady.get(from) ?? [];
       list.push({ at: this.sched.now(), from, to, planId: message.planId });

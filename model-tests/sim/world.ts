@@ -3,7 +3,16 @@
 // in the hooks here, against the process table and the network's log, never against a machine's context.
 import { createActor, fromCallback, type Actor } from 'xstate';
 import { llamaServerMachine } from '../../src/machines/llama-server.machine.ts';
-import { PROTOCOL_VERSION, asEndpointId, type Announcement, type EndpointId, type ModelIdentity, type RolePreference } from '../../src/machines/mesh-types.ts';
+import { VIEW_LIMITS } from '../../src/machines/gossip.ts';
+import {
+  PROTOCOL_VERSION,
+  asEndpointId,
+  type Announcement,
+  type AnnouncementAuthority,
+  type EndpointId,
+  type ModelIdentity,
+  type RolePreference,
+} from '../../src/machines/mesh-types.ts';
 import { nodeMachine, type RpcTunnelPolicy } from '../../src/machines/node.machine.ts';
 import type { NetworkCommand, NetworkEvent } from '../../src/machines/protocol.ts';
 import { rpcServerMachine } from '../../src/machines/rpc-server.machine.ts';
@@ -12,6 +21,14 @@ import { SimNetwork } from './network.ts';
 import { Prng } from './prng.ts';
 import { fakeProcessSlots, ProcessTable, type ProcRecord, type WorldMutants } from './processes.ts';
 import { SimScheduler } from './scheduler.ts';
+import { fakeFacts } from '../../test/support/fake-facts.ts';
+
+/**
+ * The node machine's re-announcement period in the simulator (the product's is REANNOUNCE_MS, 30 s): short, so
+ * that facts really expire within a scenario (VIEW_LIMITS.ttlTicks periods, 30 s, e.g. across a long partition)
+ * and the convergence check covers the expiry rule.
+ */
+export const SIM_REANNOUNCE_MS = 5_000;
 
 export const MODEL: ModelIdentity = { name: 'sim-model', bytes: 10e9, fingerprint: 'fp-sim-model' };
 
@@ -29,6 +46,10 @@ export interface WorldOptions {
   readonly mutateNode?: (machine: NodeMachine) => NodeMachine;
   /** Plants a bug in the world around the machines. */
   readonly worldMutants?: WorldMutants;
+  /** Each node's signer/verifier (default: the test stand-in of test/support/fake-facts.ts). */
+  readonly factsFor?: (id: EndpointId) => AnnouncementAuthority;
+  /** The machines' re-announcement period (default SIM_REANNOUNCE_MS). */
+  readonly reannounceMs?: number;
 }
 
 export type ViolationKind =
@@ -47,6 +68,13 @@ export interface Violation {
 }
 
 type NodeActor = Actor<NodeMachine>;
+
+/** What one node last heard of another: the newest (epoch, seq), and when it last learned a newer one (null: an invite). */
+interface Heard {
+  readonly epoch: number;
+  readonly seq: number;
+  readonly freshAt: number | null;
+}
 
 export interface SimNode {
   readonly spec: NodeSpec;
@@ -88,28 +116,51 @@ export class SimWorld {
 
   // ---- what each node can know, from what the network really delivered -------------------------------
   // A node dials every node it has heard of (its invites, every announcement gossiped to it, every peer that
-  // connected to it), except one it saw leave, until it hears of a newer epoch of it.
-  private heard = new Map<EndpointId, Map<EndpointId, number>>();
+  // connected to it), except one it saw leave, until it hears of a newer epoch of it; and except one whose
+  // facts expired: no newer announcement of it reached the node for the TTL while they were not connected
+  // (the product's rule, src/machines/gossip.ts expireStale; invites never expire).
+  private heard = new Map<EndpointId, Map<EndpointId, Heard>>();
+  private invites = new Map<EndpointId, Set<EndpointId>>();
   private sawLeave = new Map<EndpointId, Map<EndpointId, number>>();
 
   private learn(to: EndpointId, event: NetworkEvent): void {
     const heard = this.heard.get(to);
     if (heard === undefined) return;
-    const note = (id: EndpointId, epoch: number) => {
-      if (id !== to && (heard.get(id) ?? -Infinity) < epoch) heard.set(id, epoch);
+    const now = this.sched.now();
+    const note = (id: EndpointId, epoch: number, seq: number) => {
+      if (id === to) return;
+      const h = heard.get(id);
+      if (h === undefined || (h.freshAt !== null && now - h.freshAt >= this.ttlMs && !this.net.hasLink(to, id) && !this.invites.get(to)?.has(id))) {
+        // New, or forgotten: only a newer announcement than the last one held brings it back.
+        if (h !== undefined && (epoch < h.epoch || (epoch === h.epoch && seq <= h.seq))) return;
+        heard.set(id, { epoch, seq, freshAt: now });
+        return;
+      }
+      if (epoch > h.epoch || (epoch === h.epoch && seq > h.seq)) heard.set(id, { epoch, seq, freshAt: now });
     };
-    if (event.type === 'net.peer.connected') note(event.id, this.nodes.get(event.id)?.epoch ?? -1);
+    if (event.type === 'net.peer.connected') {
+      const h = heard.get(event.id);
+      const epoch = this.nodes.get(event.id)?.epoch ?? -1;
+      if (h === undefined || h.epoch < epoch) heard.set(event.id, { epoch, seq: -1, freshAt: now });
+      else heard.set(event.id, { ...h, freshAt: Math.max(h.freshAt ?? now, now) });
+    }
     if (event.type !== 'net.message') return;
-    if (event.message.type === 'gossip') for (const a of event.message.announcements) note(a.id, a.epoch);
+    if (event.message.type === 'gossip') for (const a of event.message.announcements) note(a.id, a.epoch, a.seq);
     if (event.message.type === 'leaving') this.sawLeave.get(to)?.set(event.from, this.nodes.get(event.from)?.epoch ?? -1);
+  }
+
+  private get ttlMs(): number {
+    return VIEW_LIMITS.ttlTicks * (this.options.reannounceMs ?? SIM_REANNOUNCE_MS);
   }
 
   /** Whether `a` will dial `b` once it can reach it. */
   willDial(a: EndpointId, b: EndpointId): boolean {
-    const epoch = this.heard.get(a)?.get(b);
-    if (epoch === undefined) return false;
+    const h = this.heard.get(a)?.get(b);
+    if (h === undefined) return false;
+    const expired = h.freshAt !== null && this.sched.now() - h.freshAt >= this.ttlMs && !this.net.hasLink(a, b) && !this.invites.get(a)?.has(b);
+    if (expired) return false;
     const left = this.sawLeave.get(a)?.get(b);
-    return left === undefined || epoch > left;
+    return left === undefined || h.epoch > left;
   }
 
   now(): number {
@@ -152,6 +203,7 @@ export class SimWorld {
       return () => this.net.detach(spec.id, holder.node?.gracefulClose ?? true);
     });
     let machine = nodeMachine.provide({
+      delays: { reannounce: this.options.reannounceMs ?? SIM_REANNOUNCE_MS },
       actors: {
         network,
         rpcServer: rpcServerMachine.provide({ actors: slots.rpc }),
@@ -161,10 +213,15 @@ export class SimWorld {
     if (this.options.mutateNode !== undefined) machine = this.options.mutateNode(machine);
     const actor = createActor(machine, {
       clock: this.sched,
-      input: { self, bootstrap: bootstrap.map((id) => ({ id, addrs: [`sim:${id}`] })) },
+      input: {
+        self,
+        bootstrap: bootstrap.map((id) => ({ id, addrs: [`sim:${id}`] })),
+        facts: this.options.factsFor?.(spec.id) ?? fakeFacts(),
+      },
     });
     // A fresh run remembers nothing but its invites.
-    this.heard.set(spec.id, new Map(bootstrap.map((id) => [id, -1])));
+    this.heard.set(spec.id, new Map(bootstrap.map((id) => [id, { epoch: -1, seq: -1, freshAt: null }])));
+    this.invites.set(spec.id, new Set(bootstrap));
     this.sawLeave.set(spec.id, new Map());
     const node: SimNode = { spec, epoch, actor, status: 'up', gracefulClose: true };
     holder.node = node;

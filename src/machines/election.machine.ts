@@ -7,6 +7,8 @@
 //            { type: 'self.changed'; announcement: Announcement }  replaces this node's own announcement
 //              (raise its seq so peers accept it); an announcement of another id is ignored and noted
 //              in context.rejected
+//            { type: 'view.pruned'; ids }  the node dropped these ids (expired or evicted); already verified
+//              facts only ever reach this machine: the node checks signatures before it forwards gossip
 //   sends:   { type: 'election.planned'; plan: Plan } to `notify`, `settle` ms after the first change
 //            of a burst (later events of the burst join it; a steady stream of gossip cannot postpone
 //            the election), and ONLY when the plan id differs from the last one sent: equal ids mean
@@ -16,8 +18,8 @@
 //   context: view, plan (the latest elected), sentPlanId, rejected: readable from snapshots and the inspector.
 import { assign, enqueueActions, setup, type AnyActorRef } from 'xstate';
 import { elect } from './election.ts';
-import { emptyView, mergeAnnouncements, setSelf } from './gossip.ts';
-import type { Announcement, Plan, View } from './mesh-types.ts';
+import { emptyView, mergeAnnouncements, setSelf, withoutIds } from './gossip.ts';
+import type { Announcement, EndpointId, Plan, View } from './mesh-types.ts';
 
 export interface ElectionInput {
   readonly self: Announcement;
@@ -26,7 +28,9 @@ export interface ElectionInput {
 
 export type ElectionEvent =
   | { readonly type: 'gossip.received'; readonly announcements: readonly Announcement[] }
-  | { readonly type: 'self.changed'; readonly announcement: Announcement };
+  | { readonly type: 'self.changed'; readonly announcement: Announcement }
+  // The node dropped these ids from its view (expired or evicted: src/machines/gossip.ts).
+  | { readonly type: 'view.pruned'; readonly ids: readonly EndpointId[] };
 
 /** What the election machine sends to `notify`. */
 export interface ElectionPlannedEvent {
@@ -67,6 +71,7 @@ export const electionMachine = setup({
     mergeGossip: assign(({ context }, params: { announcements: readonly Announcement[] }) => ({
       view: mergeAnnouncements(context.view, params.announcements).view,
     })),
+    pruneView: assign(({ context }, params: { ids: readonly EndpointId[] }) => ({ view: withoutIds(context.view, params.ids) })),
     replaceSelf: assign(({ context }, params: { announcement: Announcement }) => ({
       view: setSelf(context.view, params.announcement),
     })),
@@ -100,6 +105,7 @@ export const electionMachine = setup({
         'gossip.received': {
           actions: { type: 'mergeGossip', params: ({ event }) => ({ announcements: event.announcements }) },
         },
+        'view.pruned': { actions: { type: 'pruneView', params: ({ event }) => ({ ids: event.ids }) } },
         'self.changed': [
           {
             guard: { type: 'isOwnAnnouncement', params: ({ event }) => ({ announcement: event.announcement }) },
@@ -117,6 +123,7 @@ export const electionMachine = setup({
           target: 'settling',
           actions: { type: 'mergeGossip', params: ({ event }) => ({ announcements: event.announcements }) },
         },
+        'view.pruned': { target: 'settling', actions: { type: 'pruneView', params: ({ event }) => ({ ids: event.ids }) } },
         'self.changed': [
           {
             guard: { type: 'isOwnAnnouncement', params: ({ event }) => ({ announcement: event.announcement }) },

@@ -16,8 +16,11 @@ export interface ModelIdentity {
   readonly fingerprint: string;
 }
 
-/** The mesh protocol version carried in hello and gossip; a mismatch is refused. */
-export const PROTOCOL_VERSION = 1;
+/**
+ * The mesh protocol version carried in hello and gossip; a mismatch is refused at the hello (the refusal names
+ * both versions and the node to upgrade). 2: announcements are signed by their owners (`sig`).
+ */
+export const PROTOCOL_VERSION = 2;
 
 /**
  * One node's announcement of itself: the only facts an election may use.
@@ -39,6 +42,21 @@ export interface Announcement {
   readonly addrs: readonly string[];
   /** Peers this node holds a direct (not relayed) connection to, sorted. Only mutual edges count. */
   readonly connectedTo: readonly EndpointId[];
+  /**
+   * The owner's ed25519 signature (its endpoint key) over the fields above, the mesh id and a context string
+   * (src/io/wire/announcement-signature.ts). Relayed verbatim; a fact about X counts only with X's valid
+   * signature. Absent only on an announcement not yet signed (the node machine signs its own).
+   */
+  readonly sig?: Uint8Array;
+}
+
+/**
+ * Signs this node's announcements and checks everyone's: the node machine gets one from the composition root
+ * (crypto lives in src/io), so the machines stay pure. `sign` returns the announcement with `sig` set.
+ */
+export interface AnnouncementAuthority {
+  sign(announcement: Announcement): Announcement;
+  verify(announcement: Announcement): boolean;
 }
 
 /** What a node knows: its own id and the latest announcement of every node it has heard of. */

@@ -3,8 +3,8 @@
 // The readers of a node's snapshot (the tunnels, the API's routing, /api/status) depend on this, not on how
 // the machine moves. Pure.
 import type { ActorRefFrom } from 'xstate';
-import { emptyView, setSelf } from './gossip.ts';
-import type { Announcement, EndpointId, Plan, View } from './mesh-types.ts';
+import { emptyFreshness, emptyView, setSelf, type Freshness } from './gossip.ts';
+import type { Announcement, AnnouncementAuthority, EndpointId, Plan, View } from './mesh-types.ts';
 import { roleIn, sameIds, type NodeRole } from './node-plan.ts';
 import type { peerMachine } from './peer.machine.ts';
 import type { NetworkCommand } from './protocol.ts';
@@ -19,6 +19,8 @@ export interface NodeInput {
   readonly self: Announcement;
   /** Where to join: the inviting node from the token. Empty for the first node of a mesh. */
   readonly bootstrap?: readonly BootstrapPeer[];
+  /** Signs this node's announcements and verifies everyone's (src/io/wire/announcement-signature.ts). */
+  readonly facts: AnnouncementAuthority;
 }
 
 /** The one host whose rpc tunnels this node's rpc-server may accept, for which plan. */
@@ -36,6 +38,11 @@ export interface NodeContext {
   readonly self: Announcement;
   /** The gossip table: what to tell new peers and what to relay. The election machine keeps its own copy. */
   readonly view: View;
+  /** The age of each fact in `view`, in re-announcement ticks, and the ids expired or evicted from it. */
+  readonly freshness: Freshness;
+  /** Re-announcement ticks since the node started: the clock of `freshness`. */
+  readonly tick: number;
+  readonly facts: AnnouncementAuthority;
   readonly bootstrap: readonly BootstrapPeer[];
   readonly peers: Readonly<Record<string, PeerRef>>;
   /** Whether the network reported each connection as direct (relayed ones never count as connectedTo). */
@@ -65,9 +72,13 @@ export interface NodeContext {
 
 /** The context a node starts with. */
 export function initialNodeContext(input: NodeInput): NodeContext {
+  const self = input.facts.sign(input.self);
   return {
-    self: input.self,
-    view: emptyView(input.self),
+    self,
+    view: emptyView(self),
+    freshness: emptyFreshness(),
+    tick: 0,
+    facts: input.facts,
     bootstrap: input.bootstrap ?? [],
     peers: {},
     direct: {},
@@ -95,15 +106,22 @@ export function viewMessage(context: Pick<NodeContext, 'self' | 'view'>, to: End
 
 
 /**
- * What this node should announce now (direct links, serving), with seq raised, and the view that holds it;
- * null when nothing changed.
+ * What this node should announce now (direct links, serving), with seq raised and signed, and the view that
+ * holds it; null when nothing changed, unless `refresh` (the periodic re-announcement that keeps this node's
+ * facts from expiring elsewhere) asks for a new seq anyway.
  */
-export function nextSelf(context: NodeContext): { self: Announcement; view: View } | null {
+export function nextSelf(context: NodeContext, refresh = false): { self: Announcement; view: View } | null {
   const connectedTo = context.links.filter((id) => context.direct[id] === true);
   const serving = isServing(context);
-  if (serving === context.self.serving && sameIds(connectedTo, context.self.connectedTo)) return null;
-  const self: Announcement = { ...context.self, seq: context.self.seq + 1, connectedTo, serving };
+  if (!refresh && serving === context.self.serving && sameIds(connectedTo, context.self.connectedTo)) return null;
+  const { sig: _, ...unsigned } = context.self;
+  const self = context.facts.sign({ ...unsigned, seq: context.self.seq + 1, connectedTo, serving });
   return { self, view: setSelf(context.view, self) };
+}
+
+/** Ids this node never drops for age or bounds: its links and its invites. */
+export function protectedIds(context: Pick<NodeContext, 'links' | 'bootstrap'>): (id: EndpointId) => boolean {
+  return (id) => context.links.includes(id) || context.bootstrap.some((b) => b.id === id);
 }
 
 /** The plan's role of this node for the plan it runs. */

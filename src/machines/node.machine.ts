@@ -22,13 +22,14 @@
 // llama-server only when every remote stage said rpc-ready for the plan it runs.
 import { assign, enqueueActions, not, raise, sendTo, setup, type ActorRefFrom, type AnyActorRef } from 'xstate';
 import { electionMachine, SETTLE_MS, type ElectionEvent, type ElectionPlannedEvent } from './election.machine.ts';
-import { mergeAnnouncements, mutuallyConnected } from './gossip.ts';
+import { acceptGossip, expireStale, mutuallyConnected, sameFacts } from './gossip.ts';
 import { llamaServerMachine, type LlamaServerCommand, type LlamaServerNotice } from './llama-server.machine.ts';
 import type { EndpointId, Plan } from './mesh-types.ts';
 import {
   initialNodeContext,
   nextSelf,
   planIsUp,
+  protectedIds,
   runningRole,
   viewMessage,
   type NodeContext,
@@ -51,7 +52,9 @@ export type NodeEvent =
   // Raised internally: the mesh facts changed (gossip, links, a crash), so the election will settle anew.
   | { readonly type: 'mesh.changed' }
   // Raised internally: the election sent a plan (already in context.plan).
-  | { readonly type: 'plan.elected' };
+  | { readonly type: 'plan.elected' }
+  // Raised internally every `reannounce`: re-announce self (a new seq keeps our facts fresh elsewhere), expire stale ids.
+  | { readonly type: 'gossip.tick' };
 
 type PeerRef = ActorRefFrom<typeof peerMachine>;
 
@@ -61,6 +64,12 @@ export { planIsUp, runningRole } from './node-context.ts';
 
 /** Electing waits twice the election's settle window: long enough for a burst to settle and a plan to arrive. */
 export const ELECTION_QUIET_MS = SETTLE_MS * 2;
+
+/**
+ * How often a node re-announces itself (seq + 1, signed anew) to its links. Another node's facts expire after
+ * VIEW_LIMITS.ttlTicks of its own ticks without a newer announcement: 6 x 30 s = 3 min.
+ */
+export const REANNOUNCE_MS = 30_000;
 
 export const nodeMachine = setup({
   types: {
@@ -85,6 +94,8 @@ export const nodeMachine = setup({
     joinTimeout: 10_000,
     /** A graceful stop gives its processes this long before the node stops them hard. */
     leaveTimeout: 10_000,
+    /** The gossip tick: re-announcement and expiry (see REANNOUNCE_MS). */
+    reannounce: REANNOUNCE_MS,
   },
   guards: {
     hasNoBootstrap: ({ context }) => context.bootstrap.length === 0,
@@ -173,26 +184,35 @@ export const nodeMachine = setup({
         return;
       }
       if (message.type !== 'gossip') return; // hello, heartbeats and leaving belong to the peer machine
-      // Our own announcement only ever comes from us; an echo (or a forgery) must not replace it.
-      const incoming = message.announcements.filter((a) => a.id !== context.self.id);
-      const merged = mergeAnnouncements(context.view, incoming);
-      if (!merged.changed) return;
-      const learned = incoming.filter((a) => merged.view.announcements[a.id] === a);
-      // A worker whose newer announcement says it no longer serves has lost its rpc-server: its old
-      // rpc-ready is void.
-      const rpcReady = { ...context.rpcReady };
-      for (const a of learned) if (!a.serving) delete rpcReady[a.id];
-      enqueue.assign({ view: merged.view, rpcReady });
-      enqueue.sendTo('election', { type: 'gossip.received', announcements: learned } satisfies ElectionEvent);
-      // Relay only to links that will not hear it from its author directly (full mesh: nobody).
+      // Only facts signed by their owners count (never our own: only we write it), newer than what we hold.
+      const accepted = acceptGossip(context.view, context.freshness, message.announcements, {
+        verify: (a) => context.facts.verify(a),
+        now: context.tick,
+        protect: protectedIds(context),
+      });
+      const { learned, refreshed, evicted } = accepted;
+      if (learned.length === 0 && refreshed.length === 0 && evicted.length === 0) return;
+      enqueue.assign({ view: accepted.view, freshness: accepted.freshness });
+      dropUnlinked(enqueue, context, evicted);
+      // Relay only to links that will not hear it from its author directly (full mesh: nobody), verbatim:
+      // the owner's signature travels with it.
+      const relayable = [...learned, ...refreshed];
       for (const to of context.links) {
         if (to === from) continue;
-        const relay = learned.filter((a) => a.id !== to && !mutuallyConnected(merged.view, a.id, to));
+        const relay = relayable.filter((a) => a.id !== to && !mutuallyConnected(accepted.view, a.id, to));
         if (relay.length > 0) {
           enqueue.sendTo('network', { type: 'net.send', to, message: { type: 'gossip', announcements: relay } } satisfies NetworkCommand);
         }
       }
-      // Full mesh: dial every node we learn of, except one that left in this very epoch.
+      if (learned.length === 0 && evicted.length === 0) return; // a refresh teaches the election nothing
+      // A worker whose newer announcement says it no longer serves has lost its rpc-server: its old
+      // rpc-ready is void.
+      const rpcReady = { ...context.rpcReady };
+      for (const a of learned) if (!a.serving) delete rpcReady[a.id];
+      enqueue.assign({ rpcReady });
+      if (learned.length > 0) enqueue.sendTo('election', { type: 'gossip.received', announcements: learned } satisfies ElectionEvent);
+      // Full mesh: dial every node we learn of, except one that left in this very epoch. The view is bounded,
+      // so is this dial set.
       for (const a of learned) {
         if (context.peers[a.id] !== undefined) continue;
         const leftIn = context.departed[a.id];
@@ -200,6 +220,21 @@ export const nodeMachine = setup({
         enqueue.assign(spawnPeer({ id: a.id, addrs: a.addrs, inbound: false }));
       }
       enqueue.raise({ type: 'mesh.changed' });
+    }),
+
+    // The periodic tick: facts nobody refreshed for the TTL leave the view (and their dialing stops), and
+    // this node re-announces itself so that it stays fresh in everyone else's view.
+    tickGossip: enqueueActions(({ context, enqueue }) => {
+      const tick = context.tick + 1;
+      const expired = expireStale(context.view, context.freshness, { now: tick, protect: protectedIds(context) });
+      const next: NodeContext = { ...context, tick, view: expired.view, freshness: expired.freshness };
+      enqueue.assign({ tick, view: next.view, freshness: next.freshness });
+      if (expired.expired.length > 0) {
+        dropUnlinked(enqueue, context, expired.expired);
+        enqueue.raise({ type: 'mesh.changed' });
+      }
+      announceSelf(enqueue, next, true);
+      enqueue.raise({ type: 'gossip.tick' }, { delay: 'reannounce' });
     }),
 
     // ---- own announcement ------------------------------------------------------------------------------
@@ -273,6 +308,7 @@ export const nodeMachine = setup({
 }).createMachine({
   id: 'node',
   context: ({ input }) => initialNodeContext(input),
+  entry: raise({ type: 'gossip.tick' }, { delay: 'reannounce' }),
   invoke: [
     {
       id: 'network',
@@ -313,6 +349,7 @@ export const nodeMachine = setup({
     },
   ],
   on: {
+    'gossip.tick': { actions: 'tickGossip' },
     'net.peer.connected': {
       actions: { type: 'takeConnection', params: ({ event }) => ({ id: event.id, direct: event.direct }) },
     },
@@ -402,6 +439,7 @@ export const nodeMachine = setup({
       after: { leaveTimeout: 'stopped' },
       on: {
         'node.stop': {},
+        'gossip.tick': {},
         'mesh.changed': {},
         'plan.elected': {},
       },
@@ -414,6 +452,7 @@ export const nodeMachine = setup({
 /** What `enqueueActions` offers that the helpers below use. */
 interface NodeEnqueue {
   assign(update: Partial<NodeContext>): void;
+  stopChild(ref: AnyActorRef): void;
   sendTo(target: 'network', event: NetworkCommand): void;
   sendTo(target: 'election', event: ElectionEvent): void;
 }
@@ -433,15 +472,34 @@ function spawnPeer(params: { id: EndpointId; addrs: readonly string[]; inbound: 
 }
 
 /**
- * Recomputes what this node announces (direct links, serving); on a change raises seq and tells the
- * election and every link.
+ * Ids whose facts left the view (expired or evicted): the election forgets them too, and nobody dials them any
+ * more unless they are linked (a link is protected from both, so this is for dialing that has not succeeded).
  */
-function announceSelf(enqueue: NodeEnqueue, context: NodeContext): void {
-  const next = nextSelf(context);
+function dropUnlinked(enqueue: NodeEnqueue, context: NodeContext, ids: readonly EndpointId[]): void {
+  if (ids.length === 0) return;
+  enqueue.sendTo('election', { type: 'view.pruned', ids });
+  const peers = { ...context.peers };
+  const direct = { ...context.direct };
+  for (const id of ids) {
+    const ref = peers[id];
+    if (ref === undefined || context.links.includes(id)) continue;
+    enqueue.stopChild(ref);
+    delete peers[id];
+    delete direct[id];
+  }
+  enqueue.assign({ peers, direct });
+}
+
+/**
+ * Recomputes what this node announces (direct links, serving); on a change (or a `refresh`) raises seq, signs
+ * it and tells every link, and the election when a fact changed.
+ */
+function announceSelf(enqueue: NodeEnqueue, context: NodeContext, refresh = false): void {
+  const next = nextSelf(context, refresh);
   if (next === null) return;
   const { self } = next;
   enqueue.assign(next);
-  enqueue.sendTo('election', { type: 'self.changed', announcement: self });
+  if (!sameFacts(self, context.self)) enqueue.sendTo('election', { type: 'self.changed', announcement: self });
   for (const to of context.links) {
     enqueue.sendTo('network', { type: 'net.send', to, message: { type: 'gossip', announcements: [self] } });
   }

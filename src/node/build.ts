@@ -18,6 +18,7 @@ import { allowedHostNames, buildApiServer } from '../io/http/api-server.ts';
 import { stopAll } from '../io/llama/processes.ts';
 import type { IrohMeshEndpoint, IrohTransportComponents, IrohTransportInit } from '../io/transport/iroh-transport.ts';
 import { encodeInviteToken, inviteAddrs } from '../io/wire/invite-token.ts';
+import { announcementAuthority } from '../io/wire/announcement-signature.ts';
 import { PROTOCOL_VERSION, type Announcement, type EndpointId, type ModelIdentity } from '../machines/mesh-types.ts';
 import { nodeMachine, runningRole } from '../machines/node.machine.ts';
 import { DisposalStack } from './disposal.ts';
@@ -220,7 +221,11 @@ function assemble(
   const { weightsOverWire, ...processes } = components.processes({ rpcAddressFor: (peer) => tunnels.rpcAddressFor(peer), directRpcFor: (peer) => tunnels.directRpcFor(peer) });
   const machine = nodeMachine.provide({ actors: { network, ...(processes as object) } });
   const actor = createActor(machine, {
-    input: { self, bootstrap: mesh.bootstrap.map((p) => ({ id: p.id, addrs: p.addrs })) },
+    input: {
+      self,
+      bootstrap: mesh.bootstrap.map((p) => ({ id: p.id, addrs: p.addrs })),
+      facts: announcementAuthority(components.holdings.secretKey, meshId),
+    },
     inspect,
   });
 

@@ -29,6 +29,7 @@ export const announcementArb: fc.Arbitrary<Announcement> = fc.record({
   serving: fc.boolean(),
   addrs: fc.array(fc.string({ minLength: 1, maxLength: 30 }), { maxLength: 4 }),
   connectedTo: fc.array(endpointIdArb, { maxLength: 4 }),
+  sig: fc.uint8Array({ minLength: 64, maxLength: 64 }),
 });
 
 export const messageArb: fc.Arbitrary<MeshMessage> = fc.oneof(

@@ -62,11 +62,14 @@ export function checkHello(
   version: number = PROTOCOL_VERSION,
 ): HelloCheck {
   // One version at a time for now; a range goes here once there is a second version to stay compatible with.
+  // The reason travels to the peer in `leaving` (so both logs hold it): both versions, and whom to upgrade.
   if (hello.version !== version) {
+    const upgrade =
+      hello.version < version ? `upgrade peer ${short(remote)} (the older one)` : `upgrade node ${short(self)} (the older one)`;
     return {
       ok: false,
       code: 'HELLO_VERSION',
-      reason: `incompatible protocol version: peer ${short(remote)} speaks ${hello.version}, node ${short(self)} speaks ${version}`,
+      reason: `incompatible protocol version: peer ${short(remote)} speaks ${hello.version}, node ${short(self)} speaks ${version}: ${upgrade}`,
     };
   }
   if (hello.id !== remote) {

@@ -45,6 +45,8 @@ export const LIMITS = {
   addrs: 64,
   connectedTo: 1024,
   proofBytes: 256,
+  /** An announcement's ed25519 signature: exactly this many bytes. */
+  signatureBytes: 64,
 } as const;
 
 const MESSAGE_TYPES: readonly MeshMessageType[] = ['hello', 'gossip', 'heartbeat', 'heartbeat-ack', 'leaving', 'rpc-ready'];
@@ -172,6 +174,11 @@ class Fields {
     return new Uint8Array(v);
   }
 
+  signature(obj: Record<string, unknown>, key: string, path = key): Uint8Array {
+    const v = this.bytes(obj, key, LIMITS.signatureBytes, path);
+    return v.length === LIMITS.signatureBytes ? v : this.bad(path, `must hold ${LIMITS.signatureBytes} bytes, got ${v.length}`);
+  }
+
   array<T>(obj: Record<string, unknown>, key: string, max: number, item: (v: unknown, path: string) => T, path = key): T[] {
     const v = obj[key];
     if (!Array.isArray(v)) return this.bad(path, `must be an array, got ${describe(v)}`);
@@ -204,6 +211,8 @@ class Fields {
       serving: this.boolean(a, 'serving', at('serving')),
       addrs: this.array(a, 'addrs', LIMITS.addrs, (v, p) => this.string({ v }, 'v', LIMITS.shortString, true, p), at('addrs')),
       connectedTo: this.array(a, 'connectedTo', LIMITS.connectedTo, (v, p) => this.endpointIdValue(v, p), at('connectedTo')),
+      // Required since protocol 2; whether it is valid is the receiver's check (src/io/wire/announcement-signature.ts).
+      sig: this.signature(a, 'sig', at('sig')),
     };
   }
 }
