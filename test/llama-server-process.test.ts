@@ -100,8 +100,18 @@ describe('llama-server for real', () => {
     await stopAll(3000);
   });
 
-  it('this release has --load-mode, --fit and --cache-ram', async () => {
-    expect(await detectLlamaServerFlags(llamaBinaries().llamaServer)).toEqual({ loadMode: true, fit: true, cacheRam: true });
+  it('this release has --load-mode, --fit and --cache-ram, and every hardening flag (--api-key-file, --no-webui, --no-agent, --no-ui-mcp-proxy, CORS)', async () => {
+    expect(await detectLlamaServerFlags(llamaBinaries().llamaServer)).toEqual({
+      loadMode: true,
+      fit: true,
+      cacheRam: true,
+      apiKeyFile: true,
+      noWebui: true,
+      noAgent: true,
+      noMcpProxy: true,
+      corsOrigins: true,
+      noCorsCredentials: true,
+    });
   });
 
   it('loads through two rpc-servers with progress, serves, and gives the same greedy tokens as one', async () => {
@@ -272,7 +282,7 @@ describe('the llama-server machine with the real actor logic', () => {
       expect(ready).toMatchObject({ port: started[0]!.port, planId: 'plan-1', generation: 1 });
       expect(started[0]!.args.join(' ')).toContain(`--rpc ${worker.address},${own.address} -dev RPC0,RPC1 -ngl 999 --tensor-split 0.6,0.4`);
       expect(progress).toContain('plan-1/1:loading');
-      const authHeaders = { authorization: `Bearer ${llamaServerKeyFor(ready.port)}` };
+      const authHeaders = { authorization: `Bearer ${llamaServerKeyFor(ready.port!)}` };
       const models = (await (await fetch(`http://127.0.0.1:${ready.port}/v1/models`, { headers: authHeaders })).json()) as { data: { id: string }[] };
       expect(models.data.map((m) => m.id)).toContain('tiny');
       const out = await greedyCompletion({ url: `http://127.0.0.1:${ready.port}`, authHeaders }, 'hello', 8);
