@@ -1,6 +1,6 @@
 // The invite token: one copy-pasteable string that carries everything a new node needs to join a mesh
 // (mesh id and secret, and where to reach the inviter). Decoding never throws anything but InviteTokenError.
-import { randomBytes } from 'node:crypto';
+import { createHmac, createPrivateKey, createPublicKey, randomBytes, sign as cryptoSign, timingSafeEqual, verify as cryptoVerify } from 'node:crypto';
 import { isIPv4, isIPv6 } from 'node:net';
 import { asEndpointId, type EndpointId } from '../../machines/mesh-types.ts';
 
@@ -188,3 +188,164 @@ function crc32(bytes: Uint8Array): number {
   for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff]! ^ (c >>> 8);
   return (c ^ 0xffffffff) >>> 0;
 }
+
+// ---- expiring invites (version 2) -------------------------------------------------------------------------
+/*
+ * An expiring invite carries NO mesh secret: a leaked one is worth nothing once it has expired. Wire form:
+ * "mi2" + base64url(no padding) of
+ *
+ *   off  size  field
+ *   0    1     version (2)
+ *   1    16    mesh id
+ *   17   32    inviter endpoint id (ed25519 public key)
+ *   49   4     expiry, unix seconds (big endian)
+ *   53   16    nonce (random: two invites of one second differ)
+ *   69   32    invite key = HMAC-SHA256(mesh secret, INVITE_KEY_CONTEXT 0 mesh id 0 inviter 0 expiry 0 nonce hex)
+ *   101  1     address count n, then n x (u8 length, "ip:port")
+ *   ...  64    ed25519 signature by the inviter (its endpoint key) over INVITE_SIG_CONTEXT 0 and every byte above
+ *   end  4     CRC-32 of every byte before it
+ *
+ * Only a holder of the mesh secret can mint the invite key, and a member checks it (and the expiry, and the
+ * inviter's signature) with the secret it holds: `checkExpiringInvite`. The joiner proves the invite key in
+ * its hello instead of the secret, and the node that admits it hands it the mesh secret (see the integration
+ * notes in docs/node.md, "Expiring invites").
+ */
+export const EXPIRING_INVITE_VERSION = 2;
+export const INVITE_KEY_CONTEXT = 'mesh-inference/2 invite key';
+export const INVITE_SIG_CONTEXT = 'mesh-inference/2 invite signature';
+const NONCE_BYTES = 16;
+const SIG_BYTES = 64;
+const V2_HEADER_BYTES = 1 + MESH_ID_BYTES + ENDPOINT_ID_BYTES + 4 + NONCE_BYTES + 32 + 1;
+const PKCS8_ED25519 = Buffer.from('302e020100300506032b657004220420', 'hex');
+const SPKI_ED25519 = Buffer.from('302a300506032b6570032100', 'hex');
+
+export interface ExpiringInvite {
+  readonly version: 2;
+  readonly meshId: string;
+  readonly inviter: EndpointId;
+  /** Unix milliseconds (a whole second): no node admits with it after this. */
+  readonly expiresAt: number;
+  readonly nonce: Uint8Array;
+  /** What the joiner proves in its hello instead of the mesh secret. */
+  readonly inviteKey: Uint8Array;
+  readonly addrs: readonly string[];
+  readonly signature: Uint8Array;
+  /** The signed bytes (context excluded), for verification. */
+  readonly signed: Uint8Array;
+}
+
+/** The endpoint id (ed25519 public key, hex) of a 32-byte secret key, as node:crypto derives it. */
+export function endpointIdOf(secretKey: Uint8Array): EndpointId {
+  const pub = createPublicKey(ed25519Private(secretKey)).export({ format: 'der', type: 'spki' });
+  return asEndpointId(Buffer.from(pub).subarray(SPKI_ED25519.length).toString('hex'));
+}
+
+export function deriveInviteKey(secret: Uint8Array, meshId: string, inviter: EndpointId, expiresSec: number, nonce: Uint8Array): Uint8Array {
+  const mac = createHmac('sha256', secret);
+  for (const part of [INVITE_KEY_CONTEXT, meshId, inviter, String(expiresSec), Buffer.from(nonce).toString('hex')]) {
+    mac.update(part, 'utf8');
+    mac.update(ZERO_BYTE);
+  }
+  return new Uint8Array(mac.digest());
+}
+
+/** Mints an expiring invite: the inviter's key signs it, the mesh secret derives its invite key. */
+export function encodeExpiringInvite(init: {
+  readonly meshId: string;
+  readonly secret: Uint8Array;
+  readonly secretKey: Uint8Array;
+  readonly addrs: readonly string[];
+  readonly ttlMs: number;
+  readonly now?: number;
+}): string {
+  if (!/^[0-9a-f]{32}$/.test(init.meshId)) throw new InviteTokenError('TOKEN_INVALID', 'mesh id must be 32 lowercase hex characters');
+  if (init.secret.length !== MESH_SECRET_BYTES) throw new InviteTokenError('TOKEN_INVALID', `mesh secret must be ${MESH_SECRET_BYTES} bytes`);
+  if (!(init.ttlMs >= 1_000 && init.ttlMs <= 365 * 24 * 3600_000)) throw new InviteTokenError('TOKEN_INVALID', 'an invite lives between 1 s and 365 days');
+  const inviter = endpointIdOf(init.secretKey);
+  const expiresSec = Math.ceil(((init.now ?? Date.now()) + init.ttlMs) / 1000);
+  const nonce = new Uint8Array(randomBytes(NONCE_BYTES));
+  const addrs = inviteAddrs(init.addrs);
+  const addrBytes = addrs.map((a) => Buffer.from(a, 'utf8'));
+  const body = Buffer.alloc(V2_HEADER_BYTES + addrBytes.reduce((n, b) => n + 1 + b.length, 0));
+  let o = 0;
+  body[o++] = EXPIRING_INVITE_VERSION;
+  o += Buffer.from(init.meshId, 'hex').copy(body, o);
+  o += Buffer.from(inviter, 'hex').copy(body, o);
+  o = body.writeUInt32BE(expiresSec, o);
+  o += Buffer.from(nonce).copy(body, o);
+  o += Buffer.from(deriveInviteKey(init.secret, init.meshId, inviter, expiresSec, nonce)).copy(body, o);
+  body[o++] = addrBytes.length;
+  for (const b of addrBytes) {
+    body[o++] = b.length;
+    o += b.copy(body, o);
+  }
+  const sig = cryptoSign(null, Buffer.concat([Buffer.from(INVITE_SIG_CONTEXT, 'utf8'), ZERO_BYTE, body]), ed25519Private(init.secretKey));
+  const whole = Buffer.concat([body, sig, Buffer.alloc(CRC_BYTES)]);
+  whole.writeUInt32BE(crc32(whole.subarray(0, whole.length - CRC_BYTES)), whole.length - CRC_BYTES);
+  return `${PREFIX}${EXPIRING_INVITE_VERSION}${whole.toString('base64url')}`;
+}
+
+/** Parses an "mi2" token (its shape and checksum; not its signature or expiry: `checkExpiringInvite`). */
+export function decodeExpiringInvite(text: string): ExpiringInvite {
+  const token = typeof text === 'string' ? text.trim() : '';
+  if (!token.startsWith(`${PREFIX}${EXPIRING_INVITE_VERSION}`)) throw new InviteTokenError('TOKEN_FOREIGN', 'not an expiring invite (it should start with "mi2")');
+  const b64 = token.slice(PREFIX.length + 1);
+  if (/[^A-Za-z0-9_-]/.test(b64) || b64.length % 4 === 1) throw new InviteTokenError('TOKEN_ENCODING', 'invite token contains invalid characters or was cut off');
+  const buf = Buffer.from(b64, 'base64url');
+  if (buf.toString('base64url') !== b64) throw new InviteTokenError('TOKEN_CORRUPT', 'invite token is damaged (checksum does not match)');
+  if (buf.length < V2_HEADER_BYTES + SIG_BYTES + CRC_BYTES) throw new InviteTokenError('TOKEN_TRUNCATED', 'invite token is incomplete (was it cut off while copying?)');
+  if (buf.readUInt32BE(buf.length - CRC_BYTES) !== crc32(buf.subarray(0, buf.length - CRC_BYTES))) throw new InviteTokenError('TOKEN_CORRUPT', 'invite token is damaged (checksum does not match)');
+  if (buf[0] !== EXPIRING_INVITE_VERSION) throw new InviteTokenError('TOKEN_INVALID', `invite token says version ${buf[0]} inside but 2 outside`);
+  let o = 1;
+  const meshId = buf.subarray(o, (o += MESH_ID_BYTES)).toString('hex');
+  const inviter = asEndpointId(buf.subarray(o, (o += ENDPOINT_ID_BYTES)).toString('hex'));
+  const expiresSec = buf.readUInt32BE(o);
+  o += 4;
+  const nonce = new Uint8Array(buf.subarray(o, (o += NONCE_BYTES)));
+  const inviteKey = new Uint8Array(buf.subarray(o, (o += 32)));
+  const count = buf[o++]!;
+  if (count > MAX_ADDRS) throw new InviteTokenError('TOKEN_INVALID', `invite token lists ${count} addresses (at most ${MAX_ADDRS})`);
+  const addrs: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const len = buf[o++] ?? 0;
+    const a = buf.subarray(o, (o += len)).toString('utf8');
+    if (o > buf.length - SIG_BYTES - CRC_BYTES || !parseSocketAddr(a)) throw new InviteTokenError('TOKEN_INVALID', 'invite token holds a bad address');
+    addrs.push(a);
+  }
+  if (o + SIG_BYTES + CRC_BYTES !== buf.length) throw new InviteTokenError('TOKEN_INVALID', 'invite token has bytes it does not explain');
+  const signed = new Uint8Array(buf.subarray(0, o));
+  const signature = new Uint8Array(buf.subarray(o, o + SIG_BYTES));
+  return { version: 2, meshId, inviter, expiresAt: expiresSec * 1000, nonce, inviteKey, addrs, signature, signed };
+}
+
+export type InviteCheck = { readonly ok: true } | { readonly ok: false; readonly code: 'INVITE_EXPIRED' | 'INVITE_MESH' | 'INVITE_SIGNATURE' | 'INVITE_KEY'; readonly reason: string };
+
+/**
+ * What the admitting node decides about an invite presented in a hello: its mesh, its expiry (`now`), the
+ * inviter's signature, and that its invite key derives from the mesh secret this node holds (so nobody but a
+ * member could have minted it). A rotated secret voids every invite minted before the rotation.
+ */
+export function checkExpiringInvite(invite: Pick<ExpiringInvite, 'meshId' | 'inviter' | 'expiresAt' | 'nonce' | 'inviteKey' | 'signature' | 'signed'>, mesh: { readonly meshId: string; readonly secret: Uint8Array }, now: number): InviteCheck {
+  if (invite.meshId !== mesh.meshId) return { ok: false, code: 'INVITE_MESH', reason: `the invite is for mesh ${invite.meshId.slice(0, 8)}, not ${mesh.meshId.slice(0, 8)}` };
+  if (now >= invite.expiresAt) return { ok: false, code: 'INVITE_EXPIRED', reason: `the invite expired at ${new Date(invite.expiresAt).toISOString()}; ask a member for a new one (mesh-inference invite)` };
+  let sigOk = false;
+  try {
+    const pub = createPublicKey({ key: Buffer.concat([SPKI_ED25519, Buffer.from(invite.inviter, 'hex')]), format: 'der', type: 'spki' });
+    sigOk = cryptoVerify(null, Buffer.concat([Buffer.from(INVITE_SIG_CONTEXT, 'utf8'), ZERO_BYTE, invite.signed]), pub, invite.signature);
+  } catch {
+    sigOk = false;
+  }
+  if (!sigOk) return { ok: false, code: 'INVITE_SIGNATURE', reason: `the invite is not signed by ${invite.inviter.slice(0, 10)}` };
+  const expected = deriveInviteKey(mesh.secret, invite.meshId, invite.inviter, Math.round(invite.expiresAt / 1000), invite.nonce);
+  if (invite.inviteKey.length !== expected.length || !timingSafeEqual(expected, invite.inviteKey)) {
+    return { ok: false, code: 'INVITE_KEY', reason: 'the invite was not minted with this mesh\'s secret (rotated since?)' };
+  }
+  return { ok: true };
+}
+
+function ed25519Private(secretKey: Uint8Array) {
+  if (secretKey.length !== 32) throw new InviteTokenError('TOKEN_INVALID', 'the secret key must be 32 bytes');
+  return createPrivateKey({ key: Buffer.concat([PKCS8_ED25519, Buffer.from(secretKey)]), format: 'der', type: 'pkcs8' });
+}
+
+const ZERO_BYTE = new Uint8Array([0]);
