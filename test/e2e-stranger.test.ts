@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createIrohEndpoint, createIrohRawEndpoint } from '../src/io/transport/iroh-transport.ts';
 import { requestTicket } from '../src/io/transport/direct-offer.ts';
-import { dialDirect } from '../src/io/transport/direct-path.ts';
+import { dialDirect, newTicket } from '../src/io/transport/direct-path.ts';
 import { decodeInviteToken } from '../src/io/wire/invite-token.ts';
 import { encodeFrame, FrameDecoder } from '../src/io/wire/frame-codec.ts';
 import { makeHello } from '../src/io/wire/mesh-auth.ts';
@@ -149,6 +149,17 @@ describe('e2e: a stranger against a hosting node', { timeout: 240_000 }, () => {
       }
       expect(got).not.toMatch(/HTTP\/1\.1/);
       expect(got).toMatch(/^refused/);
+      // The data port itself, with a key of the stranger's own making: the TLS-PSK handshake fails.
+      const dataPort = (await node.status()).tunnels.dataPort;
+      expect(dataPort).not.toBeNull();
+      const forged = await dialDirect([`127.0.0.1:${dataPort}`], newTicket(), 3_000).then(
+        (t) => {
+          t.destroy();
+          return 'connected';
+        },
+        (e: unknown) => `failed: ${String(e)}`,
+      );
+      expect(forged).toMatch(/^failed/);
     } finally {
       await stranger.close();
     }
@@ -164,6 +175,29 @@ describe('e2e: a stranger against a hosting node', { timeout: 240_000 }, () => {
     expect(messages.map((m) => m.type)).toEqual(['leaving']);
     expect(messages[0]).toMatchObject({ type: 'leaving', reason: expect.stringMatching(/refused: wrong mesh secret/) });
     await waitLog(node, (l) => l.level === 40 && l.msg.startsWith('refusing peer: wrong mesh secret'));
+  });
+
+  it('many unadmitted connections from one address, each under a fresh key: past the bound they are cut at once', async () => {
+    for (const c of conns.splice(0)) c.close(0, 'next test');
+    const invite = decodeInviteToken(node.token);
+    const raws: RawEndpoint[] = [];
+    try {
+      const n = 24;
+      for (let i = 0; i < n; i++) raws.push(await createIrohRawEndpoint({ secretKey: new Uint8Array(randomBytes(32)), bindHost: '127.0.0.1' }));
+      const knocks = await Promise.all(raws.map((r) => r.dial(invite.inviter, [...invite.addrs], AbortSignal.timeout(10_000))));
+      const outcome = await Promise.all(knocks.map((c) => Promise.race([c.closed, new Promise<null>((r) => setTimeout(() => r(null), 1_500))])));
+      const cut = outcome.filter((o) => o !== null);
+      // The default bound is 16 per address: the rest are closed with CLOSE_CODES.busy, at once.
+      expect(outcome.filter((o) => o === null).length).toBe(16);
+      expect(cut.length).toBe(n - 16);
+      for (const o of cut) expect(o).toMatchObject({ code: 4, byPeer: true });
+      await waitLog(node, (l) => l.level === 40 && l.msg.startsWith('closing an incoming connection at once'));
+      for (const c of knocks) c.close(0, 'test over');
+      // The node is fine afterwards: its API answers.
+      expect((await node.status()).node.id).toBe(invite.inviter);
+    } finally {
+      await Promise.all(raws.map((r) => r.close()));
+    }
   });
 });
 

@@ -42,6 +42,60 @@ function node(world: MemoryNetwork, secret: Uint8Array, opts: Partial<MeshNetwor
 const waitEvent = (events: NetworkEvent[], pred: (e: NetworkEvent) => boolean, ms = 3_000) => until(() => events.find(pred), ms, 'a network event');
 
 describe('mesh network over the memory transport', () => {
+  it('a stream from an admitted peer that arrives before our verdict waits for it and is then served', async () => {
+    const world = new MemoryNetwork();
+    const secret = createMeshSecret();
+    const a = node(world, secret);
+    const b = node(world, secret);
+    // a's verdict on b comes late (as on a slow machine): b admits a first and opens an rpc stream at once.
+    const admit = a.endpoint.admit.bind(a.endpoint);
+    let admittedAt = 0;
+    a.endpoint.admit = (c) => {
+      setTimeout(() => {
+        admittedAt = performance.now();
+        admit(c);
+      }, 300);
+    };
+    const served: { at: number; admitted: boolean; bytes: number[] }[] = [];
+    a.endpoint.handle('rpc', (stream, conn) => {
+      void stream.read().then((c) => served.push({ at: performance.now(), admitted: conn.admitted, bytes: [...(c ?? [])] }));
+    });
+    let openedAt = 0;
+    a.net.execute({ type: 'net.dial', id: b.id, addrs: b.endpoint.addrs() });
+    await waitEvent(b.events, (e) => e.type === 'net.peer.connected');
+    const s = await b.endpoint.connection(a.id)!.openStream('rpc');
+    openedAt = performance.now();
+    await s.write(new Uint8Array([5, 6]));
+    await until(() => (served.length > 0 ? true : undefined), 5_000, 'the early stream served');
+    expect(served[0]!.bytes).toEqual([5, 6]);
+    expect(served[0]!.admitted).toBe(true);
+    expect(admittedAt).toBeGreaterThan(openedAt);
+    expect(served[0]!.at).toBeGreaterThanOrEqual(admittedAt);
+  });
+
+  it('a stranger gets no stream served: without a hello, or with a hello under a wrong secret', async () => {
+    const world = new MemoryNetwork();
+    const target = node(world, createMeshSecret(), { helloTimeoutMs: 500 });
+    const handled: string[] = [];
+    for (const kind of ['rpc', 'http', 'direct'] as const) target.endpoint.handle(kind, (st) => handled.push(st.kind));
+    for (const withHello of [false, true]) {
+      const stranger = world.createEndpoint({ admission: 'open' });
+      cleanups.push(() => stranger.close());
+      const conn = await stranger.dial(target.id, target.endpoint.addrs());
+      const streams = await Promise.all((['rpc', 'http', 'direct'] as const).map((k) => conn.openStream(k)));
+      for (const st of streams) await st.write(new Uint8Array([0, 1, 2])).catch(() => {});
+      if (withHello) {
+        const control = await conn.openStream('control');
+        await control.write(encodeFrame(makeHello({ role: 'auto', vramBytes: 1, model: null }, createMeshSecret(), stranger.id, target.id)));
+      }
+      for (const st of streams) await expect(st.read()).rejects.toThrow(/reset|closed/);
+      await conn.closed;
+    }
+    expect(handled).toEqual([]);
+    expect(target.logs.some((l) => l.msg.startsWith('refusing peer: wrong mesh secret'))).toBe(true);
+    expect(target.logs.some((l) => /no valid hello/.test(l.msg))).toBe(true);
+  });
+
   it('closes a connection that never sends a hello, and says why', async () => {
     const world = new MemoryNetwork();
     const a = node(world, createMeshSecret(), { helloTimeoutMs: 100 });
