@@ -4,7 +4,8 @@
 // plans wait and nothing would start anyway; the stand-ins make sure of it.
 //
 //   npx tsx test/harness/mesh-node.ts '{"name":"n1","token":"mi1..."}'
-//   stdout: {"ev":"ready","id","addrs","token"}, then {"ev":"state","t","state","links","peers"} on each change
+//   stdout: {"ev":"ready","id","addrs","token"}, then {"ev":"state","t","state","links","peers","view"} on each change
+//           (view: how many announcements the node's gossip view holds)
 //   stderr: pino JSON lines
 //   stdin:  {"cmd":"stop","reason":"..."} (graceful: leaving to every peer) | {"cmd":"exit"}
 import { randomBytes } from 'node:crypto';
@@ -75,7 +76,7 @@ let last = '';
 function reportState(snap: ReturnType<typeof actor.getSnapshot>): void {
   const peers: Record<string, unknown> = {};
   for (const [id, ref] of Object.entries(snap.context.peers)) peers[id] = (ref as { getSnapshot(): { value: unknown } }).getSnapshot().value;
-  const report = { state: snap.value, links: snap.context.links, peers };
+  const report = { state: snap.value, links: snap.context.links, peers, view: Object.keys(snap.context.view.announcements).length };
   const key = JSON.stringify(report);
   if (key !== last) {
     last = key;
