@@ -19,7 +19,8 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { describeMachine } from './machine.ts';
 import { TunnelService, type TunnelCodec } from '../src/io/transport/tunnel.ts';
-import { DirectPathServer } from '../src/io/transport/direct-path.ts';
+import { DirectPathServer, newTicket } from '../src/io/transport/direct-path.ts';
+import { connect as tlsConnect, createServer as createTlsServer } from 'node:tls';
 import { pino } from 'pino';
 
 const SELF = fileURLToPath(import.meta.url);
@@ -108,6 +109,32 @@ async function roleHost(workerId: string, workerAddrs: string[], codec: TunnelCo
   process.stdout.write(JSON.stringify({ port: l.port }) + '\n');
 }
 
+/** The worker's data port alone, with tickets made up front: what llama-server (patch 0003) dials itself. */
+async function roleDataPort(targetPort: number): Promise<void> {
+  const direct = new DirectPathServer(
+    { host: '127.0.0.1', port: 0, ticketTtlMs: 3_600_000, maxTicketsPerPeer: 64 },
+    { allow: () => ({ host: '127.0.0.1', port: targetPort }), advertise: () => ['127.0.0.1'], log: pino({ level: 'silent' }) },
+  );
+  await direct.start();
+  const tickets = Array.from({ length: 32 }, () => newTicket());
+  for (const t of tickets) direct.offer(asEndpointId('b'.repeat(64)), 'rpc', t);
+  process.stdout.write(JSON.stringify({ port: direct.port, tickets: tickets.map((t) => ({ id: t.id, key: t.key.toString('hex') })) }) + '\n');
+}
+
+/** TLS 1.3 PSK echo with nothing behind it: what TLS alone costs. */
+async function roleTlsEcho(): Promise<void> {
+  const key = randomBytes(32);
+  const server = createTlsServer({ ciphers: 'TLS_AES_128_GCM_SHA256', minVersion: 'TLSv1.3', pskCallback: () => key }, (s) => {
+    s.setNoDelay(true);
+    s.on('error', () => {});
+    s.pipe(s);
+  });
+  server.listen(0, '127.0.0.1', () => {
+    const a = server.address();
+    process.stdout.write(JSON.stringify({ port: typeof a === 'object' && a ? a.port : 0, key: key.toString('hex') }) + '\n');
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Harness
 
@@ -127,9 +154,29 @@ async function child<T>(...roleArgs: string[]): Promise<{ info: T; proc: ChildPr
   return { info: JSON.parse(line) as T, proc };
 }
 
-function connect(port: number): Promise<Socket> {
+/** How a path is reached: a TCP port (an echo behind it wants the 'E' mode byte first), or a TLS one. */
+type Target = number | { readonly tls: number; readonly identity: string; readonly key: string; readonly mode: boolean };
+
+function connect(target: Target): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    const s = createConnection({ host: '127.0.0.1', port, noDelay: true }, () => resolve(s));
+    if (typeof target === 'number') {
+      const s = createConnection({ host: '127.0.0.1', port: target, noDelay: true }, () => resolve(s));
+      s.once('error', reject);
+      return;
+    }
+    const s = tlsConnect(
+      {
+        host: '127.0.0.1',
+        port: target.tls,
+        ciphers: 'TLS_AES_128_GCM_SHA256',
+        minVersion: 'TLSv1.3',
+        maxVersion: 'TLSv1.3',
+        checkServerIdentity: () => undefined,
+        pskCallback: () => ({ psk: Buffer.from(target.key, 'hex'), identity: target.identity }),
+      },
+      () => resolve(s),
+    );
+    s.setNoDelay(true);
     s.once('error', reject);
   });
 }
@@ -139,9 +186,9 @@ function pct(sorted: number[], p: number): number {
 }
 
 /** Round trips of `size`-byte messages on an echo connection; returns sorted ms. */
-async function roundTrips(port: number, size: number, n: number): Promise<number[]> {
-  const s = await connect(port);
-  s.write('E');
+async function roundTrips(target: Target, size: number, n: number): Promise<number[]> {
+  const s = await connect(target);
+  if (typeof target === 'number' || target.mode) s.write('E');
   const msg = NOISE.subarray(0, size);
   const times: number[] = [];
   let got = 0;
@@ -167,7 +214,7 @@ async function roundTrips(port: number, size: number, n: number): Promise<number
   return times.sort((a, b) => a - b);
 }
 
-async function upload(port: number, bytes: number): Promise<number> {
+async function upload(port: Target, bytes: number): Promise<number> {
   const s = await connect(port);
   const h = Buffer.alloc(9);
   h[0] = 0x55;
@@ -182,7 +229,7 @@ async function upload(port: number, bytes: number): Promise<number> {
   return bytes / secs / (1024 * 1024);
 }
 
-async function download(port: number, bytes: number): Promise<number> {
+async function download(port: Target, bytes: number): Promise<number> {
   const s = await connect(port);
   const h = Buffer.alloc(9);
   h[0] = 0x44;
@@ -220,8 +267,19 @@ async function main(): Promise<void> {
   const deflate = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs), 'deflate', '0');
   const tls = await child<{ port: number }>('host', worker.info.id, JSON.stringify(worker.info.addrs), 'direct', '0');
   // Random echo traffic is not RPC, so RPC batching would switch itself off here: codecs only.
-  const paths: [string, number][] = [
+  // The legs of the direct path, one at a time: TLS alone; TLS from this process (as llama-server dials with
+  // patch 0003) through the worker's data port relay; a Node relay at each end.
+  const tlsEcho = await child<{ port: number; key: string }>('tlsecho');
+  const dataPort = await child<{ port: number; tickets: { id: string; key: string }[] }>('dataport', String(server.info.port));
+  let nextTicket = 0;
+  const viaDataPort = (): Target => {
+    const t = dataPort.info.tickets[nextTicket++]!;
+    return { tls: dataPort.info.port, identity: t.id, key: t.key, mode: true };
+  };
+  const paths: [string, Target | (() => Target)][] = [
     ['direct TCP', server.info.port],
+    ['TLS alone (echo in a TLS server, no relay)', { tls: tlsEcho.info.port, identity: 'x', key: tlsEcho.info.key, mode: false }],
+    ['TLS from the client -> worker data-port relay -> TCP (patch 0003)', viaDataPort],
     ['direct data path (TLS, Node relay each end)', tls.info.port],
     ['tunnel, raw codec', raw.info.port],
     ['tunnel, deflate codec', deflate.info.port],
@@ -234,7 +292,7 @@ async function main(): Promise<void> {
     // Interleaved halves, so that a burst of load elsewhere on the machine hits every path alike.
     const res = new Map<string, number[]>(paths.map(([name]) => [name, []]));
     for (let half = 0; half < 2; half++) {
-      for (const [name, port] of paths) res.get(name)!.push(...(await roundTrips(port, size, n / 2)));
+      for (const [name, target] of paths) res.get(name)!.push(...(await roundTrips(typeof target === 'function' ? target() : target, size, n / 2)));
     }
     const base = pct(res.get('direct TCP')!.sort((x, y) => x - y), 50);
     for (const [name] of paths) {
@@ -248,7 +306,11 @@ async function main(): Promise<void> {
   console.log(`\n## Throughput of one stream (${bytes / 1024 / 1024} MiB of random bytes)\n`);
   console.log('| path | client -> server MiB/s | server -> client MiB/s |');
   console.log('|---|---|---|');
-  for (const [name, port] of paths) console.log(`| ${name} | ${f2(await upload(port, bytes))} | ${f2(await download(port, bytes))} |`);
+  for (const [name, target] of paths) {
+    const t = (): Target => (typeof target === 'function' ? target() : target);
+    if (typeof target === 'object' && !target.mode) continue; // an echo cannot count bytes
+    console.log(`| ${name} | ${f2(await upload(t(), bytes))} | ${f2(await download(t(), bytes))} |`);
+  }
 
   if (!flag('--no-death')) await detection();
   if (!flag('--no-llama')) await llama(quick);
@@ -432,6 +494,8 @@ async function trafficPerToken(
 const role = args[0];
 if (role === 'server') await roleServer();
 else if (role === 'worker') await roleWorker(Number(args[1]), args[2] === '1');
+else if (role === 'dataport') await roleDataPort(Number(args[1]));
+else if (role === 'tlsecho') await roleTlsEcho();
 else if (role === 'host') await roleHost(args[1]!, JSON.parse(args[2]!) as string[], args[3] as TunnelCodec | 'direct', args[4] === '1');
 else
   await main().catch((err: unknown) => {
