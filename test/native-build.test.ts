@@ -115,10 +115,17 @@ describe.skipIf(buildDisabled() && !existsSync(join(buildBinDir('mesh'), 'llama-
     expect(mesh.setTensorGguf).toBe(true);
     // Patch 0003 (llama.cpp's RPC client speaking TLS) is compiled in only where OpenSSL was found.
     const tls = mesh.build?.['rpc_tls'] === 'on';
-    expect(mesh.patches).toEqual(tls ? ['rpc-keepalive/1', 'rpc-tls-psk/1', 'set-tensor-gguf/1'] : ['rpc-keepalive/1', 'set-tensor-gguf/1']);
+    expect(mesh.patches).toEqual(
+      tls
+        ? ['rpc-keepalive/1', 'rpc-recompute-uaf/1', 'rpc-tls-psk/1', 'set-tensor-gguf/1']
+        : ['rpc-keepalive/1', 'rpc-recompute-uaf/1', 'set-tensor-gguf/1'],
+    );
     expect(mesh.rpcTlsPsk).toBe(tls);
     expect(mesh.build?.variant).toBe('mesh');
-    expect(mesh.build?.patch).toMatch(/0001-rpc-set-tensor-gguf\.patch [0-9a-f]{16}, 0002-rpc-keepalive\.patch [0-9a-f]{16}/);
+    // every patch, in the order applied (0004: the upstream fix for GHSA-2phh-px2f-2qmx, carried by us)
+    expect(mesh.build?.patch).toMatch(
+      /^0001-rpc-set-tensor-gguf\.patch [0-9a-f]{16}, 0002-rpc-keepalive\.patch [0-9a-f]{16}, 0003-rpc-tls-psk-client\.patch [0-9a-f]{16}, 0004-rpc-recompute-uaf\.patch [0-9a-f]{16}$/,
+    );
     expect(mesh.llamaBench).toBeDefined();
     const help = spawnSync(mesh.rpcServer, ['--help'], { encoding: 'utf8' });
     expect(`${help.stdout}${help.stderr}`).toMatch(/--gguf PATH/);

@@ -315,6 +315,31 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
     expect(await client.setTensorGguf(dest(), NAME, 0, BYTES, h)).toBe(GGUF_RESULT.LOADED);
   });
 
+  it('verifies the hash before it writes: a wrong hash leaves the destination as it was (no reading weights back)', async () => {
+    // its own buffer, so earlier loads into the shared one cannot make the check pass
+    const buf = await client.allocBuffer(BYTES);
+    const b = await client.bufferBase(buf.ptr);
+    const t = encodeRpcTensor({ type: 1, ne: [256, 256], elementBytes: 2, buffer: buf.ptr, data: b });
+    const before = Buffer.alloc(BYTES, 0x5a); // what "was there": a pattern, not the file's bytes
+    client.setTensor(t, 0, before);
+    expect((await client.getTensor(t, 0, BYTES)).equals(before)).toBe(true);
+    // a member that knows the name but not the bytes: any hash but the right one
+    for (const [offset, size] of [[0, BYTES], [4096, 8192], [BYTES - 64, 64]] as [number, number][]) {
+      expect(await client.setTensorGguf(t, NAME, offset, size, xxh64(fileBytes.subarray(offset, offset + size)) ^ 1n)).toBe(
+        GGUF_RESULT.HASH_DIFFERS,
+      );
+      const after = await client.getTensor(t, 0, BYTES);
+      expect(after.equals(before)).toBe(true); // not one byte of the file went in
+      expect(after.subarray(offset, offset + size).equals(fileBytes.subarray(offset, offset + size))).toBe(false);
+    }
+    // the right hash for the same region loads it (so the region, name and buffer were fine)
+    expect(await client.setTensorGguf(t, NAME, 4096, 8192, xxh64(fileBytes.subarray(4096, 4096 + 8192)))).toBe(GGUF_RESULT.LOADED);
+    const loaded = await client.getTensor(t, 0, BYTES);
+    expect(loaded.subarray(4096, 4096 + 8192).equals(fileBytes.subarray(4096, 4096 + 8192))).toBe(true);
+    expect(loaded.subarray(0, 4096).equals(before.subarray(0, 4096))).toBe(true);
+    client.freeBuffer(buf.ptr);
+  });
+
   it('closes the connection on a destination outside its buffer (offset or size overflowing), and keeps serving others', async () => {
     // its own server: an rpc-server serves one connection at a time, and `client` holds the shared one
     const s = await rpcServer(hold.mesh!, ['--gguf', modelA]);
@@ -359,8 +384,12 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
       const b = await c.bufferBase(buf.ptr);
       const t = encodeRpcTensor({ type: 1, ne: [256, 256], elementBytes: 2, buffer: buf.ptr, data: b });
       const q = headerA.tensors.find((x) => x.name === NAME)!;
+      const before = Buffer.alloc(BYTES, 0x33);
+      c.setTensor(t, 0, before);
       await truncate(shrink, q.absoluteOffset + 1000);
       expect(await c.setTensorGguf(t, NAME, 0, BYTES, xxh64(fileBytes))).toBe(GGUF_RESULT.READ_FAILED);
+      // nothing was written, not even the 1000 bytes it could read
+      expect((await c.getTensor(t, 0, BYTES)).equals(before)).toBe(true);
     } finally {
       c.close();
       await s.stop();

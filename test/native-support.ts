@@ -68,10 +68,18 @@ export const RPC_CMD = {
   ALLOC_BUFFER: 0,
   BUFFER_GET_BASE: 3,
   FREE_BUFFER: 4,
+  SET_TENSOR: 6,
   GET_TENSOR: 8,
+  GRAPH_COMPUTE: 10,
   HELLO: 14,
+  GRAPH_RECOMPUTE: 16,
   SET_TENSOR_GGUF: 18,
 } as const;
+
+/** enum ggml_op values of the pinned release used by hand-made graphs. */
+export const GGML_OP = { NONE: 0, ADD: 2 } as const;
+/** enum ggml_tensor_flag bits of the pinned release. */
+export const GGML_TENSOR_FLAG = { INPUT: 1, OUTPUT: 2, COMPUTE: 16 } as const;
 
 /** SET_TENSOR_GGUF answers (enum rpc_gguf_result in the patch). */
 export const GGUF_RESULT = {
@@ -101,6 +109,12 @@ export interface RpcTensorSpec {
   readonly data: bigint;
   readonly name?: string;
   readonly id?: bigint;
+  /** enum ggml_op (GGML_OP); 0 (none) by default. */
+  readonly op?: number;
+  /** The ids of the source tensors (at most 10). */
+  readonly src?: readonly bigint[];
+  /** enum ggml_tensor_flag bits (GGML_TENSOR_FLAG); the CPU backend skips a node without COMPUTE. */
+  readonly flags?: number;
 }
 
 export function encodeRpcTensor(t: RpcTensorSpec): Buffer {
@@ -113,6 +127,9 @@ export function encodeRpcTensor(t: RpcTensorSpec): Buffer {
   b.writeBigUInt64LE(t.buffer, 12);
   ne.forEach((v, i) => b.writeUInt32LE(v, 20 + 4 * i));
   nb.forEach((v, i) => b.writeUInt32LE(v, 36 + 4 * i));
+  b.writeUInt32LE(t.op ?? 0, 52);
+  b.writeInt32LE(t.flags ?? 0, 120);
+  (t.src ?? []).forEach((v, i) => b.writeBigUInt64LE(v, 124 + 8 * i));
   b.writeBigUInt64LE(t.data, 220);
   b.write(t.name ?? '', 228, GGML_MAX_NAME - 1, 'latin1');
   return b;
@@ -250,6 +267,40 @@ export class RawRpcClient {
     req.writeBigUInt64LE(BigInt(offset), RPC_TENSOR_BYTES);
     req.writeBigUInt64LE(BigInt(size), RPC_TENSOR_BYTES + 8);
     return this.call(RPC_CMD.GET_TENSOR, req, size);
+  }
+
+  /** SET_TENSOR (no reply): `data` at `offset` inside `tensor`. */
+  setTensor(tensor: Buffer, offset: number, data: Buffer): void {
+    const off = Buffer.alloc(8);
+    off.writeBigUInt64LE(BigInt(offset));
+    this.send(RPC_CMD.SET_TENSOR, Buffer.concat([tensor, off, data]));
+  }
+
+  /** FREE_BUFFER (no reply). */
+  freeBuffer(ptr: bigint): void {
+    const req = Buffer.alloc(8);
+    req.writeBigUInt64LE(ptr);
+    this.send(RPC_CMD.FREE_BUFFER, req);
+  }
+
+  /**
+   * GRAPH_COMPUTE (no reply): | device u32 | n_nodes u32 | node ids u64[n_nodes] | n_tensors u32 | rpc_tensor[n_tensors] |.
+   * The server keeps the graph for GRAPH_RECOMPUTE.
+   */
+  graphCompute(nodes: readonly bigint[], tensors: readonly Buffer[], device = 0): void {
+    const head = Buffer.alloc(8 + 8 * nodes.length + 4);
+    head.writeUInt32LE(device, 0);
+    head.writeUInt32LE(nodes.length, 4);
+    nodes.forEach((id, i) => head.writeBigUInt64LE(id, 8 + 8 * i));
+    head.writeUInt32LE(tensors.length, 8 + 8 * nodes.length);
+    this.send(RPC_CMD.GRAPH_COMPUTE, Buffer.concat([head, ...tensors]));
+  }
+
+  /** GRAPH_RECOMPUTE (no reply): runs the graph the server stored at the last GRAPH_COMPUTE again. */
+  graphRecompute(device = 0): void {
+    const req = Buffer.alloc(4);
+    req.writeUInt32LE(device);
+    this.send(RPC_CMD.GRAPH_RECOMPUTE, req);
   }
 
   /** Resolves once the server has closed this connection (or rejects after the timeout). */
