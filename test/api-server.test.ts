@@ -6,7 +6,9 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { FastifyInstance } from 'fastify';
 import OpenAI from 'openai';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { allowedHostNames, buildApiServer, hostHeaderName, type ApiServerInit, type Upstream } from '../src/io/http/api-server.ts';
+import { allowedHostNames, hostHeaderName } from '../src/io/http/api-access.ts';
+import type { Upstream } from '../src/io/http/api-proxy.ts';
+import { buildApiServer, type ApiServerInit } from '../src/io/http/api-server.ts';
 import { startLlamaServer, type LlamaServerProcess } from '../src/io/llama/llama-server-process.ts';
 import { stopAll } from '../src/io/llama/processes.ts';
 import { startRpcServer } from '../src/io/llama/rpc-server-process.ts';

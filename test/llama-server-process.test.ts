@@ -3,17 +3,13 @@
 // an unreachable or busy rpc-server at start, a bad model, a taken port, an rpc-server dying under it.
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { detectLlamaServerFlags, llamaServerArgs, llamaServerEnv } from '../src/io/llama/llama-server-args.ts';
+import { LlamaServerError, parseProgressLine, type LlamaLoadProgress } from '../src/io/llama/llama-server-output.ts';
 import {
   checkHealth,
-  detectLlamaServerFlags,
   launchLlamaServer,
-  LlamaServerError,
-  llamaServerArgs,
-  llamaServerEnv,
   llamaServerKeyFor,
-  parseProgressLine,
   startLlamaServer,
-  type LlamaLoadProgress,
   type LlamaServerProcess,
 } from '../src/io/llama/llama-server-process.ts';
 import { stopAll } from '../src/io/llama/processes.ts';

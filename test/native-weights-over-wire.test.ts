@@ -12,7 +12,8 @@ import { llamaServerProcessLogic, waitLlamaHealthyLogic, type WeightsOverWireRep
 import { readGgufHeader, type GgufHeader } from '../src/io/gguf/gguf-reader.ts';
 import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
 import { createLogger } from '../src/io/host/logger.ts';
-import { parseWeightsSentAsBytes, WeightsOverWireTally, type LlamaServerProcess } from '../src/io/llama/llama-server-process.ts';
+import { parseWeightsSentAsBytes, WeightsOverWireTally } from '../src/io/llama/llama-server-output.ts';
+import type { LlamaServerProcess } from '../src/io/llama/llama-server-process.ts';
 import { startRpcTrafficProxy } from '../src/io/llama/rpc-traffic.ts';
 import { llamaServerMachine } from '../src/machines/llama-server.machine.ts';
 import { asEndpointId } from '../src/machines/mesh-types.ts';

@@ -4,7 +4,7 @@
 import { createActor, fromCallback, type EventObject, type InspectionEvent, type Observer } from 'xstate';
 import type { EndpointId } from '../machines/mesh-types.ts';
 import { NOT_HOST_REASON, proxyMachine, routeFacts, type ProxyEvent, type RequestOrigin, type Route } from '../machines/proxy.machine.ts';
-import type { Upstream, UpstreamResolver } from '../io/http/api-server.ts';
+import type { Upstream, UpstreamResolver } from '../io/http/api-proxy.ts';
 import { llamaServerKeyFor } from '../io/llama/llama-server-process.ts';
 
 /** What routing reads from the node actor: its snapshot, and updates to it. */

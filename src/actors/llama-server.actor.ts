@@ -4,16 +4,8 @@
 import { fromPromise } from 'xstate';
 import type { LlamaServerProcessInput, ReadyPlan } from '../machines/llama-server.machine.ts';
 import type { EndpointId, PlanStage } from '../machines/mesh-types.ts';
-import {
-  describeExit,
-  launchLlamaServer,
-  waitForHealth,
-  type LlamaLoadProgress,
-  type LlamaServerInit,
-  type LlamaServerProcess,
-  WeightsOverWireTally,
-  type WeightsOverWire,
-} from '../io/llama/llama-server-process.ts';
+import { describeExit, type LlamaLoadProgress, WeightsOverWireTally, type WeightsOverWire } from '../io/llama/llama-server-output.ts';
+import { launchLlamaServer, waitForHealth, type LlamaServerInit, type LlamaServerProcess } from '../io/llama/llama-server-process.ts';
 import type { Logger } from '../io/host/logger.ts';
 import { rpcDeviceCount } from '../io/llama/rpc-server-process.ts';
 import { processActorLogic } from './process.actor.ts';

@@ -75,9 +75,13 @@ export function connectedPart(view: View): Announcement[] {
   return [...seen.values()].sort((x, y) => (x.id < y.id ? -1 : x.id > y.id ? 1 : 0));
 }
 
-// A stable rendering of every field, so equal content gives equal strings on every node.
-function canonical(a: Announcement): string {
-  return JSON.stringify([
+/**
+ * Every field of an announcement but its signature, as an array in one fixed order: what the merge's
+ * tie-break compares and what the signature covers (src/io/wire/announcement-signature.ts). An array, not a
+ * map: no key order to agree on. A new Announcement field goes here.
+ */
+export function announcementContent(a: Announcement): unknown[] {
+  return [
     a.id,
     a.epoch,
     a.seq,
@@ -87,9 +91,14 @@ function canonical(a: Announcement): string {
     a.model === null ? null : [a.model.name, a.model.bytes, a.model.fingerprint],
     a.version,
     a.serving,
-    a.addrs,
-    a.connectedTo,
-  ]);
+    [...a.addrs],
+    [...a.connectedTo],
+  ];
+}
+
+// A stable rendering of every field, so equal content gives equal strings on every node.
+function canonical(a: Announcement): string {
+  return JSON.stringify(announcementContent(a));
 }
 
 // ---- signed facts, freshness and bounds ---------------------------------------------------------------

@@ -2,7 +2,7 @@
 // inspector may see of a context or event.
 import type { Actor } from 'xstate';
 import type { TunnelsStatus } from '../actors/tunnels.actor.ts';
-import type { WeightsOverWire } from '../io/llama/llama-server-process.ts';
+import type { WeightsOverWire } from '../io/llama/llama-server-output.ts';
 import type { RpcTrafficSnapshot } from '../io/llama/rpc-traffic.ts';
 import type { EndpointId, ModelIdentity } from '../machines/mesh-types.ts';
 import { runningRole, type NodeContext, type nodeMachine } from '../machines/node.machine.ts';

@@ -5,7 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { generateLlamaGguf, type LlamaModelSpec } from '../../src/io/gguf/gguf-writer.ts';
 import { locateLlamaBinaries, type LlamaVariant, type LocatedLlamaBinaries } from '../../src/io/llama/llama-binaries.ts';
-import { detectLlamaServerFlags, startLlamaServer as launchLlamaServer, type LlamaServerProcess } from '../../src/io/llama/llama-server-process.ts';
+import { detectLlamaServerFlags } from '../../src/io/llama/llama-server-args.ts';
+import { startLlamaServer as launchLlamaServer, type LlamaServerProcess } from '../../src/io/llama/llama-server-process.ts';
 import { freeLoopbackPort, startRpcServer as launchRpcServer, type RpcServerProcess } from '../../src/io/llama/rpc-server-process.ts';
 
 export interface LlamaBinaries extends LocatedLlamaBinaries {

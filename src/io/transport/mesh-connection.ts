@@ -15,6 +15,7 @@ import {
   streamKindOf,
   type CloseInfo,
   type MeshConnection,
+  type MeshEndpointInit,
   type MeshStream,
   type RawConnection,
   type RawStream,
@@ -28,17 +29,33 @@ import {
  */
 export const KIND_VERDICT = 0x00;
 
+/** How every connection of an endpoint treats its streams before and around admission (MeshEndpointInit's). */
+export interface ConnectionSettings {
+  readonly kindTimeoutMs: number;
+  readonly admissionRequired: boolean;
+  readonly admissionWaitMs: number;
+  readonly admissionTimeoutMs: number;
+  readonly maxEarlyStreams: number;
+}
+
+/** The connection settings of `init`, with their defaults (documented on MeshEndpointInit). */
+export function connectionSettings(init: MeshEndpointInit): ConnectionSettings {
+  return {
+    kindTimeoutMs: init.kindTimeoutMs ?? 10_000,
+    admissionRequired: (init.admission ?? 'required') === 'required',
+    admissionWaitMs: init.admissionWaitMs ?? 5_000,
+    admissionTimeoutMs: init.admissionTimeoutMs ?? 10_000,
+    maxEarlyStreams: init.maxEarlyStreams ?? 16,
+  };
+}
+
 /** What a connection needs of its endpoint (mesh-endpoint.ts). */
 export interface ConnectionOwner {
   readonly handlers: ReadonlyMap<StreamKind, StreamHandler>;
   readonly log: Logger;
   /** For lines a stranger can trigger at will. */
   readonly limited: RateLimitedLog;
-  readonly kindTimeoutMs: number;
-  readonly admissionRequired: boolean;
-  readonly admissionWaitMs: number;
-  readonly admissionTimeoutMs: number;
-  readonly maxEarlyStreams: number;
+  readonly settings: ConnectionSettings;
   /** Called once when the connection is admitted or closes, whichever first (frees its handshake slot). */
   settled(conn: ConnectionImpl): void;
 }
@@ -106,7 +123,7 @@ export class ConnectionImpl implements MeshConnection {
     private readonly ep: ConnectionOwner,
   ) {
     this.verdict = new Promise((r) => (this.resolveVerdict = r));
-    this.verdictState = ep.admissionRequired ? 'pending' : 'admitted';
+    this.verdictState = ep.settings.admissionRequired ? 'pending' : 'admitted';
     this.closed = raw.closed.then((info) => {
       this.isClosed = true;
       clearTimeout(this.admissionTimer);
@@ -119,11 +136,11 @@ export class ConnectionImpl implements MeshConnection {
         if (this.verdictState !== 'pending' || this.isClosed) return;
         this.ep.limited.warn(
           'not-admitted-in-time',
-          { peer: shortId(this.remoteId), ms: this.ep.admissionTimeoutMs },
+          { peer: shortId(this.remoteId), ms: this.ep.settings.admissionTimeoutMs },
           'closing a connection that was not admitted in time',
         );
         this.raw.close(CLOSE_CODES.notAdmitted, 'not admitted in time');
-      }, this.ep.admissionTimeoutMs);
+      }, this.ep.settings.admissionTimeoutMs);
       this.admissionTimer.unref?.();
     } else {
       this.settle();
@@ -222,11 +239,11 @@ export class ConnectionImpl implements MeshConnection {
       if (raw === null) return;
       if (this.verdictState !== 'admitted') {
         // Before the verdict a peer gets a few streams (the control stream among them), no more.
-        if (this.early >= this.ep.maxEarlyStreams) {
+        if (this.early >= this.ep.settings.maxEarlyStreams) {
           raw.reset(RESET_CODES.notAdmitted);
           this.ep.limited.warn(
             'early-streams',
-            { peer: shortId(this.remoteId), max: this.ep.maxEarlyStreams },
+            { peer: shortId(this.remoteId), max: this.ep.settings.maxEarlyStreams },
             'reset a stream of a connection not admitted yet: too many streams wait for its verdict',
           );
           continue;
@@ -249,7 +266,7 @@ export class ConnectionImpl implements MeshConnection {
     try {
       first = await Promise.race([
         raw.read(),
-        new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), this.ep.kindTimeoutMs))),
+        new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), this.ep.settings.kindTimeoutMs))),
       ]).then((v) => {
         if (v === 'timeout') throw new TransportError('no kind byte');
         return v;
@@ -326,10 +343,10 @@ export class ConnectionImpl implements MeshConnection {
         raw.reset(RESET_CODES.notAdmitted);
         this.ep.limited.warn(
           'stream-not-admitted',
-          { peer: shortId(this.remoteId), kind: label, ms: this.ep.admissionWaitMs },
+          { peer: shortId(this.remoteId), kind: label, ms: this.ep.settings.admissionWaitMs },
           'reset a stream of a connection not admitted in time: its peer is not admitted',
         );
-      }, this.ep.admissionWaitMs);
+      }, this.ep.settings.admissionWaitMs);
     }
     this.held.push(held);
   }

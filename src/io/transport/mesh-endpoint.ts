@@ -5,7 +5,7 @@
 import { pino, type Logger } from 'pino';
 import type { EndpointId } from '../../machines/mesh-types.ts';
 import { asEndpointId } from '../../machines/mesh-types.ts';
-import { ConnectionImpl, KIND_VERDICT } from './mesh-connection.ts';
+import { ConnectionImpl, connectionSettings, KIND_VERDICT, type ConnectionSettings } from './mesh-connection.ts';
 import {
   CLOSE_CODES,
   DialError,
@@ -56,11 +56,7 @@ class EndpointCore implements MeshEndpoint {
   readonly handlers = new Map<StreamKind, StreamHandler>();
   readonly log: Logger;
   readonly limited: RateLimitedLog;
-  readonly kindTimeoutMs: number;
-  readonly admissionRequired: boolean;
-  readonly admissionWaitMs: number;
-  readonly admissionTimeoutMs: number;
-  readonly maxEarlyStreams: number;
+  readonly settings: ConnectionSettings;
   private readonly maxHandshakesPerAddress: number;
   private readonly maxHandshakes: number;
   /** Incoming connections not admitted yet (and not closed), per remote address and in all. */
@@ -84,11 +80,7 @@ class EndpointCore implements MeshEndpoint {
   ) {
     this.log = components.log ?? pino({ level: 'silent' });
     this.limited = new RateLimitedLog(this.log);
-    this.kindTimeoutMs = init.kindTimeoutMs ?? 10_000;
-    this.admissionRequired = (init.admission ?? 'required') === 'required';
-    this.admissionWaitMs = init.admissionWaitMs ?? 5_000;
-    this.admissionTimeoutMs = init.admissionTimeoutMs ?? 10_000;
-    this.maxEarlyStreams = init.maxEarlyStreams ?? 16;
+    this.settings = connectionSettings(init);
     this.maxHandshakesPerAddress = init.maxHandshakesPerAddress ?? 16;
     this.maxHandshakes = init.maxHandshakes ?? 256;
     this.probeTimeoutMs = init.probeTimeoutMs ?? 1_000;
@@ -131,7 +123,7 @@ class EndpointCore implements MeshEndpoint {
    * address: a back-off keyed by endpoint id would be dodged with a fresh key.
    */
   private takeSlot(raw: RawConnection): string | null {
-    if (!this.admissionRequired) return null;
+    if (!this.settings.admissionRequired) return null;
     const addr = raw.remoteAddress ?? null;
     if (this.handshakingTotal >= this.maxHandshakes) return `${this.maxHandshakes} connections are not admitted yet`;
     const n = addr === null ? 0 : (this.handshaking.get(addr) ?? 0);

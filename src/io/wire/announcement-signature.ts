@@ -3,12 +3,13 @@
 // endpoint id IS the public key (64 lowercase hex digits of its 32 bytes), so nothing else needs distributing.
 //
 // Signed bytes: UTF-8 of ANNOUNCEMENT_SIGNATURE_CONTEXT, 0x00, the 16-byte mesh id, then msgpack (msgpackr,
-// records off) of the array
+// records off) of the array (announcementContent, src/machines/gossip.ts)
 //   [id, epoch, seq, name, role, vramBytes, model ? [name, bytes, fingerprint] : null, version, serving, addrs, connectedTo]
 // An array, not a map: no key order to agree on. Both sides encode the validated values, so a relayed
 // announcement (fields and `sig` unchanged) verifies anywhere in the same mesh, and nowhere else.
 import { createPrivateKey, createPublicKey, sign, verify, type KeyObject } from 'node:crypto';
 import { Packr } from 'msgpackr';
+import { announcementContent } from '../../machines/gossip.ts';
 import type { Announcement, AnnouncementAuthority, EndpointId } from '../../machines/mesh-types.ts';
 
 /** Domain separation: these signatures can never be taken for another use of the endpoint key. */
@@ -24,19 +25,7 @@ const ZERO = Buffer.from([0]);
 
 /** The bytes an announcement's signature covers (see the file header). */
 export function announcementSigningBytes(meshId: string, a: Announcement): Uint8Array {
-  const fields = [
-    a.id,
-    a.epoch,
-    a.seq,
-    a.name,
-    a.role,
-    a.vramBytes,
-    a.model === null ? null : [a.model.name, a.model.bytes, a.model.fingerprint],
-    a.version,
-    a.serving,
-    [...a.addrs],
-    [...a.connectedTo],
-  ];
+  const fields = announcementContent(a);
   return Buffer.concat([Buffer.from(ANNOUNCEMENT_SIGNATURE_CONTEXT, 'utf8'), ZERO, meshIdBytes(meshId), packr.pack(fields)]);
 }
 
