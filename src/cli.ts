@@ -2,6 +2,7 @@
 // arguments, otherwise starts one node (src/node.ts), prints its invite token and API address, and stops it
 // cleanly on SIGINT / SIGTERM (children included: none is left behind, however the node ends).
 import { parseCliArgsOrExit } from './io/host/cli-args.ts';
+import { makeInviteFromFiles } from './io/host/invite-command.ts';
 import { formatBytes } from './io/host/vram.ts';
 import { killAllSync } from './io/llama/processes.ts';
 import { startNode, type NodeHandle } from './node.ts';
@@ -20,6 +21,20 @@ async function main(): Promise<void> {
     const { runDemo } = await import('./demo.ts');
     await runDemo();
     return;
+  }
+  if (parsed.kind === 'invite') {
+    try {
+      const made = await makeInviteFromFiles({ keyFile: parsed.keyFile, ttlMs: parsed.ttlMs });
+      process.stderr.write(
+        `mesh-inference: an invite to mesh ${made.meshId.slice(0, 8)} from node ${made.inviter.slice(0, 10)}, valid until ${new Date(made.expiresAt).toISOString()}` +
+          `${made.addrs.length === 0 ? ' (no addresses known: the joiner needs a relay to reach this node)' : ''}; that node must be running to admit the joiner:\n`,
+      );
+      process.stdout.write(`${made.token}\n`);
+      process.exit(0);
+    } catch (err) {
+      process.stderr.write(`mesh-inference invite: ${(err as Error).message.split('\n')[0]}\n`);
+      process.exit(1);
+    }
   }
   const options = parsed.options;
   const threads = positiveIntEnv(THREADS_ENV);
@@ -45,8 +60,12 @@ async function main(): Promise<void> {
   } else {
     out('  lite client: no model here; requests go to the mesh\'s host');
   }
-  out('  invite token (other nodes join with --join <token>):');
-  out(`    ${node.token}`);
+  if (node.token !== null) {
+    out('  invite token (it carries the mesh secret and never expires: prefer `mesh-inference invite`, which expires):');
+    out(`    ${node.token}`);
+  } else {
+    out('  invite token: none yet (this node joins with an expiring invite; once admitted: mesh-inference invite)');
+  }
   if (node.dataPort !== null) {
     const forward = options.bindPort !== null ? `; a port forward needs TCP ${node.dataPort} as well as UDP ${options.bindPort}` : '';
     out(`  data port: TCP ${node.dataPort} (direct TLS between nodes that reach each other${forward})`);

@@ -35,8 +35,8 @@ export interface NodeExtras {
 export interface NodeHandle {
   readonly id: EndpointId;
   readonly name: string;
-  /** The invite token that lets others join this node's mesh. */
-  readonly token: string;
+  /** The invite token (mi1) that lets others join this node's mesh; null until a joiner by expiring invite is welcomed. */
+  readonly token: string | null;
   readonly meshId: string;
   /** "http://127.0.0.1:PORT" of this node's API. */
   readonly apiUrl: string;

@@ -69,6 +69,7 @@ export interface NodeOptions {
 export interface E2eNode {
   readonly name: string;
   readonly proc: ManagedProcess;
+  /** The mi1 token it printed; '' for a node that joined with an expiring invite (it prints none at start). */
   readonly token: string;
   readonly api: string;
   readonly id: string;
@@ -120,7 +121,8 @@ export async function startE2eNode(o: NodeOptions): Promise<E2eNode> {
   proc.onLine((line, stream) => {
     all.push(line);
     if (stream === 'stdout') {
-      token ??= /^\s*(mi1[A-Za-z0-9_-]+)\s*$/.exec(line)?.[1] ?? null;
+      // A joiner by expiring invite (mi2) holds no secret at start, so it prints no mi1 token: ''.
+      token ??= /^\s*(mi1[A-Za-z0-9_-]+)\s*$/.exec(line)?.[1] ?? (/invite token: none yet/.test(line) ? '' : null);
       api ??= /API: (http:\/\/\S+)/.exec(line)?.[1] ?? null;
     }
   });

@@ -10,8 +10,24 @@ export interface HelloMessage {
   readonly role: RolePreference;
   readonly vramBytes: number;
   readonly model: ModelIdentity | null;
-  /** HMAC of the mesh secret over (protocol, sender id, receiver id): proves the secret without sending it. */
+  /** HMAC of the mesh secret over (protocol, sender id, receiver id): proves the secret without sending it.
+   * With `invite`: the same HMAC keyed by the invite's invite key instead (the joiner holds no secret yet). */
   readonly proof: Uint8Array;
+  /** An expiring invite (`mi2`) the sender joins with: its signed bytes and the inviter's signature. */
+  readonly invite?: HelloInvite;
+}
+
+/** The part of an `mi2` token a joiner presents in its hello (the admitting node parses and checks it). */
+export interface HelloInvite {
+  readonly signed: Uint8Array;
+  readonly signature: Uint8Array;
+}
+
+/** Sent by the inviter to a peer it admitted by an expiring invite, right after its hello: the real secret. */
+export interface WelcomeMessage {
+  readonly type: 'welcome';
+  readonly meshId: string;
+  readonly secret: Uint8Array;
 }
 
 /** The announcements the sender knows (its own first). */
@@ -48,7 +64,8 @@ export type MeshMessage =
   | HeartbeatMessage
   | HeartbeatAckMessage
   | LeavingMessage
-  | RpcReadyMessage;
+  | RpcReadyMessage
+  | WelcomeMessage;
 
 export type MeshMessageType = MeshMessage['type'];
 

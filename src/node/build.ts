@@ -26,7 +26,7 @@ import { DisposalStack } from './disposal.ts';
 import { nameOf, nodeStatus, type NodeStatus } from './status.ts';
 
 /** What the node is asked to be: the command line's part of it (`role` as announced), plus where the endpoint binds. */
-export type NodeConfig = Pick<CliOptions, 'name' | 'role' | 'joins' | 'bindPort' | 'dataPort' | 'dataPath' | 'stun' | 'relay' | 'apiHost' | 'port' | 'apiKey'> & {
+export type NodeConfig = Pick<CliOptions, 'name' | 'role' | 'joins' | 'invites' | 'bindPort' | 'dataPort' | 'dataPath' | 'stun' | 'relay' | 'apiHost' | 'port' | 'apiKey'> & {
   /** Where the QUIC endpoint binds: 0.0.0.0, or 127.0.0.1 (the demo and tests). */
   readonly bindHost: string;
   /** On the host, a counting proxy in front of every worker's tunnel: its figures appear in /api/status. */
@@ -87,8 +87,9 @@ export interface NodeMeshMemory {
 /** A started node: what its handle and the tests read. */
 export interface StartedNode {
   readonly id: EndpointId;
-  /** The invite token that lets others join this node's mesh. */
-  readonly token: string;
+  /** The invite token (mi1: it carries the secret) that lets others join this node's mesh; null while the
+   * node joins with an expiring invite and holds no secret yet. */
+  readonly token: string | null;
   readonly meshId: string;
   /** "http://127.0.0.1:PORT" of this node's API. */
   readonly apiUrl: string;
@@ -191,7 +192,13 @@ function bindEndpoint(stack: DisposalStack, config: NodeConfig, components: Node
   );
 }
 
-type Parts = Pick<StartedNode, 'token' | 'meshId' | 'actor' | 'api' | 'meshApi' | 'tunnels' | 'status'> & { readonly mesh: MeshChoice };
+type Parts = Pick<StartedNode, 'token' | 'meshId' | 'actor' | 'api' | 'meshApi' | 'tunnels' | 'status'> & {
+  readonly mesh: MeshChoice;
+  /** The secret as it is now (a welcome fills it in), and who hears when it arrives (the mesh file). */
+  readonly secret: { current: Uint8Array | null; onWelcome: () => void };
+  /** This node's addresses as a token carries them: the mesh file keeps them for `mesh-inference invite`. */
+  readonly selfAddrs: readonly string[];
+};
 
 /** On the bound endpoint: the tunnels, the provided node machine's actor (not started) and the API app. */
 function assemble(
@@ -203,11 +210,18 @@ function assemble(
   inspect: Observer<InspectionEvent> | undefined,
 ): Parts {
   const logger = components.logger;
-  const mesh = chooseMesh(config.joins, components.memory?.remembered ?? null, config.newMesh ?? false, endpoint.id);
-  const { meshId, secret } = mesh;
-  logMeshChoice(componentLogger(logger, 'node'), mesh, components.memory ?? null);
+  const mesh = chooseMesh(config.joins, components.memory?.remembered ?? null, config.newMesh ?? false, endpoint.id, config.invites ?? []);
+  const { meshId } = mesh;
+  const nodeLog = componentLogger(logger, 'node');
+  logMeshChoice(nodeLog, mesh, components.memory ?? null);
   const tokenAddrs = inviteAddrs(endpoint.addrs().filter((a) => !/^https?:/.test(a)), publicAddr);
-  const token = encodeInviteToken({ meshId, secret, inviter: endpoint.id, addrs: tokenAddrs });
+  const token = mesh.secret === null ? null : encodeInviteToken({ meshId, secret: mesh.secret, inviter: endpoint.id, addrs: tokenAddrs });
+  const secretBox: Parts['secret'] = { current: mesh.secret, onWelcome: () => {} };
+  if (mesh.secret === null) {
+    for (const invite of mesh.invites) {
+      if (invite.expiresAt <= Date.now()) nodeLog.warn({ expiresAt: new Date(invite.expiresAt).toISOString() }, `the --join invite expired at ${new Date(invite.expiresAt).toISOString()} (by this machine's clock); its inviter will refuse it: ask a member for a new one (mesh-inference invite)`);
+    }
+  }
   const self = announcement(config, components.holdings, endpoint);
 
   const tunnels = new NodeTunnels(
@@ -216,7 +230,16 @@ function assemble(
   );
   stack.defer('tunnels', () => tunnels.close());
   const network = (components.net.network ?? createMeshNetworkLogic)(
-    { secret, hello: { role: self.role, vramBytes: self.vramBytes, model: self.model } },
+    {
+      secret: mesh.secret,
+      meshId,
+      invites: mesh.invites,
+      hello: { role: self.role, vramBytes: self.vramBytes, model: self.model },
+      onWelcome: (welcome) => {
+        secretBox.current = welcome.secret;
+        secretBox.onWelcome();
+      },
+    },
     { endpoint, logger: componentLogger(logger, 'network') },
   );
   const { weightsOverWire, ...processes } = components.processes({ rpcAddressFor: (peer) => tunnels.rpcAddressFor(peer), directRpcFor: (peer) => tunnels.directRpcFor(peer) });
@@ -252,7 +275,7 @@ function assemble(
     logger: componentLogger(logger, 'api-mesh'),
   });
   stack.defer('mesh api', () => meshApi.close());
-  return { token, meshId, actor, api, meshApi, tunnels, status, mesh };
+  return { token, meshId, actor, api, meshApi, tunnels, status, mesh, secret: secretBox, selfAddrs: tokenAddrs };
 }
 
 /** The mesh API on a free loopback port; incoming http tunnels end there from now on. */
@@ -291,7 +314,7 @@ async function rememberMesh(stack: DisposalStack, parts: Parts, memory: NodeMesh
   if (memory === null) return;
   const writer = new MeshMemoryWriter(memory.path, (err) => log.warn({ err: err.message }, 'the mesh file could not be written'));
   const before = memory.remembered?.meshId === parts.mesh.meshId ? memory.remembered.peers : [];
-  const { meshId, secret } = parts.mesh;
+  const { meshId } = parts.mesh;
   let known: readonly RememberedPeer[] = mergePeers(parts.mesh.bootstrap, before);
   const remember = (snap: SnapshotFrom<typeof nodeMachine>): void => {
     const c = snap.context;
@@ -299,7 +322,13 @@ async function rememberMesh(stack: DisposalStack, parts: Parts, memory: NodeMesh
       .filter((a) => a.id !== c.self.id)
       .map((a) => ({ id: a.id, addrs: a.addrs.slice(0, 8), name: a.name }));
     known = mergePeers(inView, known, c.self.id);
-    writer.update({ meshId, secret, peers: known });
+    // A joiner by expiring invite writes nothing until its welcome: never a file without the real secret.
+    const secret = parts.secret.current;
+    if (secret !== null) writer.update({ meshId, secret, peers: known, selfAddrs: parts.selfAddrs });
+  };
+  parts.secret.onWelcome = () => {
+    remember(parts.actor.getSnapshot());
+    void writer.flush().then(() => log.info({ file: memory.path }, `the mesh secret is saved in ${memory.path}: a restart rejoins mesh ${meshId.slice(0, 8)}; make invites with: mesh-inference invite`));
   };
   remember(parts.actor.getSnapshot());
   await writer.flush();

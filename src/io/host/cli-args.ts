@@ -6,7 +6,7 @@ import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import type { LevelWithSilent } from 'pino';
 import type { RolePreference } from '../../machines/mesh-types.ts';
-import { decodeInviteToken, InviteTokenError, type InviteToken } from '../wire/invite-token.ts';
+import { decodeExpiringInvite, decodeInviteToken, EXPIRING_INVITE_VERSION, InviteTokenError, type ExpiringInvite, type InviteToken } from '../wire/invite-token.ts';
 import { isLogLevel, LOG_LEVELS } from './logger.ts';
 
 export const DEFAULT_API_PORT = 9337;
@@ -23,6 +23,8 @@ export interface CliOptions {
   readonly model: string | null;
   /** Decoded invite tokens, from `--join`, then `--join-file`, then the environment; duplicates dropped. */
   readonly joins: readonly InviteToken[];
+  /** Expiring invites (`mi2`, no secret inside) from the same sources; absent when there are none. */
+  readonly invites?: readonly ExpiringInvite[];
   readonly role: RolePreference;
   /** API port (0 = any free port, for tests). */
   readonly port: number;
@@ -52,6 +54,8 @@ export interface CliOptions {
 
 export type CliParse =
   | { readonly kind: 'run'; readonly options: CliOptions }
+  /** `mesh-inference invite`: print an expiring invite made from the key file and its mesh file. */
+  | { readonly kind: 'invite'; readonly keyFile: string | null; readonly ttlMs: number }
   /** No arguments at all: the composition root runs the local demo mesh. */
   | { readonly kind: 'demo' }
   | { readonly kind: 'help'; readonly text: string }
@@ -61,10 +65,12 @@ export type CliParse =
 export const HELP_TEXT = `mesh-inference: pool the GPUs (or CPUs) of several machines into one OpenAI-compatible LLM API.
 
 Usage: mesh-inference [options]
+       mesh-inference invite [--ttl 24h] [--key-file PATH]
 
   --model PATH          GGUF model file on this machine (every serving node needs its own copy)
   --join TOKEN          join the mesh of this invite token (repeatable; also $${JOIN_ENV},
-                        several tokens separated by whitespace or commas)
+                        several tokens separated by whitespace or commas): an mi2 token from
+                        \`mesh-inference invite\` expires; an mi1 token carries the mesh secret forever
   --join-file PATH      read invite tokens from a file, one per line ('#' starts a comment)
   --role ROLE           auto | host | worker | client (default auto: may host or work)
   --client              short for --role client: a lite client with no model, it only proxies the API
@@ -94,12 +100,17 @@ Usage: mesh-inference [options]
                         WebSocket inspector at URL (ws://...)
   -h, --help            this text
 
+\`mesh-inference invite\` prints an expiring invite (mi2) for the mesh this key file's node belongs to
+(read from PATH.mesh.json; no running node needed): it carries no mesh secret, and after --ttl (default
+24h; e.g. 30m, 2h, 7d) its inviter refuses it. The node that made it must be running to admit the joiner.
+
 With no arguments at all it runs a demo: a 3-node mesh on loopback with a generated model whose
 weights are random (so its answers are gibberish), serving the API on port ${DEFAULT_API_PORT}.
 
 Examples:
   mesh-inference --model ~/models/glm.gguf                  # start a mesh; prints an invite token
-  mesh-inference --model ~/models/glm.gguf --join mi1...    # add this machine's GPU to it
+  mesh-inference invite --ttl 1h                            # an invite that expires in an hour
+  mesh-inference --model ~/models/glm.gguf --join mi2...    # add this machine's GPU to it
   mesh-inference --client --join mi1...                     # use it from a laptop without the model
   mesh-inference --model m.gguf --max-vram 6G --role worker # lend 6 GiB, never host
   curl localhost:${DEFAULT_API_PORT}/v1/chat/completions -H 'content-type: application/json' \\
@@ -149,6 +160,7 @@ export function parseCliArgs(argv: readonly string[], env: NodeJS.ProcessEnv = p
 
 function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse {
   if (argv.length === 0) return { kind: 'demo' };
+  if (argv[0] === 'invite') return parseInviteCommand(argv.slice(1));
   let values: ReturnType<typeof parseArgs<{ options: typeof OPTIONS; strict: true; allowPositionals: false }>>['values'];
   try {
     ({ values } = parseArgs({ args: withInspectValue(argv), options: OPTIONS, strict: true, allowPositionals: false }));
@@ -159,11 +171,11 @@ function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse
 
   const role = parseRole(values.role, values.client ?? false);
   const model = values.model === undefined ? null : checkModelPath(values.model);
-  const joins = collectJoins(values.join ?? [], values['join-file'], env[JOIN_ENV]);
+  const { joins, invites } = collectJoins(values.join ?? [], values['join-file'], env[JOIN_ENV]);
 
   if (role === 'client') {
     if (model !== null) throw new CliUsageError('--model: a lite client (--client / --role client) holds no model; drop one of them');
-    if (joins.length === 0) throw new CliUsageError(`a lite client needs a mesh to join: pass --join TOKEN (or set ${JOIN_ENV})`);
+    if (joins.length === 0 && invites.length === 0) throw new CliUsageError(`a lite client needs a mesh to join: pass --join TOKEN (or set ${JOIN_ENV})`);
   } else if (model === null) {
     throw new CliUsageError(`--model PATH is required for --role ${role} (a node without the model is a lite client: --client)`);
   }
@@ -193,8 +205,9 @@ function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse
     keyFile: values['key-file'] === undefined ? null : resolve(nonEmpty('--key-file', values['key-file'])),
     stun: parseStun(values.stun),
     newMesh: values['new-mesh'] ?? false,
+    ...(invites.length > 0 ? { invites } : {}),
   };
-  if (options.newMesh && joins.length > 0) throw new CliUsageError('--new-mesh contradicts --join: a node starts a fresh mesh or joins one');
+  if (options.newMesh && (joins.length > 0 || invites.length > 0)) throw new CliUsageError('--new-mesh contradicts --join: a node starts a fresh mesh or joins one');
   return { kind: 'run', options };
 }
 
@@ -271,7 +284,7 @@ function expandHome(p: string): string {
   return home !== undefined && (p === '~' || p.startsWith('~/')) ? home + p.slice(1) : p;
 }
 
-function collectJoins(flags: readonly string[], file: string | undefined, envValue: string | undefined): InviteToken[] {
+function collectJoins(flags: readonly string[], file: string | undefined, envValue: string | undefined): { joins: InviteToken[]; invites: ExpiringInvite[] } {
   const sources: { text: string; from: string }[] = [];
   for (const t of flags) sources.push({ text: t, from: '--join' });
   if (file !== undefined) {
@@ -293,25 +306,51 @@ function collectJoins(flags: readonly string[], file: string | undefined, envVal
     for (const t of envValue.split(/[\s,]+/).filter((s) => s !== '')) sources.push({ text: t, from: `$${JOIN_ENV}` });
   }
   const seen = new Set<string>();
-  const out: InviteToken[] = [];
+  const joins: InviteToken[] = [];
+  const invites: ExpiringInvite[] = [];
+  let meshId: string | null = null;
   for (const { text, from } of sources) {
     const trimmed = text.trim();
     if (seen.has(trimmed)) continue;
     seen.add(trimmed);
-    let invite: InviteToken;
+    let invite: InviteToken | ExpiringInvite;
     try {
-      invite = decodeInviteToken(trimmed);
+      invite = trimmed.startsWith(`mi${EXPIRING_INVITE_VERSION}`) ? decodeExpiringInvite(trimmed) : decodeInviteToken(trimmed);
     } catch (err) {
       if (err instanceof InviteTokenError) throw new CliUsageError(`${from}: ${err.message}`);
       throw err;
     }
-    const first = out[0];
-    if (first !== undefined && first.meshId !== invite.meshId) {
-      throw new CliUsageError(`${from}: this token is for another mesh (${invite.meshId.slice(0, 8)}…, not ${first.meshId.slice(0, 8)}…); a node joins one mesh`);
+    if (meshId !== null && meshId !== invite.meshId) {
+      throw new CliUsageError(`${from}: this token is for another mesh (${invite.meshId.slice(0, 8)}…, not ${meshId.slice(0, 8)}…); a node joins one mesh`);
     }
-    out.push(invite);
+    meshId = invite.meshId;
+    if (invite.version === EXPIRING_INVITE_VERSION) invites.push(invite as ExpiringInvite);
+    else joins.push(invite as InviteToken);
   }
-  return out;
+  return { joins, invites };
+}
+
+/** `mesh-inference invite [--ttl DURATION] [--key-file PATH]`. */
+function parseInviteCommand(argv: readonly string[]): CliParse {
+  let values: { ttl?: string; 'key-file'?: string; help?: boolean };
+  try {
+    ({ values } = parseArgs({ args: [...argv], options: { ttl: { type: 'string' }, 'key-file': { type: 'string' }, help: { type: 'boolean', short: 'h' } }, strict: true, allowPositionals: false }));
+  } catch (err) {
+    throw new CliUsageError(`invite: ${describeParseArgsError(err)} (it takes --ttl DURATION and --key-file PATH)`);
+  }
+  if (values.help) return { kind: 'help', text: HELP_TEXT };
+  const ttlMs = values.ttl === undefined ? 24 * 3600_000 : parseDuration('--ttl', values.ttl);
+  if (ttlMs < 1_000 || ttlMs > 365 * 24 * 3600_000) throw new CliUsageError(`--ttl: an invite lives between 1s and 365d (got "${values.ttl}")`);
+  return { kind: 'invite', keyFile: values['key-file'] === undefined ? null : resolve(expandHome(nonEmpty('--key-file', values['key-file']))), ttlMs };
+}
+
+const DURATION_UNITS: Record<string, number> = { s: 1_000, m: 60_000, h: 3600_000, d: 24 * 3600_000 };
+
+/** "90s", "30m", "24h", "7d", "1.5h" (a bare number is seconds). Throws CliUsageError naming `flag`. */
+export function parseDuration(flag: string, raw: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$/i.exec(raw);
+  if (m === null) throw new CliUsageError(`${flag}: "${raw}" is not a duration (examples: 30m, 24h, 7d)`);
+  return Math.round(Number(m[1]) * DURATION_UNITS[(m[2] || 's').toLowerCase()]!);
 }
 
 function parsePort(flag: string, raw: string, min: number): number {

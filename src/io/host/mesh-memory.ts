@@ -7,7 +7,7 @@ import { chmod, mkdir, open, readFile, rename, unlink } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import type { EndpointId } from '../../machines/mesh-types.ts';
 import { asEndpointId } from '../../machines/mesh-types.ts';
-import { createMeshId, createMeshSecret, MESH_SECRET_BYTES, type InviteToken } from '../wire/invite-token.ts';
+import { createMeshId, createMeshSecret, MESH_SECRET_BYTES, type ExpiringInvite, type InviteToken } from '../wire/invite-token.ts';
 
 export const MESH_MEMORY_VERSION = 1;
 /** Peers kept: the ones in the view first, then the ones remembered before, newest first. */
@@ -24,6 +24,8 @@ export interface RememberedMesh {
   readonly meshId: string;
   readonly secret: Uint8Array;
   readonly peers: readonly RememberedPeer[];
+  /** This node's own last addresses ("ip:port"): what `mesh-inference invite` puts in a token. */
+  readonly selfAddrs?: readonly string[];
 }
 
 export class MeshMemoryError extends Error {
@@ -51,7 +53,7 @@ export async function readMeshMemory(path: string): Promise<RememberedMesh | nul
   } catch {
     throw bad('not JSON');
   }
-  const o = raw as { version?: unknown; meshId?: unknown; secret?: unknown; peers?: unknown };
+  const o = raw as { version?: unknown; meshId?: unknown; secret?: unknown; peers?: unknown; selfAddrs?: unknown };
   if (o === null || typeof o !== 'object' || o.version !== MESH_MEMORY_VERSION) throw bad(`version ${String(o?.version)}, expected ${MESH_MEMORY_VERSION}`);
   if (typeof o.meshId !== 'string' || !/^[0-9a-f]{32}$/.test(o.meshId)) throw bad('mesh id');
   if (typeof o.secret !== 'string' || !new RegExp(`^[0-9a-f]{${MESH_SECRET_BYTES * 2}}$`).test(o.secret)) throw bad('secret');
@@ -64,7 +66,8 @@ export async function readMeshMemory(path: string): Promise<RememberedMesh | nul
   }
   // Tighten a file readable by others, as the key file is.
   await chmod(path, 0o600).catch(() => {});
-  return { meshId: o.meshId, secret: new Uint8Array(Buffer.from(o.secret, 'hex')), peers };
+  const selfAddrs = Array.isArray(o.selfAddrs) ? o.selfAddrs.filter((a): a is string => typeof a === 'string' && a.length <= 300).slice(0, MAX_ADDRS_PER_PEER * 2) : [];
+  return { meshId: o.meshId, secret: new Uint8Array(Buffer.from(o.secret, 'hex')), peers, selfAddrs };
 }
 
 /** Writes the whole file atomically (a temp file of mode 0600, then rename), so a crash leaves the old one or the new one. */
@@ -75,6 +78,7 @@ export async function writeMeshMemory(path: string, mesh: RememberedMesh): Promi
       meshId: mesh.meshId,
       secret: Buffer.from(mesh.secret).toString('hex'),
       peers: mesh.peers.slice(0, MAX_REMEMBERED_PEERS).map((p) => ({ id: p.id, addrs: p.addrs.slice(0, MAX_ADDRS_PER_PEER), ...(p.name === undefined ? {} : { name: p.name }) })),
+      ...(mesh.selfAddrs === undefined ? {} : { selfAddrs: mesh.selfAddrs.slice(0, MAX_ADDRS_PER_PEER * 2) }),
       savedAt: new Date().toISOString(),
     },
     null,
@@ -100,7 +104,10 @@ export async function writeMeshMemory(path: string, mesh: RememberedMesh): Promi
 /** How this start chose its mesh. */
 export type MeshChoice = {
   readonly meshId: string;
-  readonly secret: Uint8Array;
+  /** Null when the node joins with expiring invites only: the inviter's welcome brings it. */
+  readonly secret: Uint8Array | null;
+  /** The expiring invites to present (only while `secret` is null). */
+  readonly invites: readonly ExpiringInvite[];
   /** Whom to dial first: the --join tokens' inviters, then the remembered peers of that same mesh. */
   readonly bootstrap: readonly RememberedPeer[];
   readonly how: 'new' | 'remembered' | 'joined' | 'switched';
@@ -111,23 +118,38 @@ export type MeshChoice = {
 /**
  * The mesh of this start: `--new-mesh` makes a fresh one; a `--join` token names its mesh (switching away
  * from a remembered other one); otherwise the remembered mesh, rejoined through its known peers; otherwise a
- * fresh one.
+ * fresh one. An expiring invite (`mi2`) names its mesh too but carries no secret: the remembered secret of
+ * that same mesh (a restart with the same command line), or the one an `mi1` of it carries, is proved
+ * instead; else the node presents the invite to its inviter and waits for the welcome (`secret` null).
  */
-export function chooseMesh(joins: readonly InviteToken[], remembered: RememberedMesh | null, newMesh: boolean, self?: EndpointId): MeshChoice {
+export function chooseMesh(
+  joins: readonly InviteToken[],
+  remembered: RememberedMesh | null,
+  newMesh: boolean,
+  self?: EndpointId,
+  invites: readonly ExpiringInvite[] = [],
+): MeshChoice {
   const others = (peers: readonly RememberedPeer[]) => peers.filter((p) => p.id !== self);
-  if (newMesh) return { meshId: createMeshId(), secret: createMeshSecret(), bootstrap: [], how: 'new', left: remembered?.meshId ?? null };
-  const invite = joins[0];
-  if (invite !== undefined) {
-    const inviters = joins.filter((j) => j.inviter !== self).map((j) => ({ id: j.inviter, addrs: j.addrs }));
-    if (remembered !== null && remembered.meshId === invite.meshId) {
-      // The same mesh: the token's secret is the one to prove (it may be newer), the known peers help.
-      const known = others(remembered.peers).filter((p) => !inviters.some((i) => i.id === p.id));
-      return { meshId: invite.meshId, secret: invite.secret, bootstrap: [...inviters, ...known], how: 'joined', left: null };
-    }
-    return { meshId: invite.meshId, secret: invite.secret, bootstrap: inviters, how: remembered === null ? 'joined' : 'switched', left: remembered?.meshId ?? null };
+  if (newMesh) return { meshId: createMeshId(), secret: createMeshSecret(), invites: [], bootstrap: [], how: 'new', left: remembered?.meshId ?? null };
+  const named = joins[0]?.meshId ?? invites[0]?.meshId;
+  if (named !== undefined) {
+    const inviters: RememberedPeer[] = [];
+    for (const j of [...joins, ...invites]) if (j.inviter !== self && !inviters.some((i) => i.id === j.inviter)) inviters.push({ id: j.inviter, addrs: j.addrs });
+    const same = remembered !== null && remembered.meshId === named;
+    // A token's secret is the one to prove (it may be newer than the remembered one), then the remembered one.
+    const secret = joins[0]?.secret ?? (same ? remembered.secret : null);
+    const known = same ? others(remembered.peers).filter((p) => !inviters.some((i) => i.id === p.id)) : [];
+    return {
+      meshId: named,
+      secret,
+      invites: secret === null ? invites : [],
+      bootstrap: [...inviters, ...known],
+      how: remembered === null || same ? 'joined' : 'switched',
+      left: same ? null : (remembered?.meshId ?? null),
+    };
   }
-  if (remembered !== null) return { meshId: remembered.meshId, secret: remembered.secret, bootstrap: others(remembered.peers), how: 'remembered', left: null };
-  return { meshId: createMeshId(), secret: createMeshSecret(), bootstrap: [], how: 'new', left: null };
+  if (remembered !== null) return { meshId: remembered.meshId, secret: remembered.secret, invites: [], bootstrap: others(remembered.peers), how: 'remembered', left: null };
+  return { meshId: createMeshId(), secret: createMeshSecret(), invites: [], bootstrap: [], how: 'new', left: null };
 }
 
 /**
@@ -161,7 +183,7 @@ export class MeshMemoryWriter {
 
   /** Remembers `mesh` (soon): nothing is written when it equals what was last written. */
   update(mesh: RememberedMesh): void {
-    const key = JSON.stringify([mesh.meshId, Buffer.from(mesh.secret).toString('hex'), mesh.peers]);
+    const key = JSON.stringify([mesh.meshId, Buffer.from(mesh.secret).toString('hex'), mesh.peers, mesh.selfAddrs]);
     if (key === this.lastKey) return;
     this.lastKey = key;
     this.pending = mesh;

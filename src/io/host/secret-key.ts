@@ -72,6 +72,19 @@ export async function loadOrCreateSecretKey(init: SecretKeyInit = {}): Promise<L
   return { key, path, created: true };
 }
 
+/** Reads the key file without creating it: null when there is none (`mesh-inference invite` needs an identity that exists). */
+export async function readSecretKey(init: SecretKeyInit = {}): Promise<{ readonly key: Uint8Array; readonly path: string } | null> {
+  const path = init.keyFile ?? defaultKeyPath(init.env);
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw new SecretKeyError(`cannot read the key file ${path}: ${(err as Error).message}`);
+  }
+  return { key: parseKey(text, path), path };
+}
+
 function parseKey(text: string, path: string): Uint8Array {
   const t = text.trim();
   if (/^[0-9a-fA-F]{64}$/.test(t)) return new Uint8Array(Buffer.from(t, 'hex'));

@@ -5,15 +5,27 @@
 // logged reason; nothing it sends can throw out of here or disturb the other peers.
 import type { Logger } from 'pino';
 import { PROTOCOL_VERSION, type EndpointId } from '../../machines/mesh-types.ts';
-import type { MeshMessage, NetworkCommand, NetworkEvent } from '../../machines/protocol.ts';
-import { checkHello, makeHello, type HelloFacts } from '../wire/mesh-auth.ts';
+import type { HelloMessage, MeshMessage, NetworkCommand, NetworkEvent, WelcomeMessage } from '../../machines/protocol.ts';
+import { checkHello, checkInviteHello, checkVersionAndId, makeHello, verifyHelloProof, type HelloCheck, type HelloFacts } from '../wire/mesh-auth.ts';
+import { inviteKeyMatches, type ExpiringInvite } from '../wire/invite-token.ts';
 import { encodeFrame, FrameDecoder } from '../wire/frame-codec.ts';
 import { firstLine, type MeshConnection, type MeshEndpoint, type MeshStream } from '../transport/transport.ts';
 import { ControlWriter, doneSignal, type Session } from './session.ts';
 
 export interface MeshNetworkInit {
-  /** The mesh secret from the invite token (or created by the first node). */
-  readonly secret: Uint8Array;
+  /**
+   * The mesh secret from the invite token, the mesh file, or created by the first node; null for a node that
+   * joins with expiring invites only, until its inviter's `welcome` brings the secret.
+   */
+  readonly secret: Uint8Array | null;
+  /** The mesh's id: without it this node neither admits by expiring invites nor takes a welcome. */
+  readonly meshId?: string;
+  /** The expiring invites this node joins with while it holds no secret: each is shown only to its inviter. */
+  readonly invites?: readonly ExpiringInvite[];
+  /** Called once when a welcome brought the mesh secret (the node saves it in its mesh file). */
+  readonly onWelcome?: (mesh: { readonly meshId: string; readonly secret: Uint8Array }) => void;
+  /** The clock invites expire by (tests). */
+  readonly now?: () => number;
   /** What this node says about itself in its hello. */
   readonly hello: HelloFacts;
   /** A dial that has not connected by then fails (a dead address would otherwise take QUIC's 30 s). */
@@ -43,9 +55,18 @@ const DEFAULTS = {
   maxFrameBytes: 1024 * 1024,
 };
 
+type Tunables = Omit<MeshNetworkInit, 'secret' | 'meshId' | 'invites' | 'onWelcome' | 'now'>;
+
 export class MeshNetwork {
   readonly id: EndpointId;
-  private readonly init: Required<MeshNetworkInit>;
+  private readonly init: Required<Tunables>;
+  /** The mesh secret; changes once, from null, when a joiner's welcome arrives. */
+  private secret: Uint8Array | null;
+  private readonly meshId: string | null;
+  /** Expiring invites by inviter: presented only while we hold no secret. */
+  private readonly invites: ReadonlyMap<EndpointId, ExpiringInvite>;
+  private readonly onWelcome: NonNullable<MeshNetworkInit['onWelcome']>;
+  private readonly now: () => number;
   private readonly endpoint: MeshEndpoint;
   private readonly log: Logger;
   private readonly sessions = new Map<EndpointId, Session>();
@@ -57,7 +78,13 @@ export class MeshNetwork {
   private stopped = false;
 
   constructor(init: MeshNetworkInit, components: MeshNetworkComponents) {
-    this.init = { ...DEFAULTS, protocolVersion: PROTOCOL_VERSION, ...init };
+    const { secret, meshId, invites, onWelcome, now, ...tunables } = init;
+    this.init = { ...DEFAULTS, protocolVersion: PROTOCOL_VERSION, ...tunables };
+    this.secret = secret;
+    this.meshId = meshId ?? null;
+    this.invites = new Map((invites ?? []).map((i) => [i.inviter, i]));
+    this.onWelcome = onWelcome ?? (() => {});
+    this.now = now ?? Date.now;
     this.endpoint = components.endpoint;
     this.id = components.endpoint.id;
     this.log = components.logger;
@@ -281,12 +308,29 @@ export class MeshNetwork {
     s.out.attach(stream);
     // The dialer speaks first; the acceptor answers with its hello only once the dialer's is verified, so a
     // stranger learns nothing about this node (role, VRAM, model), only why it was refused.
-    if (s.conn.dialer === 'local') this.write(s, this.ourHello(s));
     void this.readLoop(s, stream);
+    if (s.conn.dialer === 'local') {
+      const hello = this.ourHello(s);
+      if (hello !== null) this.write(s, hello);
+      else void this.fail(s, this.noSecretReason());
+    }
   }
 
-  private ourHello(s: Session): MeshMessage {
-    return makeHello(this.init.hello, this.init.secret, this.id, s.id, this.init.protocolVersion);
+  /**
+   * Our hello to this peer: proving the mesh secret; or, while we hold none, proving the invite key of the
+   * expiring invite this peer made (the invite rides along); null when we can prove neither to this peer.
+   */
+  private ourHello(s: Session): HelloMessage | null {
+    if (this.secret !== null) return makeHello(this.init.hello, this.secret, this.id, s.id, this.init.protocolVersion);
+    const invite = this.invites.get(s.id);
+    if (invite === undefined) return null;
+    s.invite = invite;
+    return makeHello(this.init.hello, invite.inviteKey, this.id, s.id, this.init.protocolVersion, invite);
+  }
+
+  private noSecretReason(): string {
+    const inviters = [...this.invites.keys()].map(short).join(', ');
+    return `node ${short(this.id)} holds no mesh secret yet: it joins with an expiring invite, which only its inviter (${inviters || 'none'}) takes`;
   }
 
   private async readLoop(s: Session, stream: MeshStream): Promise<void> {
@@ -330,33 +374,43 @@ export class MeshNetwork {
         this.teardown(s, `refused by peer: ${message.reason}`);
         return;
       }
+      if (message.type === 'welcome') {
+        this.onWelcomeMessage(s, message);
+        return;
+      }
       if (message.type !== 'hello') {
         void this.fail(s, `expected hello first, got ${message.type}`);
         return;
       }
-      const check = checkHello(message, this.init.secret, this.id, s.id, this.init.protocolVersion);
-      if (!check.ok) {
-        s.log.warn({ code: check.code }, `refusing peer: ${check.reason}`);
-        void this.closeSession(s, `refused: ${check.reason}`, `refused: ${check.reason}`);
+      if (s.pendingHello !== undefined) {
+        void this.fail(s, 'a second hello before the welcome');
         return;
       }
-      if (s.helloTimer) clearTimeout(s.helloTimer);
-      s.helloTimer = null;
-      s.state = 'admitted';
-      s.reported = true;
-      if (s.conn.dialer === 'remote') this.write(s, this.ourHello(s));
-      // The transport's verdict: streams of this connection that arrived early, and all later ones, are served.
-      this.endpoint.admit(s.conn);
-      const direct = s.conn.isDirect();
-      s.log.info({ direct, role: message.role }, 'peer admitted');
-      this.emit({ type: 'net.peer.connected', id: s.id, direct });
-      this.emit({ type: 'net.message', from: s.id, message });
+      if (message.invite !== undefined) {
+        this.onInviteHello(s, { ...message, invite: message.invite });
+        return;
+      }
+      if (this.secret === null) {
+        // A joiner without the secret cannot check a proof of it: it trusts the inviter its invite names (the
+        // QUIC handshake authenticated that id), and only once the welcome's secret proves this very hello.
+        const check: HelloCheck = s.invite !== undefined ? checkVersionAndId(message, this.id, s.id, this.init.protocolVersion) : { ok: false, code: 'HELLO_PROOF', reason: this.noSecretReason() };
+        if (!check.ok) return this.refuse(s, check);
+        s.pendingHello = message;
+        s.log.debug('inviter answered; waiting for its welcome');
+        return;
+      }
+      const check = checkHello(message, this.secret, this.id, s.id, this.init.protocolVersion);
+      if (!check.ok) return this.refuse(s, check);
+      this.admit(s, message);
       return;
     }
     if (s.state !== 'admitted') return;
     switch (message.type) {
       case 'hello':
         void this.fail(s, 'a second hello on an admitted connection');
+        return;
+      case 'welcome':
+        void this.fail(s, 'a welcome on an admitted connection');
         return;
       case 'leaving':
         s.log.info({ reason: message.reason }, `peer is leaving: ${message.reason}`);
@@ -366,6 +420,74 @@ export class MeshNetwork {
       default:
         this.emit({ type: 'net.message', from: s.id, message });
     }
+  }
+
+  private refuse(s: Session, check: HelloCheck & { readonly ok: false }): void {
+    s.log.warn({ code: check.code }, `refusing peer: ${check.reason}`);
+    void this.closeSession(s, `refused: ${check.reason}`, `refused: ${check.reason}`);
+  }
+
+  private admit(s: Session, hello: HelloMessage, welcome?: WelcomeMessage): void {
+    if (s.helloTimer) clearTimeout(s.helloTimer);
+    s.helloTimer = null;
+    s.state = 'admitted';
+    s.reported = true;
+    if (s.conn.dialer === 'remote') {
+      const ours = this.ourHello(s);
+      if (ours !== null) this.write(s, ours);
+    }
+    // Right after our hello, before anything the node sends: the joiner admits us only with it.
+    if (welcome !== undefined) this.write(s, welcome);
+    // The transport's verdict: streams of this connection that arrived early, and all later ones, are served.
+    this.endpoint.admit(s.conn);
+    const direct = s.conn.isDirect();
+    s.log.info({ direct, role: hello.role, ...(welcome !== undefined ? { byInvite: true } : {}) }, welcome !== undefined ? 'peer admitted by an expiring invite; sent it the mesh secret' : 'peer admitted');
+    this.emit({ type: 'net.peer.connected', id: s.id, direct });
+    this.emit({ type: 'net.message', from: s.id, message: hello });
+  }
+
+  /** A joiner's hello presenting an expiring invite: checked with the secret we hold, answered with a welcome. */
+  private onInviteHello(s: Session, hello: HelloMessage & { readonly invite: NonNullable<HelloMessage['invite']> }): void {
+    if (s.conn.dialer !== 'remote') {
+      void this.fail(s, 'an invite in an answering hello (a joiner presents its invite only when it dials)');
+      return;
+    }
+    if (this.secret === null || this.meshId === null) {
+      return this.refuse(s, { ok: false, code: 'INVITE_INVITER', reason: `node ${short(this.id)} holds no mesh secret to check an invite with` });
+    }
+    const check = checkInviteHello(hello, { meshId: this.meshId, secret: this.secret }, this.id, s.id, this.now(), this.init.protocolVersion);
+    if (!check.ok) return this.refuse(s, check);
+    s.log.info({ expiresAt: new Date(check.invite.expiresAt).toISOString() }, 'the peer joins with a valid expiring invite of ours');
+    this.admit(s, hello, { type: 'welcome', meshId: this.meshId, secret: this.secret });
+  }
+
+  /** The joiner's side: the inviter's welcome; its secret must mint the invite's key and prove the inviter's hello. */
+  private onWelcomeMessage(s: Session, welcome: WelcomeMessage): void {
+    const invite = s.invite;
+    const hello = s.pendingHello;
+    if (invite === undefined || hello === undefined) {
+      void this.fail(s, 'an unexpected welcome (this node presented no invite to this peer)');
+      return;
+    }
+    if (welcome.meshId !== invite.meshId) {
+      void this.fail(s, `the welcome is for mesh ${welcome.meshId.slice(0, 8)}, but the invite for ${invite.meshId.slice(0, 8)}`);
+      return;
+    }
+    if (!inviteKeyMatches(invite, welcome.secret) || !verifyHelloProof(welcome.secret, s.id, this.id, hello.proof)) {
+      void this.fail(s, 'the welcome\'s mesh secret does not match the invite (or the inviter\'s hello): not admitted');
+      return;
+    }
+    s.pendingHello = undefined;
+    if (this.secret === null) {
+      this.secret = welcome.secret;
+      s.log.info({ meshId: welcome.meshId }, `admitted to mesh ${welcome.meshId.slice(0, 8)} by an expiring invite: this node now holds the mesh secret`);
+      try {
+        this.onWelcome({ meshId: welcome.meshId, secret: welcome.secret });
+      } catch (err) {
+        this.log.error({ err: firstLine(err) }, 'the welcome handler threw');
+      }
+    }
+    this.admit(s, hello);
   }
 
   /** A protocol violation: tell the peer why (so both logs say it), then close. */

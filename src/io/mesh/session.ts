@@ -3,6 +3,8 @@
 // the queue's cap).
 import type { Logger } from 'pino';
 import type { EndpointId } from '../../machines/mesh-types.ts';
+import type { HelloMessage } from '../../machines/protocol.ts';
+import type { ExpiringInvite } from '../wire/invite-token.ts';
 import type { MeshConnection, MeshStream } from '../transport/transport.ts';
 
 /** handshaking -> admitted -> closing -> closed; handshaking may go straight to closing or closed. */
@@ -19,6 +21,10 @@ export interface Session {
   stream: MeshStream | null;
   readonly out: ControlWriter;
   helloTimer: NodeJS.Timeout | null;
+  /** A joiner's session to its inviter: the expiring invite presented in our hello (we hold no secret yet). */
+  invite?: ExpiringInvite;
+  /** With `invite`: the inviter's hello, held until its welcome brings the secret that proves it. */
+  pendingHello?: HelloMessage;
   /** Resolves once the session is closed (teardown ran). */
   readonly done: Promise<void>;
   markDone: () => void;

@@ -318,6 +318,20 @@ export function decodeExpiringInvite(text: string): ExpiringInvite {
   return { version: 2, meshId, inviter, expiresAt: expiresSec * 1000, nonce, inviteKey, addrs, signature, signed };
 }
 
+/** The invite a hello presents (the token's signed bytes and signature), parsed as its token would be. Throws InviteTokenError. */
+export function expiringInviteFromParts(signed: Uint8Array, signature: Uint8Array): ExpiringInvite {
+  if (signature.length !== SIG_BYTES) throw new InviteTokenError('TOKEN_INVALID', `an invite signature is ${SIG_BYTES} bytes`);
+  const whole = Buffer.concat([signed, signature, Buffer.alloc(CRC_BYTES)]);
+  whole.writeUInt32BE(crc32(whole.subarray(0, whole.length - CRC_BYTES)), whole.length - CRC_BYTES);
+  return decodeExpiringInvite(`${PREFIX}${EXPIRING_INVITE_VERSION}${whole.toString('base64url')}`);
+}
+
+/** Whether `secret` is the one the invite's key was minted with: what a joiner checks a welcome's secret by. */
+export function inviteKeyMatches(invite: Pick<ExpiringInvite, 'meshId' | 'inviter' | 'expiresAt' | 'nonce' | 'inviteKey'>, secret: Uint8Array): boolean {
+  const expected = deriveInviteKey(secret, invite.meshId, invite.inviter, Math.round(invite.expiresAt / 1000), invite.nonce);
+  return invite.inviteKey.length === expected.length && timingSafeEqual(expected, invite.inviteKey);
+}
+
 export type InviteCheck = { readonly ok: true } | { readonly ok: false; readonly code: 'INVITE_EXPIRED' | 'INVITE_MESH' | 'INVITE_SIGNATURE' | 'INVITE_KEY'; readonly reason: string };
 
 /**
@@ -336,8 +350,7 @@ export function checkExpiringInvite(invite: Pick<ExpiringInvite, 'meshId' | 'inv
     sigOk = false;
   }
   if (!sigOk) return { ok: false, code: 'INVITE_SIGNATURE', reason: `the invite is not signed by ${invite.inviter.slice(0, 10)}` };
-  const expected = deriveInviteKey(mesh.secret, invite.meshId, invite.inviter, Math.round(invite.expiresAt / 1000), invite.nonce);
-  if (invite.inviteKey.length !== expected.length || !timingSafeEqual(expected, invite.inviteKey)) {
+  if (!inviteKeyMatches(invite, mesh.secret)) {
     return { ok: false, code: 'INVITE_KEY', reason: 'the invite was not minted with this mesh\'s secret (rotated since?)' };
   }
   return { ok: true };

@@ -3,7 +3,8 @@
 // makes a hello useless to replay towards anyone else.
 import { createHmac, timingSafeEqual } from 'node:crypto';
 import { PROTOCOL_VERSION, type EndpointId, type ModelIdentity, type RolePreference } from '../../machines/mesh-types.ts';
-import type { HelloMessage } from '../../machines/protocol.ts';
+import type { HelloInvite, HelloMessage } from '../../machines/protocol.ts';
+import { checkExpiringInvite, expiringInviteFromParts, InviteTokenError, type ExpiringInvite } from './invite-token.ts';
 
 /** Domain separation: a proof for this protocol can never be mistaken for another HMAC of the same secret. */
 export const HELLO_PROOF_CONTEXT = 'mesh-inference/1 hello';
@@ -34,7 +35,11 @@ export interface HelloFacts {
   readonly model: ModelIdentity | null;
 }
 
-export function makeHello(facts: HelloFacts, secret: Uint8Array, self: EndpointId, remote: EndpointId, version = PROTOCOL_VERSION): HelloMessage {
+/**
+ * Our hello to `remote`. `key` is the mesh secret, or (for a joiner that holds only an expiring invite) the
+ * invite's invite key, with the invite itself in `invite`.
+ */
+export function makeHello(facts: HelloFacts, key: Uint8Array, self: EndpointId, remote: EndpointId, version = PROTOCOL_VERSION, invite?: HelloInvite): HelloMessage {
   return {
     type: 'hello',
     version,
@@ -42,11 +47,22 @@ export function makeHello(facts: HelloFacts, secret: Uint8Array, self: EndpointI
     role: facts.role,
     vramBytes: facts.vramBytes,
     model: facts.model,
-    proof: helloProof(secret, self, remote),
+    proof: helloProof(key, self, remote),
+    ...(invite === undefined ? {} : { invite: { signed: invite.signed, signature: invite.signature } }),
   };
 }
 
-export type HelloRefusalCode = 'HELLO_VERSION' | 'HELLO_ID' | 'HELLO_PROOF';
+export type HelloRefusalCode =
+  | 'HELLO_VERSION'
+  | 'HELLO_ID'
+  | 'HELLO_PROOF'
+  | 'INVITE_MALFORMED'
+  | 'INVITE_INVITER'
+  | 'INVITE_EXPIRED'
+  | 'INVITE_MESH'
+  | 'INVITE_SIGNATURE'
+  | 'INVITE_KEY'
+  | 'INVITE_PROOF';
 
 export type HelloCheck = { readonly ok: true } | { readonly ok: false; readonly code: HelloRefusalCode; readonly reason: string };
 
@@ -61,6 +77,53 @@ export function checkHello(
   remote: EndpointId,
   version: number = PROTOCOL_VERSION,
 ): HelloCheck {
+  const basic = checkVersionAndId(hello, self, remote, version);
+  if (!basic.ok) return basic;
+  if (!verifyHelloProof(secret, remote, self, hello.proof)) {
+    return {
+      ok: false,
+      code: 'HELLO_PROOF',
+      reason: `wrong mesh secret: the hello of ${short(remote)} does not prove the secret that ${short(self)} holds (invite token of another mesh?)`,
+    };
+  }
+  return { ok: true };
+}
+
+/**
+ * Decides whether to admit a joiner by the expiring invite its hello presents: version and id as
+ * `checkHello`; then the invite must name this node as its inviter (the joiner trusts no one else to hand it
+ * the secret), pass `checkExpiringInvite` (mesh, expiry, the inviter's signature, an invite key minted with
+ * the secret this node holds), and the hello's proof must be keyed by that invite key.
+ */
+export function checkInviteHello(
+  hello: HelloMessage & { readonly invite: HelloInvite },
+  mesh: { readonly meshId: string; readonly secret: Uint8Array },
+  self: EndpointId,
+  remote: EndpointId,
+  now: number,
+  version: number = PROTOCOL_VERSION,
+): { readonly ok: true; readonly invite: ExpiringInvite } | (HelloCheck & { readonly ok: false }) {
+  const basic = checkVersionAndId(hello, self, remote, version);
+  if (!basic.ok) return basic;
+  let invite: ExpiringInvite;
+  try {
+    invite = expiringInviteFromParts(hello.invite.signed, hello.invite.signature);
+  } catch (err) {
+    return { ok: false, code: 'INVITE_MALFORMED', reason: `the invite in the hello of ${short(remote)} is malformed: ${err instanceof InviteTokenError ? err.message : String(err)}` };
+  }
+  if (invite.inviter !== self) {
+    return { ok: false, code: 'INVITE_INVITER', reason: `the invite was made by ${short(invite.inviter)}, not by ${short(self)}: only its inviter admits with it` };
+  }
+  const check = checkExpiringInvite(invite, mesh, now);
+  if (!check.ok) return { ok: false, code: check.code, reason: check.reason };
+  if (!verifyHelloProof(invite.inviteKey, remote, self, hello.proof)) {
+    return { ok: false, code: 'INVITE_PROOF', reason: `the hello of ${short(remote)} does not prove the invite key of the invite it presents` };
+  }
+  return { ok: true, invite };
+}
+
+/** The part of `checkHello` that needs no secret: the version, and that the hello names the authenticated id. */
+export function checkVersionAndId(hello: HelloMessage, self: EndpointId, remote: EndpointId, version: number): HelloCheck {
   // One version at a time for now; a range goes here once there is a second version to stay compatible with.
   // The reason travels to the peer in `leaving` (so both logs hold it): both versions, and whom to upgrade.
   if (hello.version !== version) {
@@ -74,13 +137,6 @@ export function checkHello(
   }
   if (hello.id !== remote) {
     return { ok: false, code: 'HELLO_ID', reason: `hello claims id ${short(hello.id)} but the connection is from ${short(remote)}` };
-  }
-  if (!verifyHelloProof(secret, remote, self, hello.proof)) {
-    return {
-      ok: false,
-      code: 'HELLO_PROOF',
-      reason: `wrong mesh secret: the hello of ${short(remote)} does not prove the secret that ${short(self)} holds (invite token of another mesh?)`,
-    };
   }
   return { ok: true };
 }

@@ -1,7 +1,7 @@
 // Validates decoded msgpack values into the MeshMessage union, field by field, at the wire boundary:
 // whatever a peer sends, the machines only ever see well-typed messages; anything else is a typed error.
 import { asEndpointId, type Announcement, type EndpointId, type ModelIdentity, type RolePreference } from '../../machines/mesh-types.ts';
-import type { MeshMessage, MeshMessageType } from '../../machines/protocol.ts';
+import type { HelloInvite, MeshMessage, MeshMessageType } from '../../machines/protocol.ts';
 
 /** Stable codes a caller can act on (all of them mean: close this peer with the message as the reason). */
 export type WireErrorCode = 'frame-too-large' | 'malformed-msgpack' | 'truncated-frame' | 'unknown-message' | 'bad-field';
@@ -47,9 +47,13 @@ export const LIMITS = {
   proofBytes: 256,
   /** An announcement's ed25519 signature: exactly this many bytes. */
   signatureBytes: 64,
+  /** The signed bytes of an expiring invite (102 bytes of header, up to 16 addresses of 65). */
+  inviteBytes: 1200,
+  /** The mesh secret of a welcome: exactly this many bytes. */
+  secretBytes: 32,
 } as const;
 
-const MESSAGE_TYPES: readonly MeshMessageType[] = ['hello', 'gossip', 'heartbeat', 'heartbeat-ack', 'leaving', 'rpc-ready'];
+const MESSAGE_TYPES: readonly MeshMessageType[] = ['hello', 'gossip', 'heartbeat', 'heartbeat-ack', 'leaving', 'rpc-ready', 'welcome'];
 const ROLES: readonly RolePreference[] = ['auto', 'host', 'worker', 'client'];
 // iroh endpoint ids are ed25519 public keys written as lowercase hex.
 const ENDPOINT_ID = /^[0-9a-f]{64}$/;
@@ -88,6 +92,8 @@ export function validateMessage(value: unknown): MeshMessage {
         vramBytes: f.count(value, 'vramBytes'),
         model: f.model(value, 'model'),
         proof: f.bytes(value, 'proof', LIMITS.proofBytes),
+        // Absent (or nil) unless the sender joins with an expiring invite.
+        ...(value['invite'] === undefined || value['invite'] === null ? {} : { invite: f.invite(value, 'invite') }),
       };
     case 'gossip':
       return {
@@ -104,6 +110,13 @@ export function validateMessage(value: unknown): MeshMessage {
       return { type: 'leaving', reason: f.string(value, 'reason', LIMITS.reason) };
     case 'rpc-ready':
       return { type: 'rpc-ready', planId: f.string(value, 'planId', LIMITS.shortString, true) };
+    case 'welcome': {
+      const meshId = f.string(value, 'meshId', 32, true);
+      if (!/^[0-9a-f]{32}$/.test(meshId)) f.bad('meshId', 'must be 32 lowercase hex digits');
+      const secret = f.bytes(value, 'secret', LIMITS.secretBytes);
+      if (secret.length !== LIMITS.secretBytes) f.bad('secret', `must hold ${LIMITS.secretBytes} bytes, got ${secret.length}`);
+      return { type: 'welcome', meshId, secret };
+    }
   }
 }
 
@@ -177,6 +190,11 @@ class Fields {
   signature(obj: Record<string, unknown>, key: string, path = key): Uint8Array {
     const v = this.bytes(obj, key, LIMITS.signatureBytes, path);
     return v.length === LIMITS.signatureBytes ? v : this.bad(path, `must hold ${LIMITS.signatureBytes} bytes, got ${v.length}`);
+  }
+
+  invite(obj: Record<string, unknown>, key: string, path = key): HelloInvite {
+    const v = this.record(obj[key], path);
+    return { signed: this.bytes(v, 'signed', LIMITS.inviteBytes, `${path}.signed`), signature: this.signature(v, 'signature', `${path}.signature`) };
   }
 
   array<T>(obj: Record<string, unknown>, key: string, max: number, item: (v: unknown, path: string) => T, path = key): T[] {

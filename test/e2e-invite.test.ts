@@ -1,0 +1,129 @@
+// Expiring invites wired into the hello (issue 10, items 4 and 7), with real node processes on loopback:
+// A founds a mesh; `mesh-inference invite --ttl 8s` makes an mi2 token from A's key file and mesh file; B
+// joins with it before it expires (its hello proves the invite key, A checks the invite and answers with a
+// welcome carrying the mesh secret, which B saves in its mesh file); C presents the same token after it
+// expired and is refused, with a line saying so in both logs; B restarted with the same command line (the
+// now expired token) rejoins from its mesh file. Without a mesh file, `invite` refuses with one clear line.
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { decodeExpiringInvite } from '../src/io/wire/invite-token.ts';
+import { makeE2eModel, startE2eNode, type E2eModel, type E2eNode } from './e2e-support.ts';
+
+const BIN = fileURLToPath(new URL('../bin/mesh-inference.js', import.meta.url));
+const run = promisify(execFile);
+const TTL = '8s';
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function invite(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await run(process.execPath, [BIN, 'invite', ...args], { timeout: 30_000 });
+    return { code: 0, stdout, stderr };
+  } catch (err) {
+    const e = err as { code?: number; stdout?: string; stderr?: string };
+    return { code: e.code ?? -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
+  }
+}
+
+async function until(pred: () => boolean, ms: number, what: string, tail: () => string): Promise<void> {
+  const end = Date.now() + ms;
+  while (!pred()) {
+    if (Date.now() > end) throw new Error(`no ${what} within ${ms} ms:\n${tail()}`);
+    await sleep(100);
+  }
+}
+
+describe('e2e: expiring invites', { timeout: 240_000 }, () => {
+  let dir: string;
+  let model: E2eModel;
+  const nodes: E2eNode[] = [];
+  const start = async (o: Parameters<typeof startE2eNode>[0]) => {
+    const n = await startE2eNode(o);
+    nodes.push(n);
+    return n;
+  };
+
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'mesh-invite-'));
+    model = await makeE2eModel();
+  });
+  afterAll(async () => {
+    await Promise.all(nodes.map((n) => n.stop().catch(() => {})));
+    await model?.remove();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  const sees = (n: E2eNode, id: string) => n.waitStatus((s) => s.view.some((v) => v.id === id) && s.links.includes(id as never), 60_000, `a link to ${id.slice(0, 10)}`);
+  const meshFile = (name: string) => JSON.parse(readFileSync(join(dir, `${name}.key.mesh.json`), 'utf8')) as { meshId: string; secret: string; selfAddrs?: string[] };
+
+  it('invite refuses where there is no key file or no mesh file yet', async () => {
+    const none = await invite(['--key-file', join(dir, 'nobody.key')]);
+    expect(none.code, none.stderr).toBe(1);
+    expect(none.stdout).toBe('');
+    expect(none.stderr).toMatch(/mesh-inference invite: no key file at .*nobody\.key/);
+    writeFileSync(join(dir, 'lonely.key'), `${randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
+    const lonely = await invite(['--key-file', join(dir, 'lonely.key'), '--ttl', '1h']);
+    expect(lonely.code, lonely.stderr).toBe(1);
+    expect(lonely.stdout).toBe('');
+    expect(lonely.stderr).toMatch(/mesh-inference invite: no mesh file at .*lonely\.key\.mesh\.json: this node has not founded or joined a mesh yet/);
+    expect(lonely.stderr.trim().split('\n')).toHaveLength(1);
+  });
+
+  it('B joins with an mi2 before it expires and gets the secret; C after is refused; B restarts into the mesh', async () => {
+    const a = await start({ name: 'a', model, vram: 2, dir });
+    const meshId = (await a.status()).node.meshId;
+    expect(meshFile('a').selfAddrs?.length).toBeGreaterThan(0);
+
+    // 8 s, not 2: B must be admitted before it expires, and a node process takes ~3 s to start on a busy 2-core machine.
+    const made = await invite(['--key-file', join(dir, 'a.key'), '--ttl', TTL]);
+    expect(made.code, made.stderr).toBe(0);
+    const token = made.stdout.trim();
+    expect(token).toMatch(/^mi2[A-Za-z0-9_-]+$/);
+    expect(made.stderr).toMatch(/valid until/);
+    const inv = decodeExpiringInvite(token);
+    expect(inv.meshId).toBe(meshId);
+    expect(inv.inviter).toBe(a.id);
+    expect(token).not.toContain(meshFile('a').secret); // (it is base64, but no secret is in it at all)
+
+    // B, before the expiry: admitted, welcomed, the mesh secret saved.
+    const b = await start({ name: 'b', model: null, join: token, dir });
+    expect(b.token).toBe('');
+    await sees(a, b.id);
+    await sees(b, a.id);
+    expect((await b.status()).node.meshId).toBe(meshId);
+    await until(() => existsSync(join(dir, 'b.key.mesh.json')), 10_000, 'mesh file of b', () => b.lines().slice(-20).join('\n'));
+    const bFile = meshFile('b');
+    expect(bFile.meshId).toBe(meshId);
+    expect(bFile.secret).toBe(meshFile('a').secret);
+    expect(statSync(join(dir, 'b.key.mesh.json')).mode & 0o777).toBe(0o600);
+    expect(a.lines().join('\n')).toMatch(/peer admitted by an expiring invite; sent it the mesh secret/);
+    expect(b.lines().join('\n')).toMatch(/admitted to mesh [0-9a-f]{8} by an expiring invite/);
+
+    // C, after the expiry: refused, and both logs say why.
+    await sleep(Math.max(0, inv.expiresAt - Date.now()) + 500);
+    const c = await start({ name: 'c', model: null, join: token, dir });
+    const expired = /the invite expired at/;
+    await until(() => c.lines().some((l) => /peer refused the connection/.test(l) && expired.test(l)), 30_000, 'refusal in c\'s log', () => c.lines().slice(-20).join('\n'));
+    await until(() => a.lines().some((l) => /refusing peer/.test(l) && expired.test(l)), 30_000, 'refusal in a\'s log', () => a.lines().slice(-20).join('\n'));
+    expect(c.lines().join('\n')).toMatch(/the --join invite expired at/); // C's own clock says so at start too
+    expect((await a.status()).view.some((v) => v.id === c.id)).toBe(false);
+    expect(existsSync(join(dir, 'c.key.mesh.json'))).toBe(false); // never a mesh file without the real secret
+    await c.stop();
+
+    // B restarted with the same command line (the token has expired): its mesh file brings it back.
+    await b.stop();
+    const aBefore = a.lines().length;
+    const b2 = await start({ name: 'b', model: null, join: token, dir });
+    expect(b2.id).toBe(b.id);
+    expect(b2.token).toMatch(/^mi1/); // it holds the secret from the start now
+    await sees(b2, a.id);
+    await sees(a, b2.id);
+    for (const lines of [a.lines().slice(aBefore), b2.lines()]) expect(lines.join('\n')).not.toMatch(/wrong mesh secret|invite expired|refus/);
+  });
+});
