@@ -42,10 +42,10 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-async function setup(policy: (peer: EndpointId, kind: 'rpc' | 'http') => ReturnType<TunnelPolicy>) {
+async function setup(policy: (peer: EndpointId, kind: 'rpc' | 'http', planId: string | null) => ReturnType<TunnelPolicy>) {
   const target = await echoTarget();
   cleanups.push(() => new Promise<void>((r) => target.server.close(() => r())));
-  const allow: TunnelPolicy = (peer, kind) => policy(peer, kind) ?? { host: '127.0.0.1', port: target.port };
+  const allow: TunnelPolicy = (peer, kind, planId) => policy(peer, kind, planId) ?? { host: '127.0.0.1', port: target.port };
   const server = new DirectPathServer({ host: '127.0.0.1', port: 0, ticketTtlMs: 2_000 }, { allow, advertise: () => ['127.0.0.1'], log });
   await server.start();
   cleanups.push(() => server.close());
@@ -110,6 +110,16 @@ describe('direct data path', () => {
     expect(decodeAnswer(enc.subarray(0, enc.length - 1))).toBeNull();
     expect(decodeAnswer(enc)).toEqual(a);
     expect(decodeAnswer(encodeAnswer({ refuse: 'no' }))).toEqual({ refuse: 'no' });
+    // Protocol 2: an rpc offer carries the plan id (length u8 | UTF-8) after the 49 bytes; an http offer none.
+    const rpc = encodeOffer('rpc', t, 'plan-7');
+    expect(rpc.length).toBe(49 + 1 + 6);
+    expect(Buffer.from(rpc.subarray(49)).toString('latin1')).toBe('\x06plan-7');
+    expect(decodeOffer(rpc)).toMatchObject({ kind: 'rpc', planId: 'plan-7', ticket: { id: t.id } });
+    expect(decodeOffer(encodeOffer('rpc', t)).planId).toBeNull();
+    expect(encodeOffer('http', t, 'ignored').length).toBe(49);
+    expect(decodeOffer(encodeOffer('http', t))).toMatchObject({ kind: 'http', planId: null });
+    expect(() => decodeOffer(rpc.subarray(0, rpc.length - 1))).toThrow(/direct offer is 56 bytes, not 55/);
+    expect(() => decodeOffer(Uint8Array.of(...rpc, 0))).toThrow(/direct offer/);
     expect(() => decodeOffer(new Uint8Array(10))).toThrow(/direct offer/);
     expect(() => decodeOffer(Uint8Array.of(9, ...new Uint8Array(48)))).toThrow(/unknown tunnel kind/);
     expect(() => decodeAnswer(Uint8Array.of(1, 0, 0xc1))).toThrow(/bad direct answer/);
@@ -145,7 +155,7 @@ describe('direct data path', () => {
     expect(await tryTls(port, good.id, randomBytes(32))).toBe('refused'); // wrong key (and the ticket is spent)
     expect(await tryTls(port, newTicket().id, randomBytes(32))).toBe('refused'); // a stranger's identity
     const spent = newTicket();
-    server.offer(HOST, 'rpc', spent, Date.now() - 10_000); // expired at once
+    server.offer(HOST, 'rpc', spent, null, Date.now() - 10_000); // expired at once
     expect(await tryTls(port, spent.id, spent.key)).toBe('refused');
 
     const late = newTicket();
@@ -154,6 +164,22 @@ describe('direct data path', () => {
     expect(await tryTls(port, late.id, late.key)).toBe('refused');
     expect(target.connections()).toBe(0);
     void addrs;
+  });
+
+  it('a ticket is bound to the plan it was offered for: the policy decides again at the handshake, for that plan', async () => {
+    let served = 'plan-1';
+    const { target, server, addrs } = await setup((peer, kind, planId) => (planId === served ? onlyHostRpc(peer, kind) : { refuse: `not plan ${String(planId)}` }));
+    expect(server.offer(HOST, 'rpc', newTicket(), 'plan-0')).toEqual({ refuse: 'not plan plan-0' });
+    const old = newTicket();
+    expect(server.offer(HOST, 'rpc', old, 'plan-1')).toHaveProperty('addrs');
+    const fresh = newTicket();
+    served = 'plan-2'; // the worker moved on between the offer and the dial (without a hand-off to void keys)
+    expect(server.offer(HOST, 'rpc', fresh, 'plan-2')).toHaveProperty('addrs');
+    expect(await tryTls(server.port, old.id, old.key)).toBe('refused');
+    const socket = await dialDirect(addrs, fresh, 2_000);
+    cleanups.push(() => void socket.destroy());
+    await echoOnce(socket, 1024);
+    expect(target.connections()).toBe(1);
   });
 
   it('a member holding the mesh secret and claiming the host id: in with secret-derived keys, out with per-connection ones', async () => {

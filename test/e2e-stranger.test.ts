@@ -130,7 +130,7 @@ describe('e2e: a stranger against a hosting node', { timeout: 240_000 }, () => {
       const conn = await stranger.dial(nodeId, nodeAddrs, { timeoutMs: 10_000 });
       let got: string;
       try {
-        const { ticket, addrs } = await requestTicket(conn, 'http', 6_000);
+        const { ticket, addrs } = await requestTicket(conn, 'http', null, 6_000);
         // Before: the node handed out a key, and the data port let the stranger reach llama-server.
         const tls = await dialDirect(addrs, ticket, 5_000);
         tls.resume();

@@ -1,7 +1,8 @@
 // The simulator's fake process table and the fake actors that fill the machines' process slots. It records
 // what really ran (spawns, kills, crashes, which llama-server is connected to which rpc-server) and plays the
 // parts of llama.cpp that matter to the mesh: llama-server dials every rpc-server of its plan through the
-// tunnels (which admit what the product's tunnelDecision admits) and dies when one of them vanishes.
+// tunnels (which admit what the product's tunnelDecision admits, host and plan id) and dies when one of them
+// vanishes.
 import { fromCallback, type ActorLogic, type PromiseActorLogic, type Snapshot } from 'xstate';
 import type { LlamaServerProcessInput } from '../../src/machines/llama-server.machine.ts';
 import type { EndpointId, PlanStage } from '../../src/machines/mesh-types.ts';
@@ -33,8 +34,11 @@ export interface ProcRecord {
 
 /** What the fakes need to know about the world outside the table. */
 export interface TunnelWorld {
-  /** What a worker's tunnel layer answers an rpc stream from `host`: the product's tunnelDecision. */
-  rpcDecision(worker: EndpointId, host: EndpointId): TunnelDecision;
+  /**
+   * What a worker's tunnel layer answers an rpc stream from `host` that carries `planId` (the plan of the
+   * host's llama-server, as the product's host sends it when it opens the stream): the product's tunnelDecision.
+   */
+  rpcDecision(worker: EndpointId, host: EndpointId, planId: string | null): TunnelDecision;
   /** Whether a connection between the two nodes is open and can carry bytes. */
   canTunnel(a: EndpointId, b: EndpointId): boolean;
   /** Called when a llama-server connects to an rpc-server, before it is recorded: the checker's hook. */
@@ -162,9 +166,9 @@ export class ProcessTable {
       if (stage.id !== llama.node) {
         if (!this.world.canTunnel(llama.node, stage.id)) return `no connection to ${stage.id}`;
         if (!ignorePolicy) {
-          // The product's rule, not a stricter one: the worker admits its policy's host, whatever plan that
-          // host's llama-server runs (a stream does not carry the plan id until a protocol version bump).
-          const decision = this.world.rpcDecision(stage.id, llama.node);
+          // The product's rule: the worker admits its policy's host, and only for its policy's plan: the stream
+          // carries the plan id of the llama-server that opens it (protocol 2), as the product's host sends it.
+          const decision = this.world.rpcDecision(stage.id, llama.node, llama.planId);
           if ('refuse' in decision) return `${stage.id} refused the rpc tunnel: ${decision.refuse}`;
           rpc = rpcs.find((r) => r.port === decision.port);
           if (rpc === undefined) return `nothing listens on ${stage.id}:${decision.port}`;
@@ -180,7 +184,7 @@ export class ProcessTable {
 
 /** Knobs a test turns to plant a bug in the world around the machines (never in the machines' code). */
 export interface WorldMutants {
-  /** The tunnel layer admits any host, whatever the node's policy says. */
+  /** The tunnel layer admits any host and any plan, whatever the node's policy says. */
   tunnelIgnoresPolicy?: boolean;
 }
 

@@ -102,9 +102,9 @@ export class SimWorld {
     this.prng = new Prng(seed ^ 0x5bd1e995);
     this.net = new SimNetwork(this.sched, this.prng);
     this.table = new ProcessTable(this.sched, {
-      rpcDecision: (worker, host) => {
+      rpcDecision: (worker, host, planId) => {
         const node = this.nodes.get(worker);
-        return tunnelDecision(node === undefined || node.status === 'crashed' ? null : node.actor.getSnapshot().context, host, 'rpc');
+        return tunnelDecision(node === undefined || node.status === 'crashed' ? null : node.actor.getSnapshot().context, host, 'rpc', planId);
       },
       canTunnel: (a, b) => this.net.hasLink(a, b) && this.net.reachable(a, b),
       onConnect: (llama, rpc) => this.checkConnect(llama, rpc),

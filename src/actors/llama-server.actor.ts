@@ -17,14 +17,16 @@ export type LlamaServerActorConfig = Pick<
 > & {
   /**
    * "127.0.0.1:PORT" through which llama-server reaches a remote stage's rpc-server: the local end of the
-   * mesh's rpc tunnel to that peer. Called for every stage but the host's own.
+   * mesh's rpc tunnel to that peer for `plan` (its connections tell the worker the plan id). Called for every
+   * stage but the host's own.
    */
   readonly rpcAddressFor: (stage: PlanStage, plan: ReadyPlan) => string | Promise<string>;
   /**
    * A worker's data port that llama-server may dial with TLS itself (patch 0003), asked right before each
-   * launch, after the device-count query has gone through `rpcAddressFor`; null: stay on `rpcAddressFor`.
+   * launch, after the device-count query has gone through `rpcAddressFor`; null: stay on `rpcAddressFor`. The
+   * key is bound to `plan` (the worker refuses it for another plan).
    */
-  readonly directRpcFor?: (stage: PlanStage) => Promise<{ readonly address: string; readonly keyLine: string } | null>;
+  readonly directRpcFor?: (stage: PlanStage, plan: ReadyPlan) => Promise<{ readonly address: string; readonly keyLine: string } | null>;
   /**
    * Ask every rpc-server how many devices it exposes before launching (default true: one extra short
    * connection per stage, and `-dev`/the split stay right for multi-GPU workers). With false, one each.
@@ -104,7 +106,7 @@ export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
       if (directRpcFor !== undefined && !useRelay) {
         for (const [i, stage] of input.plan.stages.entries()) {
           if (stage.id === input.plan.host) continue;
-          const direct = await directRpcFor(stage);
+          const direct = await directRpcFor(stage, input.plan);
           if (direct === null) continue;
           layout.rpc[i] = direct.address;
           tlsKeys.push(direct.keyLine);

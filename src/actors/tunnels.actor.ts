@@ -1,6 +1,6 @@
 // The TCP<->QUIC tunnels of one node, driven by its node machine's context (src/machines/node.machine.ts):
-// which incoming rpc and http streams may reach local processes (the policy), the host's loopback port per
-// remote worker for llama-server's `--rpc`, a worker's or lite client's port to the host's llama-server, and
+// which incoming rpc and http streams may reach local processes (the policy, which checks the plan id an rpc
+// tunnel carries), the host's loopback port per remote worker and plan for llama-server's `--rpc`, a worker's or lite client's port to the host's llama-server, and
 // the hand-off. One owner: the built node (src/node/build.ts) creates it, feeds it every snapshot of the node
 // actor through its one subscription (`follow()`), closes it, and hands the process slots and the API only
 // the one capability each needs (`rpcAddressFor`, `httpBaseUrl`). The admission policy reads the context
@@ -49,6 +49,8 @@ export interface TunnelsStatus extends TunnelStats {
 }
 
 interface RpcRoute {
+  readonly peer: EndpointId;
+  readonly planId: string;
   readonly listener: TunnelListener;
   readonly proxy: RpcTrafficProxy | null;
   readonly address: string;
@@ -58,8 +60,11 @@ export class NodeTunnels {
   private readonly service: TunnelService;
   private readonly log: Logger;
   private readonly countRpc: boolean;
-  /** Host side: one listener (and optional counting proxy) per remote worker. */
-  private readonly rpcRoutes = new Map<EndpointId, Promise<RpcRoute>>();
+  /**
+   * Host side: one listener (and optional counting proxy) per remote worker and plan, keyed by routeKey: each
+   * of its connections tells the worker the plan id (a worker refuses a stream for a plan not its own).
+   */
+  private readonly rpcRoutes = new Map<string, { readonly peer: EndpointId; readonly planId: string; readonly route: Promise<RpcRoute> }>();
   /** Every counting proxy ever made per worker: the traffic adds up over llama-server generations. */
   private readonly proxies = new Map<EndpointId, RpcTrafficProxy[]>();
   /** Worker and lite-client side: one http listener per host. */
@@ -80,7 +85,7 @@ export class NodeTunnels {
     this.log = components.log;
     this.countRpc = init.countRpc ?? false;
     this.dataPath = init.dataPath ?? 'quic';
-    const allow = (remote: EndpointId, kind: 'rpc' | 'http') => tunnelDecision(this.context, remote, kind, this.meshApi);
+    const allow = (remote: EndpointId, kind: 'rpc' | 'http', planId: string | null) => tunnelDecision(this.context, remote, kind, planId, this.meshApi);
     this.direct =
       this.dataPath === 'auto'
         ? new DirectPathServer({ host: init.dataHost ?? '127.0.0.1', port: init.dataPort ?? 0 }, { allow, advertise: components.advertise ?? (() => [init.dataHost ?? '127.0.0.1']), log: components.log })
@@ -113,30 +118,41 @@ export class NodeTunnels {
     // A peer whose link went down: its tunnels are dead; fail them now rather than at QUIC's idle timeout.
     for (const p of this.lastLinks) if (!c.links.includes(p)) this.closeTunnelsOf(p, 'the link went down');
     this.lastLinks = c.links;
+    // Host: routes of workers that are no longer stages, and of plans other than the one running, go.
     const workers = runningRole(c) === 'host' ? remoteWorkers(c.running) : [];
-    for (const peer of [...this.rpcRoutes.keys()]) if (!workers.includes(peer)) this.dropRpcRoute(peer);
+    const planId = c.running?.id ?? null;
+    for (const [key, r] of [...this.rpcRoutes]) if (!workers.includes(r.peer) || r.planId !== planId) this.dropRpcRoute(key);
+    for (const peer of [...this.llamaDirect.keys()]) if (!workers.includes(peer)) this.llamaDirect.delete(peer);
   }
 
-  /** Host: "127.0.0.1:PORT" through which llama-server reaches `peer`'s rpc-server. */
-  async rpcAddressFor(peer: EndpointId): Promise<string> {
-    let r = this.rpcRoutes.get(peer);
+  /**
+   * Host: "127.0.0.1:PORT" through which llama-server, running plan `planId`, reaches `peer`'s rpc-server:
+   * a listener per (peer, plan), whose connections carry that plan id to the worker.
+   */
+  async rpcAddressFor(peer: EndpointId, planId: string): Promise<string> {
+    const key = routeKey(peer, planId);
+    let r = this.rpcRoutes.get(key);
     if (r === undefined) {
-      r = this.openRpcRoute(peer);
-      this.rpcRoutes.set(peer, r);
-      r.catch(() => this.rpcRoutes.delete(peer));
+      const route = this.openRpcRoute(peer, planId);
+      r = { peer, planId, route };
+      this.rpcRoutes.set(key, r);
+      const mine = r;
+      route.catch(() => {
+        if (this.rpcRoutes.get(key) === mine) this.rpcRoutes.delete(key);
+      });
     }
-    return (await r).address;
+    return (await r.route).address;
   }
 
   /**
    * Host: the worker's data port and a one-time key for llama-server to dial it with TLS itself (patch 0003),
    * once this node's own direct connection to it has worked (the device-count query before each launch);
    * null otherwise (and with the counting proxy, which must see the traffic), and llama-server uses
-   * rpcAddressFor's tunnel.
+   * rpcAddressFor's tunnel. The ticket is bound to `planId`, the plan that llama-server runs.
    */
-  async directRpcFor(peer: EndpointId): Promise<{ address: string; keyLine: string } | null> {
+  async directRpcFor(peer: EndpointId, planId: string): Promise<{ address: string; keyLine: string } | null> {
     if (this.countRpc) return null;
-    const t = await this.service.directTicket(peer, 'rpc');
+    const t = await this.service.directTicket(peer, 'rpc', planId);
     if (t === null) {
       this.llamaDirect.delete(peer);
       return null;
@@ -175,28 +191,28 @@ export class NodeTunnels {
   }
 
   async close(): Promise<void> {
-    for (const peer of [...this.rpcRoutes.keys()]) this.dropRpcRoute(peer);
+    for (const key of [...this.rpcRoutes.keys()]) this.dropRpcRoute(key);
+    this.llamaDirect.clear();
     await this.service.close();
     if (this.direct !== null && this.direct.port !== 0) await this.direct.close();
     await Promise.all([...this.proxies.values()].flat().map((p) => p.close().catch(() => {})));
   }
 
-  private async openRpcRoute(peer: EndpointId): Promise<RpcRoute> {
-    const listener = await this.service.listen(peer, 'rpc');
-    if (!this.countRpc) return { listener, proxy: null, address: `127.0.0.1:${listener.port}` };
+  private async openRpcRoute(peer: EndpointId, planId: string): Promise<RpcRoute> {
+    const listener = await this.service.listen(peer, 'rpc', { planId });
+    if (!this.countRpc) return { peer, planId, listener, proxy: null, address: `127.0.0.1:${listener.port}` };
     const proxy = await startRpcTrafficProxy({ target: { host: '127.0.0.1', port: listener.port }, extraCommands: MESH_RPC_COMMANDS });
     const list = this.proxies.get(peer) ?? [];
     list.push(proxy);
     this.proxies.set(peer, list);
-    return { listener, proxy, address: proxy.address };
+    return { peer, planId, listener, proxy, address: proxy.address };
   }
 
-  private dropRpcRoute(peer: EndpointId): void {
-    this.llamaDirect.delete(peer);
-    const r = this.rpcRoutes.get(peer);
+  private dropRpcRoute(key: string): void {
+    const r = this.rpcRoutes.get(key);
     if (r === undefined) return;
-    this.rpcRoutes.delete(peer);
-    void r.then(
+    this.rpcRoutes.delete(key);
+    void r.route.then(
       async ({ listener, proxy }) => {
         await proxy?.close();
         await listener.close();
@@ -207,12 +223,17 @@ export class NodeTunnels {
 
   /** Closes every tunnel of `peer`, both ways, and forgets our listeners to it (closeFrom closes those). */
   private closeTunnelsOf(peer: EndpointId, why: string): void {
-    this.dropRpcRoute(peer);
+    this.llamaDirect.delete(peer);
+    for (const [key, r] of [...this.rpcRoutes]) if (r.peer === peer) this.dropRpcRoute(key);
     this.httpRoutes.delete(peer);
     void this.service.closeFrom(peer).then((n) => {
       if (n > 0) this.log.info({ peer: peer.slice(0, 10), tunnels: n, why }, 'closed the tunnels of a peer');
     });
   }
+}
+
+function routeKey(peer: EndpointId, planId: string): string {
+  return `${peer} ${planId}`;
 }
 
 /** One snapshot summing several (a worker's proxies over llama-server generations). */

@@ -16,8 +16,8 @@
 // Hand-off (ARCHITECTURE.md): `rpcTunnelPolicy` in the context names the only host, and the only plan, whose
 // rpc tunnels this node's rpc-server accepts (null: none). A worker sets it at the moment it tells its plan's
 // host `rpc-ready {planId}` (after a fresh rpc-server came up), and clears it when the plan changes or the
-// rpc-server goes down. The tunnel layer watches it, admits a tunnel only from that host (ideally also only
-// when the host names that plan id as it opens the stream), and closes every other tunnel at once. So a host
+// rpc-server goes down. The tunnel layer watches it, admits a tunnel only from that host and only when the
+// host names that plan id as it opens the stream (tunnel-policy.ts), and closes every other tunnel at once. So a host
 // acting on an rpc-ready of our previous rpc-server, or of another plan, is refused. A host starts
 // llama-server only when every remote stage said rpc-ready for the plan it runs.
 import { assign, enqueueActions, not, raise, sendTo, setup, type ActorRefFrom, type AnyActorRef } from 'xstate';

@@ -18,20 +18,32 @@ export type TunnelDecision = TunnelTarget | { readonly refuse: string };
 
 /**
  * What the node machine's context allows for an incoming stream of `kind` from `remote`.
- * An rpc stream is admitted from the host that `rpcTunnelPolicy` names; its plan id is not checked here,
- * because an incoming stream does not carry one yet (that needs a protocol version bump). The hand-off
- * (closing a host's tunnels when the policy changes, host or plan) is the tunnel layer's.
- * An http stream ends at `meshApi`, the host's own API on its mesh listener (never at llama-server): there
- * the API's limits, bounds and logging apply, and a request is served locally or refused, never forwarded
- * again. It is admitted while this node hosts its running plan; the API waits (bounded) for llama-server.
+ * An rpc stream is admitted from the host that `rpcTunnelPolicy` names, for the plan it names: `planId` is the
+ * plan id the opener sent when it opened the stream (protocol 2: the rpc stream's header, or the `direct`
+ * offer of the rpc kind; null when it sent none), the plan its llama-server runs. A host whose llama-server
+ * still runs an older plan (or a newer one this worker has not told it `rpc-ready` for) is refused. The
+ * hand-off (closing a host's tunnels when the policy changes, host or plan) is the tunnel layer's.
+ * An http stream carries no plan id (`planId` is ignored). It ends at `meshApi`, the host's own API on its
+ * mesh listener (never at llama-server): there the API's limits, bounds and logging apply, and a request is
+ * served locally or refused, never forwarded again. It is admitted while this node hosts its running plan;
+ * the API waits (bounded) for llama-server.
  */
-export function tunnelDecision(c: NodeContext | null, remote: EndpointId, kind: TunnelKind, meshApi: TunnelTarget | null = null): TunnelDecision {
+export function tunnelDecision(
+  c: NodeContext | null,
+  remote: EndpointId,
+  kind: TunnelKind,
+  planId: string | null,
+  meshApi: TunnelTarget | null = null,
+): TunnelDecision {
   if (c === null) return { refuse: 'the node is starting' };
   if (kind === 'rpc') {
-    // The hand-off: only the host of this worker's current plan reaches its rpc-server.
+    // The hand-off: only the host of this worker's current plan reaches its rpc-server, for that plan only.
     const policy = c.rpcTunnelPolicy;
     if (policy === null || policy.host !== remote) {
       return { refuse: `rpc tunnels are accepted only from this node's host (${policy?.host.slice(0, 10) ?? 'none'})` };
+    }
+    if (planId !== policy.planId) {
+      return { refuse: `rpc tunnel for plan ${planId ?? '(none)'}, but this node's rpc-server serves plan ${policy.planId}` };
     }
     if (c.rpc !== 'ready' || c.rpcPort === null) return { refuse: 'the rpc-server is not ready' };
     return { host: '127.0.0.1', port: c.rpcPort };

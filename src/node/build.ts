@@ -242,7 +242,10 @@ function assemble(
     },
     { endpoint, logger: componentLogger(logger, 'network') },
   );
-  const { weightsOverWire, ...processes } = components.processes({ rpcAddressFor: (peer) => tunnels.rpcAddressFor(peer), directRpcFor: (peer) => tunnels.directRpcFor(peer) });
+  const { weightsOverWire, ...processes } = components.processes({
+    rpcAddressFor: (peer, planId) => tunnels.rpcAddressFor(peer, planId),
+    directRpcFor: (peer, planId) => tunnels.directRpcFor(peer, planId),
+  });
   const machine = nodeMachine.provide({ actors: { network, ...(processes as object) } });
   const actor = createActor(machine, {
     input: {

@@ -73,9 +73,9 @@ export function processSlots(
         llamaServerProcess: llamaServerProcessLogic({
           binary: binaries.llamaServer,
           model: options.model!,
-          rpcAddressFor: (stage) => tunnels.rpcAddressFor(stage.id),
+          rpcAddressFor: (stage, plan) => tunnels.rpcAddressFor(stage.id, plan.id),
           // Patch 0003: llama-server speaks TLS to the workers' data ports itself, with no Node relay on this end.
-          directRpcFor: binaries.rpcTlsPsk ? (stage) => tunnels.directRpcFor(stage.id) : undefined,
+          directRpcFor: binaries.rpcTlsPsk ? (stage, plan) => tunnels.directRpcFor(stage.id, plan.id) : undefined,
           threads: tuning.threads,
           ctxSize: tuning.ctxSize,
           env: crashEnv,

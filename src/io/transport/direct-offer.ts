@@ -6,13 +6,13 @@ import type { TLSSocket } from 'node:tls';
 import type { TunnelKind } from '../../machines/tunnel-policy.ts';
 import {
   DirectPathError,
-  OFFER_BYTES,
   decodeAnswer,
   decodeOffer,
   dialDirect,
   encodeAnswer,
   encodeOffer,
   newTicket,
+  offerLength,
   type DirectAnswer,
   type DirectPathServer,
   type DirectTicket,
@@ -21,29 +21,34 @@ import { TUNNEL_REFUSED } from './tunnel-codec.ts';
 import { firstLine, type MeshConnection, type MeshStream } from './transport.ts';
 
 /**
- * Opener: asks `conn`'s peer for a direct connection of `kind` and dials it. Resolves with the TLS socket
- * (paused) or rejects with a one-line reason (refused, no answer in time, nothing reachable): the caller then
- * falls back to an iroh stream.
+ * Opener: asks `conn`'s peer for a direct connection of `kind` (rpc: for plan `planId`, the plan our
+ * llama-server runs) and dials it. Resolves with the TLS socket (paused) or rejects with a one-line reason
+ * (refused, no answer in time, nothing reachable): the caller then falls back to an iroh stream.
  */
-export async function openDirect(conn: MeshConnection, kind: TunnelKind, timeoutMs: number): Promise<TLSSocket> {
+export async function openDirect(conn: MeshConnection, kind: TunnelKind, planId: string | null, timeoutMs: number): Promise<TLSSocket> {
   const deadline = Date.now() + timeoutMs;
-  const { ticket, addrs } = await requestTicket(conn, kind, timeoutMs);
+  const { ticket, addrs } = await requestTicket(conn, kind, planId, timeoutMs);
   return await dialDirect(addrs, ticket, Math.max(1, deadline - Date.now()));
 }
 
 /**
  * Opener: agrees a ticket for one direct connection of `kind` with `conn`'s peer, without dialing: the
- * connection is then made by whoever gets the ticket (llama-server itself, with patch 0003). Rejects with a
- * one-line reason.
+ * connection is then made by whoever gets the ticket (llama-server itself, with patch 0003). rpc: the ticket
+ * is bound to `planId`. Rejects with a one-line reason.
  */
-export async function requestTicket(conn: MeshConnection, kind: TunnelKind, timeoutMs: number): Promise<{ ticket: DirectTicket; addrs: readonly string[] }> {
+export async function requestTicket(
+  conn: MeshConnection,
+  kind: TunnelKind,
+  planId: string | null,
+  timeoutMs: number,
+): Promise<{ ticket: DirectTicket; addrs: readonly string[] }> {
   const ticket = newTicket();
   let stream: MeshStream | undefined;
   try {
     const answer = await bounded(
       (async () => {
         stream = await conn.openStream('direct');
-        await stream.write(encodeOffer(kind, ticket));
+        await stream.write(encodeOffer(kind, ticket, planId));
         return await readAnswer(stream);
       })(),
       timeoutMs,
@@ -65,9 +70,9 @@ export async function requestTicket(conn: MeshConnection, kind: TunnelKind, time
 export async function answerDirect(stream: MeshStream, conn: MeshConnection, server: DirectPathServer | null, timeoutMs: number): Promise<DirectAnswer> {
   let answer: DirectAnswer;
   try {
-    const offer = await bounded(readExactly(stream, OFFER_BYTES), timeoutMs, 'the offer did not arrive in time');
-    const { kind, ticket } = decodeOffer(offer);
-    answer = server === null ? { refuse: 'this node uses QUIC only (--data-path quic)' } : server.offer(conn.remoteId, kind, ticket);
+    const offer = await bounded(readOffer(stream), timeoutMs, 'the offer did not arrive in time');
+    const { kind, ticket, planId } = decodeOffer(offer);
+    answer = server === null ? { refuse: 'this node uses QUIC only (--data-path quic)' } : server.offer(conn.remoteId, kind, ticket, planId);
   } catch (err) {
     stream.reset(TUNNEL_REFUSED);
     return { refuse: firstLine(err) };
@@ -93,14 +98,15 @@ async function readAnswer(stream: MeshStream): Promise<DirectAnswer> {
   }
 }
 
-async function readExactly(stream: MeshStream, n: number): Promise<Uint8Array> {
+/** One whole offer: its length is known from its kind byte and, for rpc, its plan id's length byte. */
+async function readOffer(stream: MeshStream): Promise<Uint8Array> {
   let buf: Uint8Array = new Uint8Array(0);
-  while (buf.length < n) {
+  while (buf.length < offerLength(buf)) {
     const chunk = await stream.read();
-    if (chunk === null) throw new DirectPathError(`the direct offer ended after ${buf.length} of ${n} bytes`);
+    if (chunk === null) throw new DirectPathError(`the direct offer ended after ${buf.length} of ${offerLength(buf)} bytes`);
     buf = concat(buf, chunk);
   }
-  if (buf.length > n) throw new DirectPathError('bytes after a direct offer');
+  if (buf.length > offerLength(buf)) throw new DirectPathError('bytes after a direct offer');
   return buf;
 }
 

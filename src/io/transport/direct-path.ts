@@ -11,6 +11,7 @@ import { pack, unpack } from 'msgpackr';
 import type { Logger } from 'pino';
 import type { EndpointId } from '../../machines/mesh-types.ts';
 import { firstLine, shortId } from './transport.ts';
+import { MAX_PLAN_ID_BYTES, decodePlanId, encodePlanId } from './tunnel-codec.ts';
 import type { TunnelKind, TunnelPolicy } from './tunnel.ts';
 
 /** TLS 1.3 with one AEAD: PSK needs a cipher whose hash matches the key's, and nothing here needs more. */
@@ -33,23 +34,52 @@ export class DirectPathError extends Error {
   override name = 'DirectPathError';
 }
 
-/** The offer on a `direct` stream: tunnel kind u8 | ticket id (16) | key (32). */
-export function encodeOffer(kind: TunnelKind, ticket: DirectTicket): Uint8Array {
-  const out = Buffer.alloc(1 + TICKET_ID_BYTES + TICKET_KEY_BYTES);
+/**
+ * The offer on a `direct` stream: tunnel kind u8 | ticket id (16) | key (32), and for the rpc kind then the
+ * plan id the opener runs, length u8 | UTF-8 (protocol 2; length 0: none). http: 49 bytes, rpc: 50 + the id.
+ */
+export function encodeOffer(kind: TunnelKind, ticket: DirectTicket, planId: string | null = null): Uint8Array {
+  const out = Buffer.alloc(OFFER_BYTES);
   out[0] = KIND_BYTES[kind];
   Buffer.from(ticket.id, 'hex').copy(out, 1);
   ticket.key.copy(out, 1 + TICKET_ID_BYTES);
-  return out;
+  return kind === 'rpc' ? Buffer.concat([out, encodePlanId(planId)]) : out;
 }
 
+/** The fixed part of an offer (an http offer is only that), and the longest rpc offer. */
 export const OFFER_BYTES = 1 + TICKET_ID_BYTES + TICKET_KEY_BYTES;
+export const MAX_OFFER_BYTES = OFFER_BYTES + 1 + MAX_PLAN_ID_BYTES;
 
-export function decodeOffer(b: Uint8Array): { kind: TunnelKind; ticket: DirectTicket } {
-  if (b.length !== OFFER_BYTES) throw new DirectPathError(`a direct offer is ${OFFER_BYTES} bytes, not ${b.length}`);
-  const kind = (Object.keys(KIND_BYTES) as TunnelKind[]).find((k) => KIND_BYTES[k] === b[0]);
-  if (kind === undefined) throw new DirectPathError(`unknown tunnel kind ${b[0]} in a direct offer`);
+function offerKind(byte: number): TunnelKind {
+  const kind = (Object.keys(KIND_BYTES) as TunnelKind[]).find((k) => KIND_BYTES[k] === byte);
+  if (kind === undefined) throw new DirectPathError(`unknown tunnel kind ${byte} in a direct offer`);
+  return kind;
+}
+
+/**
+ * How many bytes the offer that starts with `b` has in all, as far as `b` tells: OFFER_BYTES until the rpc
+ * kind's plan id length has arrived. Throws DirectPathError on an unknown kind.
+ */
+export function offerLength(b: Uint8Array): number {
+  if (b.length === 0 || offerKind(b[0]!) === 'http') return OFFER_BYTES;
+  return b.length <= OFFER_BYTES ? OFFER_BYTES + 1 : OFFER_BYTES + 1 + b[OFFER_BYTES]!;
+}
+
+export function decodeOffer(b: Uint8Array): { kind: TunnelKind; ticket: DirectTicket; planId: string | null } {
+  const want = offerLength(b);
+  if (b.length !== want) throw new DirectPathError(`a direct offer is ${want} bytes, not ${b.length}`);
+  const kind = offerKind(b[0]!);
   const buf = Buffer.from(b.buffer, b.byteOffset, b.length);
-  return { kind, ticket: { id: buf.subarray(1, 1 + TICKET_ID_BYTES).toString('hex'), key: Buffer.from(buf.subarray(1 + TICKET_ID_BYTES)) } };
+  const ticket = { id: buf.subarray(1, 1 + TICKET_ID_BYTES).toString('hex'), key: Buffer.from(buf.subarray(1 + TICKET_ID_BYTES, OFFER_BYTES)) };
+  let planId: string | null = null;
+  if (kind === 'rpc') {
+    try {
+      planId = decodePlanId(b, OFFER_BYTES)!.planId;
+    } catch (err) {
+      throw new DirectPathError(`bad plan id in a direct offer: ${firstLine(err)}`);
+    }
+  }
+  return { kind, ticket, planId };
 }
 
 /** The acceptor's answer: where to dial ("ip:port", tried together), or why not. */
@@ -165,6 +195,8 @@ export interface DirectPathComponents {
 interface Ticket {
   readonly peer: EndpointId;
   readonly kind: TunnelKind;
+  /** rpc: the plan the opener said it runs; the ticket opens a connection for that plan only. */
+  readonly planId: string | null;
   readonly key: Buffer;
   readonly expires: number;
 }
@@ -230,19 +262,21 @@ export class DirectPathServer {
   }
 
   /**
-   * `peer` (on its admitted connection) asks for a direct connection of `kind` with this ticket. Checks the
-   * tunnel policy now (and again when the key is used) and answers where to dial.
+   * `peer` (on its admitted connection) asks for a direct connection of `kind` with this ticket, for plan
+   * `planId` (rpc; null for http). Checks the tunnel policy now (and again, for the same plan, when the key is
+   * used) and answers where to dial.
    */
-  offer(peer: EndpointId, kind: TunnelKind, ticket: DirectTicket, now = Date.now()): DirectAnswer {
+  offer(peer: EndpointId, kind: TunnelKind, ticket: DirectTicket, planId: string | null = null, now = Date.now()): DirectAnswer {
     if (this.boundPort === 0) return { refuse: 'no data port' };
-    const decision = safePolicy(this.components.allow, peer, kind);
+    if (kind === 'http') planId = null;
+    const decision = safePolicy(this.components.allow, peer, kind, planId);
     if ('refuse' in decision) return decision;
     this.expire(now);
     let mine = 0;
     for (const t of this.tickets.values()) if (t.peer === peer) mine++;
     if (mine >= this.init.maxTicketsPerPeer || this.tickets.size >= this.init.maxTickets) return { refuse: 'too many direct offers in flight' };
     if (this.tickets.has(ticket.id)) return { refuse: 'ticket id in use' };
-    this.tickets.set(ticket.id, { peer, kind, key: ticket.key, expires: now + this.init.ticketTtlMs });
+    this.tickets.set(ticket.id, { peer, kind, planId, key: ticket.key, expires: now + this.init.ticketTtlMs });
     const addrs = this.components.advertise().map((a) => (isIP(a) === 6 ? `[${a}]:${this.boundPort}` : isIP(a) === 4 ? `${a}:${this.boundPort}` : a));
     return { addrs };
   }
@@ -288,10 +322,10 @@ export class DirectPathServer {
       socket.destroy();
       return;
     }
-    // The plan may have changed since the key was asked for: the policy decides again, now.
-    const decision = safePolicy(this.components.allow, t.peer, t.kind);
+    // The plan may have changed since the key was asked for: the policy decides again, now, for the ticket's plan.
+    const decision = safePolicy(this.components.allow, t.peer, t.kind, t.planId);
     if ('refuse' in decision) {
-      this.components.log.warn({ peer: shortId(t.peer), kind: t.kind, reason: decision.refuse }, 'refused a data connection');
+      this.components.log.warn({ peer: shortId(t.peer), kind: t.kind, planId: t.planId ?? undefined, reason: decision.refuse }, 'refused a data connection');
       socket.destroy();
       return;
     }
@@ -323,9 +357,9 @@ export class DirectPathServer {
   }
 }
 
-function safePolicy(allow: TunnelPolicy, peer: EndpointId, kind: TunnelKind): ReturnType<TunnelPolicy> {
+function safePolicy(allow: TunnelPolicy, peer: EndpointId, kind: TunnelKind, planId: string | null): ReturnType<TunnelPolicy> {
   try {
-    return allow(peer, kind);
+    return allow(peer, kind, planId);
   } catch (err) {
     return { refuse: `policy failed: ${firstLine(err)}` };
   }

@@ -1,6 +1,8 @@
-// The wire format of a tunnel stream, without I/O: the codec byte that opens it, the frames of the deflate
-// codec (decoders take chunks, cap their frames and throw TunnelProtocolError), and its reset codes.
+// The wire format of a tunnel stream, without I/O: the header that opens it (the codec byte, and on an rpc
+// stream the plan id its opener runs), the frames of the deflate codec (decoders take chunks, cap their frames
+// and throw TunnelProtocolError), and its reset codes.
 import { constants as zconst, deflateRawSync, inflateRawSync } from 'node:zlib';
+import type { TunnelKind } from '../../machines/tunnel-policy.ts';
 import { TransportError, firstLine } from './transport.ts';
 
 /** Reset code of a refused tunnel stream. */
@@ -135,4 +137,61 @@ function inflate(payload: Buffer, original: number): Buffer {
 
 export function decodeCodec(byte: number): TunnelCodec | undefined {
   return (Object.keys(CODEC_BYTES) as TunnelCodec[]).find((k) => CODEC_BYTES[k] === byte);
+}
+
+/** A plan id on the wire is at most this many UTF-8 bytes (its length is one byte). */
+export const MAX_PLAN_ID_BYTES = 255;
+
+/**
+ * A plan id as it travels (protocol 2: an rpc stream's header, and a `direct` offer of the rpc kind):
+ * length u8 | UTF-8 bytes. Length 0: no plan (a worker refuses such an rpc stream). Throws over 255 bytes.
+ */
+export function encodePlanId(planId: string | null): Buffer {
+  const bytes = Buffer.from(planId ?? '', 'utf8');
+  if (bytes.length > MAX_PLAN_ID_BYTES) throw new TunnelProtocolError(`a plan id of ${bytes.length} bytes is over the ${MAX_PLAN_ID_BYTES} cap`);
+  return Buffer.concat([Uint8Array.of(bytes.length), bytes]);
+}
+
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
+
+/**
+ * The plan id at `offset` of `b`: null while `b` holds only a part of it; `planId` null for length 0.
+ * Throws TunnelProtocolError on bytes that are not UTF-8.
+ */
+export function decodePlanId(b: Uint8Array, offset: number): { planId: string | null; end: number } | null {
+  if (b.length <= offset) return null;
+  const n = b[offset]!;
+  const end = offset + 1 + n;
+  if (b.length < end) return null;
+  if (n === 0) return { planId: null, end };
+  try {
+    return { planId: UTF8.decode(b.subarray(offset + 1, end)), end };
+  } catch {
+    throw new TunnelProtocolError('a plan id that is not UTF-8');
+  }
+}
+
+/**
+ * What the opener writes right after the stream kind byte: `codec u8`, and on an rpc stream then the plan id
+ * of the plan its llama-server runs (`length u8 | UTF-8`, encodePlanId). An http stream carries no plan id.
+ */
+export function encodeTunnelHeader(kind: TunnelKind, codec: TunnelCodec, planId: string | null): Uint8Array {
+  const c = Uint8Array.of(CODEC_BYTES[codec]);
+  return kind === 'rpc' ? Buffer.concat([c, encodePlanId(planId)]) : c;
+}
+
+/** The longest header a stream of either kind opens with. */
+export const MAX_TUNNEL_HEADER_BYTES = 2 + MAX_PLAN_ID_BYTES;
+
+/**
+ * The header at the start of an incoming stream's bytes: null while `b` holds only a part of it; `end` is where
+ * the codec's bytes start. Throws TunnelProtocolError on an unknown codec or a plan id that is not UTF-8.
+ */
+export function decodeTunnelHeader(kind: TunnelKind, b: Uint8Array): { codec: TunnelCodec; planId: string | null; end: number } | null {
+  if (b.length === 0) return null;
+  const codec = decodeCodec(b[0]!);
+  if (codec === undefined) throw new TunnelProtocolError(`unknown tunnel codec ${b[0]}`);
+  if (kind === 'http') return { codec, planId: null, end: 1 };
+  const plan = decodePlanId(b, 1);
+  return plan === null ? null : { codec, planId: plan.planId, end: plan.end };
 }

@@ -5,7 +5,7 @@ import type { Logger } from 'pino';
 import type { EndpointId } from '../../machines/mesh-types.ts';
 import type { TunnelKind } from '../../machines/tunnel-policy.ts';
 import { RPC_HOLD_MS, RpcBoundaryScanner } from './rpc-boundary.ts';
-import { FrameDecoder, FrameEncoder, TUNNEL_TCP_FAILED, TunnelProtocolError, decodeCodec, type TunnelCodec } from './tunnel-codec.ts';
+import { FrameDecoder, FrameEncoder, TUNNEL_TCP_FAILED, TunnelProtocolError, type TunnelCodec } from './tunnel-codec.ts';
 import { firstLine, shortId, type MeshStream } from './transport.ts';
 
 /** Counters shared by a service's pipes (plain increments on the hot path). */
@@ -24,7 +24,7 @@ export class Pipe {
   private finishSent = false;
   /** The stream ended (peer finished): the socket was ended. */
   private quicEnded = false;
-  /** TCP bytes waiting for the QUIC write in flight (or for the codec, on the accepting side). */
+  /** TCP bytes waiting for the QUIC write in flight. */
   private queue: Buffer[] = [];
   private queued = 0;
   private writing = false;
@@ -41,23 +41,31 @@ export class Pipe {
   /** `opened`: our local client's connection; `accepted`: a peer's stream to our local target. */
   readonly side: 'opened' | 'accepted';
 
-  /** `codec` undefined: we accepted the stream and learn it from its first byte. */
+  /**
+   * `side` `opened`: our local client's connection (we wrote the stream's header); `accepted`: a peer's stream
+   * whose header (tunnel-codec.ts) the service has read, `first` being whatever came after it in that read.
+   */
   constructor(
     readonly peer: EndpointId,
     readonly kind: TunnelKind,
     private readonly socket: Socket,
     private readonly stream: MeshStream,
-    private codec: TunnelCodec | undefined,
+    side: 'opened' | 'accepted',
+    codec: TunnelCodec,
     private readonly highWater: number,
     private readonly log: Logger,
     private readonly counters: Counters,
     private readonly onEnd: (p: Pipe) => void,
     batchRpc: boolean,
+    first: Uint8Array | null = null,
   ) {
-    this.side = codec !== undefined ? 'opened' : 'accepted';
-    if (codec !== undefined) this.useCodec(codec);
+    this.side = side;
+    if (codec === 'deflate') {
+      this.encoder = new FrameEncoder();
+      this.decoder = new FrameDecoder();
+    }
     // The opener's TCP peer is llama-server (requests); the acceptor's is the rpc-server (replies).
-    this.scanner = kind === 'rpc' && batchRpc ? new RpcBoundaryScanner(codec !== undefined ? 'requests' : 'replies') : null;
+    this.scanner = kind === 'rpc' && batchRpc ? new RpcBoundaryScanner(side === 'opened' ? 'requests' : 'replies') : null;
     socket.setNoDelay(true);
     socket.on('data', (b: Buffer) => this.fromTcp(b));
     socket.on('end', () => {
@@ -69,15 +77,7 @@ export class Pipe {
       // A close before both sides ended in order is an abort: the peer learns it by a reset.
       if (!(this.tcpEnded && this.quicEnded)) this.fail('tcp closed', TUNNEL_TCP_FAILED);
     });
-    void this.fromQuic();
-  }
-
-  private useCodec(codec: TunnelCodec): void {
-    this.codec = codec;
-    if (codec === 'deflate') {
-      this.encoder = new FrameEncoder();
-      this.decoder = new FrameDecoder();
-    }
+    void this.fromQuic(first);
   }
 
   private fromTcp(b: Buffer): void {
@@ -103,7 +103,7 @@ export class Pipe {
 
   /** Sends what TCP gave us; whatever arrives meanwhile goes in the next write, joined into one. */
   private flush(): void {
-    if (this.writing || this.done || this.codec === undefined) return;
+    if (this.writing || this.done) return;
     if (this.queued > 0 && (this.urgent || this.tcpEnded)) {
       this.urgent = false;
       clearTimeout(this.holdTimer);
@@ -141,33 +141,20 @@ export class Pipe {
     }
   }
 
-  private async fromQuic(): Promise<void> {
+  private async fromQuic(first: Uint8Array | null): Promise<void> {
     // The next read is in flight while the socket takes the current chunk: one less wait per message.
     let next = this.stream.read();
+    next.catch(() => {});
     try {
+      if (first !== null && first.length > 0) await this.toTcp(first);
       for (;;) {
-        let chunk = await next;
+        const chunk = await next;
         if (chunk === null) break;
         this.counters.quicReads++;
         next = this.stream.read();
         next.catch(() => {});
         if (this.done) return;
-        if (this.codec === undefined) {
-          const c = decodeCodec(chunk[0]!);
-          if (c === undefined) throw new TunnelProtocolError(`unknown tunnel codec ${chunk[0]}`);
-          this.useCodec(c);
-          this.flush();
-          chunk = chunk.subarray(1);
-          if (chunk.length === 0) continue;
-        }
-        if (this.decoder) {
-          for (const part of this.decoder.push(chunk)) {
-            this.bytes.bytesIn += part.length;
-            if (!this.socket.write(part)) await this.drained();
-          }
-        } else if ((this.bytes.bytesIn += chunk.length) && !this.socket.write(chunk)) {
-          await this.drained();
-        }
+        await this.toTcp(chunk);
       }
       if (this.decoder?.midFrame) throw new TunnelProtocolError('the stream ended inside a frame');
     } catch (err) {
@@ -179,6 +166,18 @@ export class Pipe {
     this.quicEnded = true;
     this.socket.end();
     this.maybeDone();
+  }
+
+  /** One chunk from the stream to the socket, through the codec; waits for `drain` when the socket is full. */
+  private async toTcp(chunk: Uint8Array): Promise<void> {
+    if (this.decoder) {
+      for (const part of this.decoder.push(chunk)) {
+        this.bytes.bytesIn += part.length;
+        if (!this.socket.write(part)) await this.drained();
+      }
+    } else if ((this.bytes.bytesIn += chunk.length) && !this.socket.write(chunk)) {
+      await this.drained();
+    }
   }
 
   private drained(): Promise<void> {

@@ -11,15 +11,27 @@ import type { EndpointId } from '../../machines/mesh-types.ts';
 import type { TunnelDecision, TunnelKind } from '../../machines/tunnel-policy.ts';
 import { relay, type DirectPathServer, type RelayCounters } from './direct-path.ts';
 import { answerDirect, openDirect, requestTicket } from './direct-offer.ts';
-import { CODEC_BYTES, TUNNEL_CLOSED, TUNNEL_REFUSED, TUNNEL_TCP_FAILED, type TunnelCodec } from './tunnel-codec.ts';
+import {
+  MAX_TUNNEL_HEADER_BYTES,
+  TUNNEL_CLOSED,
+  TUNNEL_REFUSED,
+  TUNNEL_TCP_FAILED,
+  TunnelProtocolError,
+  decodeTunnelHeader,
+  encodeTunnelHeader,
+  type TunnelCodec,
+} from './tunnel-codec.ts';
 import { Pipe, type Counters } from './tunnel-pipe.ts';
 import { TransportError, firstLine, shortId, type MeshConnection, type MeshEndpoint, type MeshStream } from './transport.ts';
 
 export type { TunnelKind, TunnelTarget } from '../../machines/tunnel-policy.ts';
 export type { TunnelCodec } from './tunnel-codec.ts';
 
-/** Where an incoming tunnel from `remoteId` goes, or why it is refused (logged on both sides). */
-export type TunnelPolicy = (remoteId: EndpointId, kind: TunnelKind) => TunnelDecision;
+/**
+ * Where an incoming tunnel from `remoteId` goes, or why it is refused (logged on both sides). `planId`: the
+ * plan id the opener sent with an rpc stream or rpc offer (null: none; always null for http).
+ */
+export type TunnelPolicy = (remoteId: EndpointId, kind: TunnelKind, planId: string | null) => TunnelDecision;
 
 export interface TunnelInit {
   readonly allow: TunnelPolicy;
@@ -38,6 +50,8 @@ export interface TunnelInit {
   readonly dataPath?: 'auto' | 'quic';
   /** How long the direct attempt may take before the fallback. Default 1 s. */
   readonly directTimeoutMs?: number;
+  /** How long an incoming stream may take to send its header (codec, plan id) before it is reset. Default 5 s. */
+  readonly headerTimeoutMs?: number;
 }
 
 export interface TunnelComponents {
@@ -62,6 +76,8 @@ export interface TunnelInfo {
 export interface TunnelListener {
   readonly peer: EndpointId;
   readonly kind: TunnelKind;
+  /** rpc: the plan id every connection of this listener carries to the peer (null: none). */
+  readonly planId: string | null;
   readonly host: string;
   readonly port: number;
   close(): Promise<void>;
@@ -106,6 +122,9 @@ export class TunnelService {
   private readonly counters: Counters = { quicWrites: 0, quicBytesOut: 0, tcpBytesIn: 0, quicReads: 0 };
   /** Incoming tunnels whose local TCP connect is still in progress (closeFrom must reach them too). */
   private readonly connecting = new Set<{ peer: EndpointId; socket: Socket; stream: MeshStream }>();
+  /** Incoming streams whose header (codec, plan id) has not all arrived yet. */
+  private readonly heading = new Set<{ peer: EndpointId; stream: MeshStream }>();
+  private readonly headerTimeoutMs: number;
   private readonly listeners = new Set<{ server: Server; peer: EndpointId; sockets: Set<Socket> }>();
   private readonly relays = new Set<DirectRelay>();
   private readonly direct: DirectPathServer | null;
@@ -129,6 +148,7 @@ export class TunnelService {
     this.connectTimeoutMs = init.connectTimeoutMs ?? 5_000;
     this.dataPath = init.dataPath ?? 'quic';
     this.directTimeoutMs = init.directTimeoutMs ?? 1_000;
+    this.headerTimeoutMs = init.headerTimeoutMs ?? 5_000;
     this.direct = components.direct ?? null;
   }
 
@@ -137,7 +157,7 @@ export class TunnelService {
     if (this.started) return;
     this.started = true;
     for (const kind of ['rpc', 'http'] as const) {
-      this.endpoint.handle(kind, (stream, conn) => this.incoming(kind, stream, conn));
+      this.endpoint.handle(kind, (stream, conn) => void this.incoming(kind, stream, conn));
     }
     this.endpoint.handle('direct', (stream, conn) => {
       void answerDirect(stream, conn, this.direct, this.directTimeoutMs * 2).then((answer) => {
@@ -148,16 +168,18 @@ export class TunnelService {
 
   /**
    * A listener on 127.0.0.1 (ephemeral port unless given) whose every connection becomes a `kind` stream
-   * to `peer`, over the connection the endpoint holds to it (none: the socket is closed at once).
+   * to `peer`, over the connection the endpoint holds to it (none: the socket is closed at once). rpc: each
+   * connection tells the peer `planId`, the plan our llama-server runs (a worker refuses another plan's).
    */
-  async listen(peer: EndpointId, kind: TunnelKind, options: { port?: number; host?: string } = {}): Promise<TunnelListener> {
+  async listen(peer: EndpointId, kind: TunnelKind, options: { port?: number; host?: string; planId?: string | null } = {}): Promise<TunnelListener> {
     const host = options.host ?? '127.0.0.1';
+    const planId = kind === 'rpc' ? (options.planId ?? null) : null;
     const sockets = new Set<Socket>();
     // Half-open: a client that ends its side may still be owed a reply; we end each side ourselves.
     const server = createServer({ noDelay: true, allowHalfOpen: true }, (socket) => {
       sockets.add(socket);
       socket.once('close', () => sockets.delete(socket));
-      void this.outgoing(peer, kind, socket);
+      void this.outgoing(peer, kind, planId, socket);
     });
     const entry = { server, peer, sockets };
     await new Promise<void>((resolve, reject) => {
@@ -173,10 +195,11 @@ export class TunnelService {
     this.listeners.add(entry);
     const addr = server.address();
     const port = typeof addr === 'object' && addr ? addr.port : 0;
-    this.log.debug({ peer: shortId(peer), kind, port }, 'tunnel listener open');
+    this.log.debug({ peer: shortId(peer), kind, planId, port }, 'tunnel listener open');
     return {
       peer,
       kind,
+      planId,
       host,
       port,
       close: () => this.closeListener(entry),
@@ -196,6 +219,12 @@ export class TunnelService {
       this.connecting.delete(c);
       c.socket.destroy();
       c.stream.reset(TUNNEL_CLOSED);
+      n++;
+    }
+    for (const h of [...this.heading]) {
+      if (h.peer !== peer) continue;
+      this.heading.delete(h);
+      h.stream.reset(TUNNEL_CLOSED);
       n++;
     }
     for (const r of [...this.relays]) {
@@ -250,6 +279,8 @@ export class TunnelService {
       c.stream.reset(TUNNEL_CLOSED);
     }
     this.connecting.clear();
+    for (const h of this.heading) h.stream.reset(TUNNEL_CLOSED);
+    this.heading.clear();
     for (const l of [...this.listeners]) await this.closeListener(l);
   }
 
@@ -267,7 +298,7 @@ export class TunnelService {
     this.pipes.delete(p);
   };
 
-  private async outgoing(peer: EndpointId, kind: TunnelKind, socket: Socket): Promise<void> {
+  private async outgoing(peer: EndpointId, kind: TunnelKind, planId: string | null, socket: Socket): Promise<void> {
     socket.setNoDelay(true);
     socket.on('error', () => {});
     const conn = this.endpoint.connection(peer);
@@ -278,12 +309,13 @@ export class TunnelService {
     }
     // Bytes the local client sends before the stream is open wait in the socket (paused).
     socket.pause();
-    if (this.dataPath === 'auto' && (await this.tryDirect(peer, kind, conn, socket))) return;
+    if (this.dataPath === 'auto' && (await this.tryDirect(peer, kind, planId, conn, socket))) return;
     if (socket.destroyed) return;
     let stream: MeshStream | undefined;
     try {
+      const header = encodeTunnelHeader(kind, this.codec, planId);
       stream = await conn.openStream(kind);
-      await stream.write(Uint8Array.of(CODEC_BYTES[this.codec]));
+      await stream.write(header);
     } catch (err) {
       this.log.warn({ peer: shortId(peer), kind, err: firstLine(err) }, 'could not open a tunnel stream');
       stream?.reset(TUNNEL_TCP_FAILED);
@@ -294,7 +326,7 @@ export class TunnelService {
       stream.reset(TUNNEL_TCP_FAILED);
       return;
     }
-    this.track(new Pipe(peer, kind, socket, stream, this.codec, this.highWater, this.log, this.counters, this.ended, this.batchRpc));
+    this.track(new Pipe(peer, kind, socket, stream, 'opened', this.codec, this.highWater, this.log, this.counters, this.ended, this.batchRpc));
     socket.resume();
   }
 
@@ -303,10 +335,10 @@ export class TunnelService {
    * false to fall back to QUIC. Each connection tries again: llama-server opens one per rpc-server per start,
    * so a fallback never sticks past a restart.
    */
-  private async tryDirect(peer: EndpointId, kind: TunnelKind, conn: MeshConnection, socket: Socket): Promise<boolean> {
+  private async tryDirect(peer: EndpointId, kind: TunnelKind, planId: string | null, conn: MeshConnection, socket: Socket): Promise<boolean> {
     let tls;
     try {
-      tls = await openDirect(conn, kind, this.directTimeoutMs);
+      tls = await openDirect(conn, kind, planId, this.directTimeoutMs);
     } catch (err) {
       this.directFallbacks++;
       this.notePath(peer, kind, 'quic', firstLine(err));
@@ -333,14 +365,15 @@ export class TunnelService {
   /**
    * A ticket for one direct `kind` connection to `peer` that someone else will make (llama-server speaking
    * TLS itself), and the address to dial; null unless the last connection of that kind to `peer` went direct
-   * (so the address is known to work) and the peer agrees now. Never throws.
+   * (so the address is known to work) and the peer agrees now. rpc: the ticket is bound to `planId` (the
+   * plan that llama-server runs). Never throws.
    */
-  async directTicket(peer: EndpointId, kind: TunnelKind): Promise<{ address: string; identity: string; key: Buffer } | null> {
+  async directTicket(peer: EndpointId, kind: TunnelKind, planId: string | null = null): Promise<{ address: string; identity: string; key: Buffer } | null> {
     const address = this.lastDirectAddr.get(peer);
     const conn = this.endpoint.connection(peer);
     if (this.dataPath !== 'auto' || this.lastPath.get(`${peer}:${kind}`) !== 'direct' || address === undefined || conn === undefined) return null;
     try {
-      const { ticket, addrs } = await requestTicket(conn, kind, this.directTimeoutMs);
+      const { ticket, addrs } = await requestTicket(conn, kind, planId, this.directTimeoutMs);
       if (!addrs.includes(address)) return null;
       return { address, identity: ticket.id, key: ticket.key };
     } catch (err) {
@@ -357,16 +390,53 @@ export class TunnelService {
     else this.log.warn({ peer: shortId(peer), kind, why }, 'tunnel data path: QUIC (the direct path failed)');
   }
 
-  private incoming(kind: TunnelKind, stream: MeshStream, conn: MeshConnection): void {
+  /**
+   * The header an incoming stream opens with (codec; rpc: the opener's plan id), within headerTimeoutMs;
+   * null when the stream was reset, closed for the hand-off, or sent something else (logged).
+   */
+  private async readHeader(kind: TunnelKind, stream: MeshStream, peer: EndpointId) {
+    const pending = { peer, stream };
+    this.heading.add(pending);
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new TunnelProtocolError(`no tunnel header within ${this.headerTimeoutMs} ms`)), this.headerTimeoutMs);
+    });
+    try {
+      let buf: Uint8Array = new Uint8Array(0);
+      for (;;) {
+        const read = stream.read();
+        read.catch(() => {}); // a reset after the timeout rejects it
+        const chunk = await Promise.race([read, timeout]);
+        if (!this.heading.has(pending)) return null; // closed for the hand-off meanwhile
+        if (chunk === null) throw new TunnelProtocolError('the stream ended before its header');
+        buf = buf.length === 0 ? chunk : Buffer.concat([buf, chunk]);
+        const header = decodeTunnelHeader(kind, buf);
+        if (header !== null) return { ...header, rest: buf.subarray(header.end) };
+        if (buf.length > MAX_TUNNEL_HEADER_BYTES) throw new TunnelProtocolError('a tunnel header over its size');
+      }
+    } catch (err) {
+      if (!this.heading.has(pending)) return null;
+      if (err instanceof TunnelProtocolError) this.log.warn({ peer: shortId(peer), kind, err: err.message }, 'bad tunnel stream');
+      stream.reset(TUNNEL_REFUSED);
+      return null;
+    } finally {
+      clearTimeout(timer);
+      this.heading.delete(pending);
+    }
+  }
+
+  private async incoming(kind: TunnelKind, stream: MeshStream, conn: MeshConnection): Promise<void> {
     const peer = conn.remoteId;
+    const header = await this.readHeader(kind, stream, peer);
+    if (header === null) return;
     let decision: ReturnType<TunnelPolicy>;
     try {
-      decision = this.allow(peer, kind);
+      decision = this.allow(peer, kind, header.planId);
     } catch (err) {
       decision = { refuse: `policy failed: ${firstLine(err)}` };
     }
     if ('refuse' in decision) {
-      this.log.warn({ peer: shortId(peer), kind, reason: decision.refuse }, 'refused a tunnel');
+      this.log.warn({ peer: shortId(peer), kind, planId: header.planId ?? undefined, reason: decision.refuse }, 'refused a tunnel');
       stream.reset(TUNNEL_REFUSED);
       return;
     }
@@ -380,7 +450,7 @@ export class TunnelService {
       connected = true;
       clearTimeout(timer);
       if (!this.connecting.delete(pending)) return; // closed for the hand-off meanwhile
-      this.track(new Pipe(peer, kind, socket, stream, undefined, this.highWater, this.log, this.counters, this.ended, this.batchRpc));
+      this.track(new Pipe(peer, kind, socket, stream, 'accepted', header.codec, this.highWater, this.log, this.counters, this.ended, this.batchRpc, header.rest));
     });
     socket.once('error', (err) => {
       clearTimeout(timer);
