@@ -1,22 +1,35 @@
 // Parses and validates the `mesh-inference` command line (plus the environment variables and files it
 // names) into one options object; any bad input becomes a single clear line, never a stack trace.
 import { readFileSync, statSync } from 'node:fs';
-import { hostname } from 'node:os';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import type { LevelWithSilent } from 'pino';
 import type { RolePreference } from '../../machines/mesh-types.ts';
 import { decodeExpiringInvite, decodeInviteToken, EXPIRING_INVITE_VERSION, InviteTokenError, type ExpiringInvite, type InviteToken } from '../wire/invite-token.ts';
+import { API_KEY_ENV, DEFAULT_API_PORT, HELP_TEXT, JOIN_ENV } from './cli-help.ts';
+import {
+  CliUsageError,
+  expandHome,
+  nonEmpty,
+  parseAllowedHosts,
+  parseDataPath,
+  parseDuration,
+  parseInspect,
+  parseMaxVram,
+  parseName,
+  parsePort,
+  parseRelay,
+  parseRole,
+  parseStun,
+  type DataPathMode,
+  type InspectTarget,
+  type RelayMode,
+} from './cli-values.ts';
 import { isLogLevel, LOG_LEVELS } from './logger.ts';
 
-export const DEFAULT_API_PORT = 9337;
-/** Environment variables read for services, where flags end up in `ps` output or unit files. */
-export const JOIN_ENV = 'MESH_INFERENCE_JOIN';
-export const API_KEY_ENV = 'MESH_INFERENCE_API_KEY';
-
-export type InspectTarget = { readonly kind: 'sky' } | { readonly kind: 'websocket'; readonly url: string };
-export type DataPathMode = 'auto' | 'quic';
-export type RelayMode = { readonly kind: 'default' } | { readonly kind: 'none' } | { readonly kind: 'custom'; readonly url: string };
+// The help text and the value parsers live in cli-help.ts and cli-values.ts; their readers may import them from here too.
+export { API_KEY_ENV, DEFAULT_API_PORT, HELP_TEXT, JOIN_ENV } from './cli-help.ts';
+export { CliUsageError, parseByteSize, parseDuration, type DataPathMode, type InspectTarget, type RelayMode } from './cli-values.ts';
 
 export interface CliOptions {
   /** Absolute path of a readable GGUF file; null for a lite client. */
@@ -61,68 +74,6 @@ export type CliParse =
   | { readonly kind: 'help'; readonly text: string }
   /** One line for the user; the CLI prints it to stderr and exits with status 2. */
   | { readonly kind: 'error'; readonly message: string };
-
-export const HELP_TEXT = `mesh-inference: pool the GPUs (or CPUs) of several machines into one OpenAI-compatible LLM API.
-
-Usage: mesh-inference [options]
-       mesh-inference invite [--ttl 24h] [--key-file PATH]
-
-  --model PATH          GGUF model file on this machine (every serving node needs its own copy)
-  --join TOKEN          join the mesh of this invite token (repeatable; also $${JOIN_ENV},
-                        several tokens separated by whitespace or commas): an mi2 token from
-                        \`mesh-inference invite\` expires; an mi1 token carries the mesh secret forever
-  --join-file PATH      read invite tokens from a file, one per line ('#' starts a comment)
-  --role ROLE           auto | host | worker | client (default auto: may host or work)
-  --client              short for --role client: a lite client with no model, it only proxies the API
-  --port N              API port (default ${DEFAULT_API_PORT}; 0 picks a free one)
-  --listen-all          serve the API on every interface instead of 127.0.0.1 (use --api-key too)
-  --api-key KEY         require "Authorization: Bearer KEY" on every API route but /health
-                        (also $${API_KEY_ENV})
-  --allowed-host NAME   also answer requests whose Host header names NAME (repeatable); the API
-                        answers only loopback names and the addresses it listens on, and refuses
-                        others with 421 (a web page must not reach it by DNS rebinding)
-  --bind-port N         fixed port for the mesh, so a router's port-forwarding rule can reach it:
-                        forward UDP (QUIC) and TCP (the direct data path) on this port
-  --data-port N         TCP port of the direct data path (default: the --bind-port number when
-                        given, else any free port)
-  --data-path MODE      auto (default: a direct TCP + TLS connection between two nodes where one can
-                        reach the other, else QUIC) | quic (never use TCP)
-  --max-vram SIZE       memory this node offers to the mesh, e.g. 8G, 512MiB, 24GB (default: detected)
-  --name NAME           name shown to the other nodes (default: the host name)
-  --relay MODE          default (iroh's public relays) | none (LAN and tests) | a relay URL
-  --stun HOST:PORT      STUN server for the public address (repeatable; "none" to skip)
-  --key-file PATH       where this node's secret key lives (default: in the user's config directory);
-                        next to it, PATH.mesh.json remembers the mesh (id, secret, known peers), so the
-                        same command line rejoins it after a restart
-  --new-mesh            start a fresh mesh instead of rejoining the remembered one
-  --log-level LEVEL     ${LOG_LEVELS.join(' | ')} (default info)
-  --inspect [URL]       send the live state machines to the Stately inspector (online), or to the
-                        WebSocket inspector at URL (ws://...)
-  -h, --help            this text
-
-\`mesh-inference invite\` prints an expiring invite (mi2) for the mesh this key file's node belongs to
-(read from PATH.mesh.json; no running node needed): it carries no mesh secret, and after --ttl (default
-24h; e.g. 30m, 2h, 7d) its inviter refuses it. The node that made it must be running to admit the joiner.
-
-With no arguments at all it runs a demo: a 3-node mesh on loopback with a generated model whose
-weights are random (so its answers are gibberish), serving the API on port ${DEFAULT_API_PORT}.
-
-Examples:
-  mesh-inference --model ~/models/glm.gguf                  # start a mesh; prints an invite token
-  mesh-inference invite --ttl 1h                            # an invite that expires in an hour
-  mesh-inference --model ~/models/glm.gguf --join mi2...    # add this machine's GPU to it
-  mesh-inference --client --join mi1...                     # use it from a laptop without the model
-  mesh-inference --model m.gguf --max-vram 6G --role worker # lend 6 GiB, never host
-  curl localhost:${DEFAULT_API_PORT}/v1/chat/completions -H 'content-type: application/json' \\
-       -d '{"messages":[{"role":"user","content":"hi"}]}'
-`;
-
-/** A bad command line; `message` is the one line shown to the user. */
-export class CliUsageError extends Error {
-  override readonly name = 'CliUsageError';
-}
-
-const ROLES: readonly RolePreference[] = ['auto', 'host', 'worker', 'client'];
 
 const OPTIONS = {
   model: { type: 'string' },
@@ -257,15 +208,6 @@ function describeParseArgsError(err: unknown): string {
   }
 }
 
-function parseRole(role: string | undefined, client: boolean): RolePreference {
-  if (role === undefined) return client ? 'client' : 'auto';
-  if (!(ROLES as readonly string[]).includes(role)) {
-    throw new CliUsageError(`--role: "${role}" is not one of ${ROLES.join(', ')}`);
-  }
-  if (client && role !== 'client') throw new CliUsageError(`--client contradicts --role ${role}`);
-  return role as RolePreference;
-}
-
 function checkModelPath(raw: string): string {
   const path = resolve(expandHome(nonEmpty('--model', raw)));
   let st;
@@ -277,11 +219,6 @@ function checkModelPath(raw: string): string {
   }
   if (!st.isFile()) throw new CliUsageError(`--model: not a file: ${path}`);
   return path;
-}
-
-function expandHome(p: string): string {
-  const home = process.env['HOME'];
-  return home !== undefined && (p === '~' || p.startsWith('~/')) ? home + p.slice(1) : p;
 }
 
 function collectJoins(flags: readonly string[], file: string | undefined, envValue: string | undefined): { joins: InviteToken[]; invites: ExpiringInvite[] } {
@@ -344,132 +281,6 @@ function parseInviteCommand(argv: readonly string[]): CliParse {
   return { kind: 'invite', keyFile: values['key-file'] === undefined ? null : resolve(expandHome(nonEmpty('--key-file', values['key-file']))), ttlMs };
 }
 
-const DURATION_UNITS: Record<string, number> = { s: 1_000, m: 60_000, h: 3600_000, d: 24 * 3600_000 };
-
-/** "90s", "30m", "24h", "7d", "1.5h" (a bare number is seconds). Throws CliUsageError naming `flag`. */
-export function parseDuration(flag: string, raw: string): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$/i.exec(raw);
-  if (m === null) throw new CliUsageError(`${flag}: "${raw}" is not a duration (examples: 30m, 24h, 7d)`);
-  return Math.round(Number(m[1]) * DURATION_UNITS[(m[2] || 's').toLowerCase()]!);
-}
-
-function parsePort(flag: string, raw: string, min: number): number {
-  if (!/^\d+$/.test(raw.trim())) throw new CliUsageError(`${flag}: "${raw}" is not a port number`);
-  const n = Number(raw.trim());
-  if (n < min || n > 65535) throw new CliUsageError(`${flag}: ${n} is out of range (${min}-65535)`);
-  return n;
-}
-
-const UNITS: Record<string, number> = {
-  '': 1,
-  b: 1,
-  k: 1024,
-  kib: 1024,
-  kb: 1000,
-  m: 1024 ** 2,
-  mib: 1024 ** 2,
-  mb: 1000 ** 2,
-  g: 1024 ** 3,
-  gib: 1024 ** 3,
-  gb: 1000 ** 3,
-  t: 1024 ** 4,
-  tib: 1024 ** 4,
-  tb: 1000 ** 4,
-};
-
-/**
- * A byte size as people write it: `8G`, `8GiB` (both 2^30), `8GB` (10^9, as disk makers count), `512MiB`,
- * `1.5g`, or plain bytes. Throws CliUsageError naming `flag`.
- */
-export function parseByteSize(raw: string, flag = 'size'): number {
-  const m = /^\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-z]*)\s*$/i.exec(raw);
-  const unit = m?.[2]?.toLowerCase() ?? '';
-  if (m === null || !(unit in UNITS)) {
-    throw new CliUsageError(`${flag}: "${raw}" is not a size (examples: 8G, 512MiB, 24GB)`);
-  }
-  return Math.floor(Number(m[1]) * UNITS[unit]!);
-}
-
-function parseMaxVram(raw: string): number {
-  const bytes = parseByteSize(raw, '--max-vram');
-  // A bare small number is almost surely a forgotten unit ("8" meaning 8 GiB), not 8 bytes.
-  if (bytes < 1024 ** 2) {
-    throw new CliUsageError(`--max-vram: "${raw}" is under 1 MiB; give a unit, e.g. ${raw.trim()}G`);
-  }
-  return bytes;
-}
-
-function parseName(raw: string | undefined): string {
-  const name = (raw ?? hostname()).trim();
-  if (name === '') throw new CliUsageError('--name: the name is empty');
-  if (name.length > 64) throw new CliUsageError(`--name: at most 64 characters (got ${name.length})`);
-  if (/[\p{Cc}]/u.test(name)) throw new CliUsageError('--name: control characters are not allowed');
-  return name;
-}
-
-function parseInspect(raw: string | undefined): InspectTarget | null {
-  if (raw === undefined) return null;
-  if (raw === 'sky') return { kind: 'sky' };
-  let url: URL;
-  try {
-    url = new URL(raw);
-  } catch {
-    throw new CliUsageError(`--inspect: "${raw}" is not a URL (expected ws://host:port, or no value for the online inspector)`);
-  }
-  if (url.protocol !== 'ws:' && url.protocol !== 'wss:') {
-    throw new CliUsageError(`--inspect: "${raw}" must be a ws:// or wss:// URL`);
-  }
-  return { kind: 'websocket', url: raw };
-}
-
-/** `--allowed-host NAME`: a DNS name or an IP address (IPv6 with or without brackets), no port, no scheme. */
-function parseAllowedHosts(raw: readonly string[]): string[] {
-  return raw.map((r) => {
-    const name = r.trim().toLowerCase();
-    const bare = name.startsWith('[') && name.endsWith(']') ? name.slice(1, -1) : name;
-    if (!/^[a-z0-9]([a-z0-9_.-]*[a-z0-9])?\.?$/.test(bare) && !/^[0-9a-f:.]+$/.test(bare)) {
-      throw new CliUsageError(`--allowed-host: "${r}" is not a host name or an IP address (no scheme, no port)`);
-    }
-    return bare;
-  });
-}
-
-function parseRelay(raw: string | undefined): RelayMode {
-  if (raw === undefined || raw === 'default') return { kind: 'default' };
-  if (raw === 'none') return { kind: 'none' };
-  let url: URL;
-  try {
-    url = new URL(raw);
-  } catch {
-    throw new CliUsageError(`--relay: "${raw}" is not "default", "none" or a relay URL (https://...)`);
-  }
-  if (url.protocol !== 'https:' && url.protocol !== 'http:') {
-    throw new CliUsageError(`--relay: "${raw}" must be an http(s):// URL`);
-  }
-  return { kind: 'custom', url: raw };
-}
-
-function parseStun(raw: readonly string[] | undefined): readonly string[] | null {
-  if (raw === undefined) return null;
-  if (raw.includes('none')) {
-    if (raw.length > 1) throw new CliUsageError('--stun none cannot be combined with STUN servers');
-    return [];
-  }
-  for (const s of raw) {
-    const m = /^(\[[0-9a-fA-F:.]+\]|[^\s:[\]]+):(\d+)$/.exec(s);
-    const port = m === null ? NaN : Number(m[2]);
-    if (m === null || !(port >= 1 && port <= 65535)) {
-      throw new CliUsageError(`--stun: "${s}" is not HOST:PORT (e.g. stun.l.google.com:19302)`);
-    }
-  }
-  return raw;
-}
-
-function nonEmpty(flag: string, s: string): string {
-  if (s.trim() === '') throw new CliUsageError(`${flag}: the value is empty`);
-  return s;
-}
-
 /**
  * For the composition root: returns what to run, or prints help (stdout, exit 0) or the one-line error
  * (stderr, exit 2, the usual status for a usage error) and exits.
@@ -485,10 +296,4 @@ export function parseCliArgsOrExit(argv: readonly string[], env: NodeJS.ProcessE
     process.exit(2);
   }
   return parsed;
-}
-
-function parseDataPath(raw: string | undefined): DataPathMode {
-  if (raw === undefined || raw === 'auto') return 'auto';
-  if (raw === 'quic') return 'quic';
-  throw new CliUsageError(`--data-path: "${raw}" is not "auto" or "quic"`);
 }
