@@ -1,10 +1,12 @@
-// The TCP<->QUIC tunnels of one node, driven by its node machine's context (src/machines/node.machine.ts):
-// which incoming rpc and http streams may reach local processes (the policy, which checks the plan id an rpc
-// tunnel carries), the host's loopback port per remote worker and plan for llama-server's `--rpc`, a worker's or lite client's port to the host's llama-server, and
-// the hand-off. One owner: the built node (src/node/build.ts) creates it, feeds it every snapshot of the node
-// actor through its one subscription (`follow()`), closes it, and hands the process slots and the API only
-// the one capability each needs (`rpcAddressFor`, `httpBaseUrl`). The admission policy reads the context
-// last followed: before the first snapshot, every stream is refused (the node is starting).
+// The tunnels of one node, driven by its node machine's context (src/machines/node.machine.ts): which
+// incoming rpc and http streams may reach local processes (the policy, which checks the plan id an rpc tunnel
+// carries), the host's loopback port per remote worker and plan for llama-server's `--rpc` (or, with patch
+// 0003, a ticket for llama-server to dial the worker's data port itself), a worker's or lite client's port to
+// the host's API, the data port (the direct TLS path) and the hand-off. One owner: the built node
+// (src/node/build.ts) creates it, feeds it every snapshot of the node actor through its one subscription
+// (`follow()`), closes it, and hands the process slots and the API only the capability each needs
+// (`rpcAddressFor`/`directRpcFor`, `httpBaseUrl`). The admission policy reads the context last followed:
+// before the first snapshot, every stream is refused (the node is starting).
 import type { Logger } from '../io/host/logger.ts';
 import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../io/llama/rpc-traffic.ts';
 import { DirectPathServer } from '../io/transport/direct-path.ts';
