@@ -1,14 +1,13 @@
 // SET_TENSOR_GGUF end to end: real patched and stock llama.cpp binaries, real processes on loopback, generated
 // models, and a counting proxy in front of every rpc-server. Weights must come from each worker's own GGUF
 // (under 1% of the model crosses the wire) with the same greedy tokens as when every byte is sent.
-import { existsSync } from 'node:fs';
 import { copyFile, mkdtemp, readFile, rm, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readGgufHeader, type GgufHeader } from '../src/io/gguf/gguf-reader.ts';
 import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
-import { buildBinDir, buildDisabled, ensureLlamaBinaries, type LlamaBinaries } from '../src/io/llama/llama-binaries.ts';
+import { buildBinDir, ensureLlamaBinaries, type LlamaBinaries } from '../src/io/llama/llama-binaries.ts';
 import { startRpcTrafficProxy, type RpcTrafficProxy, type RpcTrafficSnapshot } from '../src/io/llama/rpc-traffic.ts';
 import { greedyCompletion } from './helpers/llama.ts';
 import {
@@ -23,14 +22,6 @@ import {
   type NativeRpcServer,
 } from './native-support.ts';
 
-const haveMesh = existsSync(join(buildBinDir('mesh'), 'llama-server')) || !!process.env.MESH_LLAMA_BIN_DIR;
-const canRun = haveMesh || !buildDisabled();
-if (!canRun) {
-  console.warn(
-    'native-gguf-load: SKIPPED: no llama.cpp binaries and MESH_LLAMA_SKIP_BUILD=1 forbids building them ' +
-      '(run `npm run build:native`, or set MESH_LLAMA_BIN_DIR)',
-  );
-}
 
 // 4 layers of width 256 (F16): ~40 MB, and every matrix is over the patch's 64 KiB minimum, so only the
 // norms (1 KB each) travel as bytes. The vocab comes from our own source tree, which the build unpacked.
@@ -38,7 +29,7 @@ const SHAPE = { layers: 4, embd: 256, ff: 768, type: 'f16' } as const;
 const PROMPT = 'Once upon a time, in a land far away,';
 const N_PREDICT = 32;
 
-const hold: { dir: string; mesh?: LlamaBinaries; stock?: LlamaBinaries; stockError?: string } = { dir: '' };
+const hold: { dir: string; mesh?: LlamaBinaries; stock?: LlamaBinaries } = { dir: '' };
 let modelA = '';
 let modelB = '';
 let headerA: GgufHeader;
@@ -98,14 +89,11 @@ const offloadedBytes = (h: GgufHeader): number => h.tensors.filter((t) => t.name
 /** Bytes of one transformer block: what a worker holding at least one layer must have received. */
 const layerBytes = (h: GgufHeader): number => h.tensors.filter((t) => t.name.startsWith('blk.0.')).reduce((a, t) => a + t.bytes, 0);
 
-describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
+// Missing binaries (mesh or stock) are failures, not skips: a skipped suite would prove nothing.
+describe('native: SET_TENSOR_GGUF', () => {
   beforeAll(async () => {
     hold.mesh = await ensureLlamaBinaries({ variant: 'mesh', onLine: (l) => console.log(l) });
-    try {
-      hold.stock = await ensureLlamaBinaries({ variant: 'stock', onLine: (l) => console.log(l) });
-    } catch (e) {
-      hold.stockError = (e as Error).message;
-    }
+    hold.stock = await ensureLlamaBinaries({ variant: 'stock', onLine: (l) => console.log(l) });
     hold.dir = await mkdtemp(join(tmpdir(), 'mesh-native-'));
     modelA = join(hold.dir, 'a.gguf');
     modelB = join(hold.dir, 'b.gguf');
@@ -125,7 +113,7 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
   it('the build carries the patch and the stock build does not', () => {
     expect(hold.mesh!.setTensorGguf).toBe(true);
     expect(hold.mesh!.patches).toContain('set-tensor-gguf/1');
-    if (hold.stock) expect(hold.stock.patches).toEqual([]);
+    expect(hold.stock!.patches).toEqual([]);
   });
 
   it('sends about the whole model when told not to use the GGUF path (the reference)', async () => {
@@ -165,8 +153,7 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
     expect(run.tokens).toEqual(reference.tokens);
   }, 180_000);
 
-  it('a stock rpc-server still serves the patched llama-server (bytes are sent to it)', async (ctx) => {
-    if (!hold.stock) ctx.skip(`no stock build: ${hold.stockError}`);
+  it('a stock rpc-server still serves the patched llama-server (bytes are sent to it)', async () => {
     const stock = await rpcServer(hold.stock!);
     const patched = await rpcServer(hold.mesh!, ['--gguf', modelA]);
     const run = await runThrough([stock, patched]);
@@ -180,8 +167,7 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
     expect(run.tokens).toEqual(reference.tokens);
   }, 180_000);
 
-  it('a patched rpc-server with --gguf still serves a stock llama-server', async (ctx) => {
-    if (!hold.stock || !existsSync(hold.stock.llamaServer)) ctx.skip(`no stock llama-server: ${hold.stockError ?? 'not built'}`);
+  it('a patched rpc-server with --gguf still serves a stock llama-server', async () => {
     const a = await rpcServer(hold.mesh!, ['--gguf', modelA]);
     const b = await rpcServer(hold.mesh!, ['--gguf', modelA]);
     const proxies = [
@@ -411,8 +397,7 @@ describe.skipIf(!canRun)('native: SET_TENSOR_GGUF', () => {
     }
   });
 
-  it('a stock server announces nothing', async (ctx) => {
-    if (!hold.stock) ctx.skip(`no stock build: ${hold.stockError ?? 'not built'}`);
+  it('a stock server announces nothing', async () => {
     const s = await rpcServer(hold.stock!);
     const c = await RawRpcClient.connect(s.address);
     try {

@@ -2,7 +2,6 @@
 // worker's DirectPathServer (Node), which joins it to the worker's rpc-server: no Node on the host's side of the
 // data path. Real processes on loopback, a generated tiny model, a counting proxy between the data port and the
 // worker's rpc-server. The keys reach llama-server on an inherited file descriptor (GGML_RPC_TLS_FD).
-import { existsSync } from 'node:fs';
 import { mkdtemp, readdir, readFile, readlink, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -10,19 +9,13 @@ import { execa } from 'execa';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { generateLlamaGguf } from '../src/io/gguf/gguf-writer.ts';
-import { buildBinDir, buildDisabled, ensureLlamaBinaries, type LlamaBinaries } from '../src/io/llama/llama-binaries.ts';
+import { buildBinDir, ensureLlamaBinaries, type LlamaBinaries } from '../src/io/llama/llama-binaries.ts';
 import { startRpcTrafficProxy, type RpcTrafficProxy } from '../src/io/llama/rpc-traffic.ts';
 import { DirectPathServer, newTicket, type DirectTicket } from '../src/io/transport/direct-path.ts';
 import type { EndpointId } from '../src/machines/mesh-types.ts';
 import { freePort, greedyCompletion } from './helpers/llama.ts';
 import { MESH_RPC_COMMANDS, startNativeLlamaServer, startNativeRpcServer, type NativeRpcServer } from './native-support.ts';
 
-const haveMesh = existsSync(join(buildBinDir('mesh'), 'llama-server')) || !!process.env.MESH_LLAMA_BIN_DIR;
-const canRun = haveMesh || !buildDisabled();
-// The patch's TLS half needs OpenSSL at build time (Debian: libssl-dev); without it the build has no TLS.
-const haveOpenSsl = existsSync('/usr/include/openssl/ssl.h') || existsSync('/usr/local/include/openssl/ssl.h');
-if (!canRun) console.warn('native-rpc-tls: SKIPPED: no llama.cpp binaries and MESH_LLAMA_SKIP_BUILD=1 forbids building them');
-else if (!haveOpenSsl) console.warn('native-rpc-tls: SKIPPED: no OpenSSL headers here, so the build has no TLS client (apt-get install libssl-dev)');
 
 const SHAPE = { layers: 4, embd: 256, ff: 768, type: 'f16' } as const;
 const PROMPT = 'Once upon a time, in a land far away,';
@@ -154,11 +147,15 @@ async function unixSocketFds(pid: number): Promise<number[]> {
 
 const keyLine = (addr: string, t: DirectTicket): string => `${addr} ${t.id} ${t.key.toString('hex')}\n`;
 
-describe.skipIf(!canRun || !haveOpenSsl)('native: llama.cpp RPC client over TLS 1.3 PSK (patch 0003)', () => {
+// Missing binaries or a build without OpenSSL are failures, not skips: a skipped suite would prove nothing.
+describe('native: llama.cpp RPC client over TLS 1.3 PSK (patch 0003)', () => {
   let reference: readonly number[] = [];
 
   beforeAll(async () => {
     hold.mesh = await ensureLlamaBinaries({ variant: 'mesh', onLine: (l) => console.log(l) });
+    if (!hold.mesh.rpcTlsPsk) {
+      throw new Error('the llama.cpp build has no TLS client (patch 0003 needs OpenSSL at build time: apt-get install libssl-dev, then npm run build:native)');
+    }
     hold.dir = await mkdtemp(join(tmpdir(), 'mesh-rpc-tls-'));
     hold.model = join(hold.dir, 'm.gguf');
     await generateLlamaGguf(hold.model, {
