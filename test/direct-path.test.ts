@@ -2,8 +2,8 @@
 // connection, for that peer and kind, while the tunnel policy still allows it; nothing else reaches the
 // target (it counts every connection it gets).
 import { createHmac, randomBytes } from 'node:crypto';
-import { connect, createServer, type Server, type Socket } from 'node:net';
-import { connect as tlsConnect, createServer as createTlsServer } from 'node:tls';
+import { connect, createServer, type Socket } from 'node:net';
+import { createServer as createTlsServer } from 'node:tls';
 import { pino } from 'pino';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { EndpointId } from '../src/machines/mesh-types.ts';
@@ -19,23 +19,12 @@ import {
   type DirectAnswer,
 } from '../src/io/transport/direct-path.ts';
 import type { TunnelPolicy } from '../src/io/transport/tunnel.ts';
+import { countingEcho, tlsAttempt } from './support/direct-support.ts';
 
 const HOST = 'h'.repeat(64) as EndpointId;
 const MEMBER = 'm'.repeat(64) as EndpointId;
 const log = pino({ level: 'silent' });
 
-/** A local target that echoes and counts the connections it gets. */
-async function echoTarget(): Promise<{ server: Server; port: number; connections: () => number }> {
-  let n = 0;
-  const server = createServer((s) => {
-    n++;
-    s.on('error', () => {});
-    s.pipe(s);
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const addr = server.address();
-  return { server, port: typeof addr === 'object' && addr ? addr.port : 0, connections: () => n };
-}
 
 const cleanups: (() => Promise<void> | void)[] = [];
 afterEach(async () => {
@@ -43,8 +32,8 @@ afterEach(async () => {
 });
 
 async function setup(policy: (peer: EndpointId, kind: 'rpc' | 'http', planId: string | null) => ReturnType<TunnelPolicy>) {
-  const target = await echoTarget();
-  cleanups.push(() => new Promise<void>((r) => target.server.close(() => r())));
+  const target = await countingEcho();
+  cleanups.push(() => new Promise<void>((r) => void target.close().then(r)));
   const allow: TunnelPolicy = (peer, kind, planId) => policy(peer, kind, planId) ?? { host: '127.0.0.1', port: target.port };
   const server = new DirectPathServer({ host: '127.0.0.1', port: 0, ticketTtlMs: 2_000 }, { allow, advertise: () => ['127.0.0.1'], log });
   await server.start();
@@ -74,29 +63,6 @@ async function echoOnce(socket: Socket, bytes: number): Promise<Buffer> {
   return back;
 }
 
-/** Resolves with the outcome of a raw TLS attempt with this identity and key, and whether it carried bytes. */
-function tryTls(port: number, identity: string, key: Buffer): Promise<'connected' | 'refused'> {
-  return new Promise((resolve) => {
-    const s = tlsConnect({
-      host: '127.0.0.1',
-      port,
-      ciphers: 'TLS_AES_128_GCM_SHA256',
-      minVersion: 'TLSv1.3',
-      maxVersion: 'TLSv1.3',
-      checkServerIdentity: () => undefined,
-      pskCallback: () => ({ psk: key, identity }),
-    });
-    s.once('secureConnect', () => {
-      s.write('hello');
-      s.once('data', () => {
-        s.destroy();
-        resolve('connected');
-      });
-      s.once('close', () => resolve('refused'));
-    });
-    s.once('error', () => resolve('refused'));
-  });
-}
 
 describe('direct data path', () => {
   it('offers and answers round-trip their encodings; garbage is a typed error', () => {
@@ -152,16 +118,16 @@ describe('direct data path', () => {
     const port = server.port;
     const good = newTicket();
     server.offer(HOST, 'rpc', good);
-    expect(await tryTls(port, good.id, randomBytes(32))).toBe('refused'); // wrong key (and the ticket is spent)
-    expect(await tryTls(port, newTicket().id, randomBytes(32))).toBe('refused'); // a stranger's identity
+    expect(await tlsAttempt(port, good.id, randomBytes(32))).toBe('refused'); // wrong key (and the ticket is spent)
+    expect(await tlsAttempt(port, newTicket().id, randomBytes(32))).toBe('refused'); // a stranger's identity
     const spent = newTicket();
     server.offer(HOST, 'rpc', spent, null, Date.now() - 10_000); // expired at once
-    expect(await tryTls(port, spent.id, spent.key)).toBe('refused');
+    expect(await tlsAttempt(port, spent.id, spent.key)).toBe('refused');
 
     const late = newTicket();
     server.offer(HOST, 'rpc', late);
     hostAllowed = false; // the hand-off happened between the offer and the dial
-    expect(await tryTls(port, late.id, late.key)).toBe('refused');
+    expect(await tlsAttempt(port, late.id, late.key)).toBe('refused');
     expect(target.connections()).toBe(0);
     void addrs;
   });
@@ -175,7 +141,7 @@ describe('direct data path', () => {
     const fresh = newTicket();
     served = 'plan-2'; // the worker moved on between the offer and the dial (without a hand-off to void keys)
     expect(server.offer(HOST, 'rpc', fresh, 'plan-2')).toHaveProperty('addrs');
-    expect(await tryTls(server.port, old.id, old.key)).toBe('refused');
+    expect(await tlsAttempt(server.port, old.id, old.key)).toBe('refused');
     const socket = await dialDirect(addrs, fresh, 2_000);
     cleanups.push(() => void socket.destroy());
     await echoOnce(socket, 1024);
@@ -187,8 +153,8 @@ describe('direct data path', () => {
     const derived = (a: string, b: string) => createHmac('sha256', meshSecret).update(`${a}|${b}`).digest();
     const WORKER = 'w'.repeat(64);
     // A deliberately weak listener: keys derived from the mesh secret over both ids.
-    const target = await echoTarget();
-    cleanups.push(() => new Promise<void>((r) => target.server.close(() => r())));
+    const target = await countingEcho();
+    cleanups.push(() => new Promise<void>((r) => void target.close().then(r)));
     const weak = createTlsServer(
       {
         ciphers: 'TLS_AES_128_GCM_SHA256',
@@ -204,13 +170,13 @@ describe('direct data path', () => {
     cleanups.push(() => new Promise<void>((r) => weak.close(() => r())));
     const weakPort = (weak.address() as { port: number }).port;
     // The member knows the secret and both ids, so it computes the host's key:
-    expect(await tryTls(weakPort, HOST, derived(HOST, WORKER))).toBe('connected');
+    expect(await tlsAttempt(weakPort, HOST, derived(HOST, WORKER))).toBe('answered');
 
     // Ours: the host's real ticket went to the worker over the host's own iroh connection; the member never saw it.
     const { server } = await setup(onlyHostRpc);
     server.offer(HOST, 'rpc', newTicket());
-    expect(await tryTls(server.port, HOST, derived(HOST, WORKER))).toBe('refused');
-    expect(await tryTls(server.port, HOST, meshSecret)).toBe('refused');
+    expect(await tlsAttempt(server.port, HOST, derived(HOST, WORKER))).toBe('refused');
+    expect(await tlsAttempt(server.port, HOST, meshSecret)).toBe('refused');
   });
 
   it('the hand-off closes the peer\'s live connections and voids its keys', async () => {
@@ -224,7 +190,7 @@ describe('direct data path', () => {
     const closed = new Promise<void>((r) => socket.once('close', () => r()));
     expect(server.closeFrom(HOST)).toBe(1);
     await closed;
-    expect(await tryTls(server.port, unused.id, unused.key)).toBe('refused');
+    expect(await tlsAttempt(server.port, unused.id, unused.key)).toBe('refused');
   });
 
   it('bounds the keys a peer may hold', async () => {

@@ -5,15 +5,17 @@
 // member that holds the mesh secret and claims the host's id get nothing from a worker's data port.
 import { createHmac, randomBytes } from 'node:crypto';
 import { createServer, connect as tcpConnect, type Server, type Socket } from 'node:net';
-import { connect as tlsConnect } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeInviteToken } from '../src/io/wire/invite-token.ts';
 import { findLlamaBinaries } from '../src/io/llama/llama-binaries.ts';
 import type { NodeStatus } from '../src/node.ts';
+import { tlsAttempt } from './support/direct-support.ts';
 import { e2eBinDir, greedyTokens, hostServesPlan, llamaChildren, makeE2eMesh, servesPlan, soloReferenceTokens, type E2eMesh, type E2eNode } from './e2e-support.ts';
 
 const PROMPT = 'Across the mesh the hidden states travel, and every token';
 const N_TOKENS = 32;
+/** An RPC HELLO (cmd 14, empty payload): what a client would send a worker's rpc-server first. */
+const RPC_HELLO = Buffer.from([14, 0, 0, 0, 0, 0, 0, 0, 0]);
 
 type Conn = NodeStatus['tunnels']['connections'][number];
 const rpcConns = (s: NodeStatus, side: Conn['side']) => s.tunnels.connections.filter((c) => c.kind === 'rpc' && c.side === side);
@@ -51,29 +53,6 @@ async function freeTcpPort(): Promise<number> {
   return port;
 }
 
-/** A raw TLS attempt at a data port: 'refused' unless the handshake completes and bytes come back. */
-function knock(port: number, identity: string, key: Buffer): Promise<'refused' | 'answered'> {
-  return new Promise((resolve) => {
-    const s = tlsConnect({
-      host: '127.0.0.1',
-      port,
-      ciphers: 'TLS_AES_128_GCM_SHA256',
-      minVersion: 'TLSv1.3',
-      maxVersion: 'TLSv1.3',
-      checkServerIdentity: () => undefined,
-      pskCallback: () => ({ psk: key, identity }),
-    });
-    const done = (r: 'refused' | 'answered') => {
-      s.destroy();
-      resolve(r);
-    };
-    s.once('secureConnect', () => s.write(Buffer.from([14, 0, 0, 0, 0, 0, 0, 0, 0]))); // an RPC HELLO
-    s.once('data', () => done('answered'));
-    s.once('error', () => done('refused'));
-    s.once('close', () => done('refused'));
-    setTimeout(() => done('refused'), 5_000);
-  });
-}
 
 describe('e2e: the direct data path', { timeout: 300_000 }, () => {
   let mesh: E2eMesh;
@@ -121,9 +100,9 @@ describe('e2e: the direct data path', { timeout: 300_000 }, () => {
     const before = rpcConns(ws, 'accepted').length;
     const secret = decodeInviteToken(host.token).secret;
     const secretKey = createHmac('sha256', Buffer.from(secret)).update(`${host.id}|${worker.id}`).digest();
-    expect(await knock(port, randomBytes(16).toString('hex'), randomBytes(32))).toBe('refused'); // a stranger
-    expect(await knock(port, host.id, secretKey)).toBe('refused'); // a member with the secret, posing as the host
-    expect(await knock(port, host.id, Buffer.from(secret))).toBe('refused');
+    expect(await tlsAttempt(port, randomBytes(16).toString('hex'), randomBytes(32), RPC_HELLO)).toBe('refused'); // a stranger
+    expect(await tlsAttempt(port, host.id, secretKey, RPC_HELLO)).toBe('refused'); // a member with the secret, posing as the host
+    expect(await tlsAttempt(port, host.id, Buffer.from(secret), RPC_HELLO)).toBe('refused');
     const plain = await new Promise<string>((resolve) => {
       const s = tcpConnect({ host: '127.0.0.1', port }, () => s.write('GET / HTTP/1.1\r\n\r\n'));
       s.on('data', () => resolve('answered'));

@@ -2,7 +2,7 @@
 // stream), falls back to QUIC when the peer has no data port or cannot be reached, tries again on the next
 // connection, and the hand-off closes direct connections too. Real TLS on loopback; the mesh connection is
 // the in-memory transport, then real iroh endpoints.
-import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { createConnection, type Socket } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { pino } from 'pino';
 import type { EndpointId } from '../src/machines/mesh-types.ts';
@@ -12,6 +12,7 @@ import { ephemeralSecretKey } from '../src/io/host/secret-key.ts';
 import { DirectPathServer } from '../src/io/transport/direct-path.ts';
 import { TunnelService, type TunnelPolicy } from '../src/io/transport/tunnel.ts';
 import type { MeshEndpoint } from '../src/io/transport/transport.ts';
+import { countingEcho, type CountingEcho } from './support/direct-support.ts';
 
 const log = pino({ level: 'silent' });
 const cleanups: (() => Promise<unknown> | unknown)[] = [];
@@ -19,17 +20,6 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-async function echoServer(): Promise<{ server: Server; port: number; connections: () => number }> {
-  let n = 0;
-  const server = createServer((s) => {
-    n++;
-    s.on('error', () => {});
-    s.pipe(s);
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  cleanups.push(() => new Promise<void>((r) => server.close(() => r())));
-  return { server, port: (server.address() as { port: number }).port, connections: () => n };
-}
 
 function connect(port: number): Promise<Socket> {
   return new Promise((resolve, reject) => {
@@ -59,7 +49,7 @@ interface Pair {
   opener: TunnelService;
   acceptor: TunnelService;
   data: DirectPathServer | null;
-  target: Awaited<ReturnType<typeof echoServer>>;
+  target: CountingEcho;
   a: MeshEndpoint;
   b: MeshEndpoint;
 }
@@ -69,7 +59,8 @@ async function pair(make: () => Promise<MeshEndpoint>, opts: { dataPort: boolean
   const a = await make();
   const b = await make();
   cleanups.push(() => a.close(), () => b.close());
-  const target = await echoServer();
+  const target = await countingEcho();
+  cleanups.push(() => target.close());
   const allow: TunnelPolicy = (peer, kind) => (peer === a.id && kind === 'rpc' ? { host: '127.0.0.1', port: target.port } : { refuse: 'not you' });
   let data: DirectPathServer | null = null;
   if (opts.dataPort) {
@@ -117,8 +108,8 @@ for (const backend of backends) {
     });
 
     it('an unreachable data port costs at most the bound, then QUIC serves; the next connection tries direct again', async () => {
-      const closed = await echoServer();
-      await new Promise<void>((r) => closed.server.close(() => r()));
+      const closed = await countingEcho();
+      await closed.close();
       // The acceptor advertises an address where nothing listens.
       const p = await pair(backend.make, { dataPort: true, advertise: ['127.0.0.2'] });
       const l = await p.opener.listen(p.b.id as EndpointId, 'rpc');

@@ -2,7 +2,7 @@
 // the `direct` offer on the data path, and the tickets llama-server dials with itself), and a worker admits
 // it only for the plan of its rpcTunnelPolicy, with a logged reason otherwise. Two real NodeTunnels (the
 // product's policy, tunnelDecision), over the in-memory and the iroh transport, QUIC only and direct.
-import { createConnection, createServer, type Socket } from 'node:net';
+import { createConnection, type Socket } from 'node:net';
 import { pino } from 'pino';
 import { afterEach, describe, expect, it } from 'vitest';
 import { NodeTunnels } from '../src/actors/tunnels.actor.ts';
@@ -13,6 +13,7 @@ import type { MeshEndpoint } from '../src/io/transport/transport.ts';
 import type { EndpointId } from '../src/machines/mesh-types.ts';
 import type { NodeContext } from '../src/machines/node-context.ts';
 import { within } from './transport-contract.ts';
+import { countingEcho } from './support/direct-support.ts';
 
 const cleanups: (() => Promise<unknown> | unknown)[] = [];
 afterEach(async () => {
@@ -29,18 +30,6 @@ async function until(ok: () => boolean): Promise<void> {
   while (!ok()) await new Promise((r) => setTimeout(r, 10));
 }
 
-/** An echo server standing in for the worker's rpc-server; counts its connections. */
-async function rpcServer(): Promise<{ port: number; connections: () => number }> {
-  let n = 0;
-  const server = createServer((s) => {
-    n++;
-    s.on('error', () => {});
-    s.pipe(s);
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  cleanups.push(() => new Promise<void>((r) => server.close(() => r())));
-  return { port: (server.address() as { port: number }).port, connections: () => n };
-}
 
 /** Connects to "127.0.0.1:PORT"; resolves with what happened to a 4 KiB echo: `echoed`, or `closed` with nothing back. */
 async function tryEcho(address: string): Promise<'echoed' | 'closed'> {
@@ -76,7 +65,8 @@ async function meshOfTwo(make: () => Promise<MeshEndpoint>, dataPath: 'quic' | '
   cleanups.push(() => host.close(), () => worker.close());
   await host.listenData();
   await worker.listenData();
-  const target = await rpcServer();
+  const target = await countingEcho(); // stands in for the worker's rpc-server
+  cleanups.push(() => target.close());
   worker.follow(workerContext(workerEp.id as EndpointId, hostEp.id as EndpointId, 'plan-B', target.port));
   await hostEp.dial(workerEp.id, workerEp.addrs());
   const refusals = (msg: string) => logs.filter((l) => l['msg'] === msg).map((l) => String(l['reason']));
