@@ -7,14 +7,12 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeExpiringInvite } from '../src/io/wire/invite-token.ts';
-import { makeE2eModel, startE2eNode, type E2eModel, type E2eNode } from './e2e-support.ts';
+import { makeE2eMesh, type E2eMesh, type E2eNode, type MeshNodeOptions } from './e2e-support.ts';
 
 const BIN = fileURLToPath(new URL('../bin/mesh-inference.js', import.meta.url));
 const run = promisify(execFile);
@@ -40,23 +38,17 @@ async function until(pred: () => boolean, ms: number, what: string, tail: () => 
 }
 
 describe('e2e: expiring invites', { timeout: 240_000 }, () => {
+  // Key files, and so mesh files, live in the mesh's model dir.
+  let mesh: E2eMesh;
   let dir: string;
-  let model: E2eModel;
-  const nodes: E2eNode[] = [];
-  const start = async (o: Parameters<typeof startE2eNode>[0]) => {
-    const n = await startE2eNode(o);
-    nodes.push(n);
-    return n;
-  };
+  const start = (o: MeshNodeOptions) => mesh.start(o);
 
   beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'mesh-invite-'));
-    model = await makeE2eModel();
+    mesh = await makeE2eMesh();
+    dir = mesh.model.dir;
   });
   afterAll(async () => {
-    await Promise.all(nodes.map((n) => n.stop().catch(() => {})));
-    await model?.remove();
-    await rm(dir, { recursive: true, force: true });
+    await mesh?.cleanup();
   });
 
   const sees = (n: E2eNode, id: string) => n.waitStatus((s) => s.view.some((v) => v.id === id) && s.links.includes(id as never), 60_000, `a link to ${id.slice(0, 10)}`);
@@ -76,7 +68,7 @@ describe('e2e: expiring invites', { timeout: 240_000 }, () => {
   });
 
   it('B joins with an mi2 before it expires and gets the secret; C after is refused; B restarts into the mesh', async () => {
-    const a = await start({ name: 'a', model, vram: 2, dir });
+    const a = await start({ name: 'a', vram: 2 });
     const meshId = (await a.status()).node.meshId;
     expect(meshFile('a').selfAddrs?.length).toBeGreaterThan(0);
 
@@ -92,7 +84,7 @@ describe('e2e: expiring invites', { timeout: 240_000 }, () => {
     expect(token).not.toContain(meshFile('a').secret); // (it is base64, but no secret is in it at all)
 
     // B, before the expiry: admitted, welcomed, the mesh secret saved.
-    const b = await start({ name: 'b', model: null, join: token, dir });
+    const b = await start({ name: 'b', model: null, join: token });
     expect(b.token).toBe('');
     await sees(a, b.id);
     await sees(b, a.id);
@@ -107,7 +99,7 @@ describe('e2e: expiring invites', { timeout: 240_000 }, () => {
 
     // C, after the expiry: refused, and both logs say why.
     await sleep(Math.max(0, inv.expiresAt - Date.now()) + 500);
-    const c = await start({ name: 'c', model: null, join: token, dir });
+    const c = await start({ name: 'c', model: null, join: token });
     const expired = /the invite expired at/;
     await until(() => c.lines().some((l) => /peer refused the connection/.test(l) && expired.test(l)), 30_000, 'refusal in c\'s log', () => c.lines().slice(-20).join('\n'));
     await until(() => a.lines().some((l) => /refusing peer/.test(l) && expired.test(l)), 30_000, 'refusal in a\'s log', () => a.lines().slice(-20).join('\n'));
@@ -119,7 +111,7 @@ describe('e2e: expiring invites', { timeout: 240_000 }, () => {
     // B restarted with the same command line (the token has expired): its mesh file brings it back.
     await b.stop();
     const aBefore = a.lines().length;
-    const b2 = await start({ name: 'b', model: null, join: token, dir });
+    const b2 = await start({ name: 'b', model: null, join: token });
     expect(b2.id).toBe(b.id);
     expect(b2.token).toMatch(/^mi1/); // it holds the secret from the start now
     await sees(b2, a.id);

@@ -2,41 +2,33 @@
 // with the same command line rejoins its mesh (same id, no "wrong mesh secret" anywhere), its mesh file is
 // 0600 and names the peers; `--new-mesh` makes a fresh mesh; a `--join` for another mesh switches and says so.
 import { readFileSync, statSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeInviteToken } from '../src/io/wire/invite-token.ts';
-import { makeE2eModel, startE2eNode, type E2eModel, type E2eNode } from './e2e-support.ts';
+import { makeE2eMesh, type E2eMesh, type E2eNode, type MeshNodeOptions } from './e2e-support.ts';
 
 describe('e2e: the founder restarts and its mesh stays one', { timeout: 240_000 }, () => {
+  // Key files, and so mesh files, live in the mesh's model dir.
+  let mesh: E2eMesh;
   let dir: string;
-  let model: E2eModel;
-  const nodes: E2eNode[] = [];
-  const start = async (o: Parameters<typeof startE2eNode>[0]) => {
-    const n = await startE2eNode(o);
-    nodes.push(n);
-    return n;
-  };
+  const start = (o: MeshNodeOptions) => mesh.start(o);
 
   beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'mesh-memory-'));
-    model = await makeE2eModel();
+    mesh = await makeE2eMesh();
+    dir = mesh.model.dir;
   });
   afterAll(async () => {
-    await Promise.all(nodes.map((n) => n.stop().catch(() => {})));
-    await model?.remove();
-    await rm(dir, { recursive: true, force: true });
+    await mesh?.cleanup();
   });
 
   const sees = (n: E2eNode, id: string) => n.waitStatus((s) => s.view.some((v) => v.id === id) && s.links.includes(id as never), 60_000, `a link to ${id.slice(0, 10)}`);
 
   it('rejoins after a restart, --new-mesh starts afresh, another mesh\'s --join switches', async () => {
-    const founderArgs = { name: 'a', model, vram: 2, dir } as const;
+    const founderArgs = { name: 'a', vram: 2 } as const;
     const a1 = await start(founderArgs);
     const meshId = (await a1.status()).node.meshId;
     expect(decodeInviteToken(a1.token).meshId).toBe(meshId);
-    const b = await start({ name: 'b', model: null, join: a1.token, dir });
+    const b = await start({ name: 'b', model: null, join: a1.token });
     await sees(a1, b.id);
     await sees(b, a1.id);
 
@@ -68,7 +60,7 @@ describe('e2e: the founder restarts and its mesh stays one', { timeout: 240_000 
 
     // B, restarted with a token of A's new mesh, switches from the mesh it remembers and says so.
     await b.stop();
-    const b2 = await start({ name: 'b', model: null, join: a3.token, dir });
+    const b2 = await start({ name: 'b', model: null, join: a3.token });
     expect((await b2.status()).node.meshId).toBe(fresh);
     expect(b2.lines().join('\n')).toMatch(new RegExp(`switching mesh: the --join token is for mesh ${fresh.slice(0, 8)}; leaving the remembered mesh ${meshId.slice(0, 8)}`));
     await sees(b2, a3.id);
