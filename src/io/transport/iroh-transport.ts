@@ -31,6 +31,7 @@ import {
   type RawEndpoint,
   type RawStream,
   Queue,
+  type ConnectionPath,
 } from './transport.ts';
 
 const ALPN_BYTES: number[] = [...new TextEncoder().encode(MESH_ALPN)];
@@ -243,6 +244,14 @@ class IrohRawConnection implements RawConnection {
       return selected !== undefined && selected.isIp && !selected.isRelay;
     } catch {
       return false;
+    }
+  }
+
+  paths(): ConnectionPath[] {
+    try {
+      return this.conn.paths().map((p) => ({ remoteAddr: p.remoteAddr, selected: p.isSelected, relay: p.isRelay, rttMs: p.rttMs }));
+    } catch {
+      return [];
     }
   }
 }

@@ -21,6 +21,7 @@ import {
   type RawStream,
   type StreamHandler,
   type StreamKind,
+  type ConnectionPath,
 } from './transport.ts';
 
 /**
@@ -158,6 +159,10 @@ export class ConnectionImpl implements MeshConnection {
 
   isDirect(): boolean {
     return this.raw.isDirect();
+  }
+
+  paths(): ConnectionPath[] {
+    return this.raw.paths?.() ?? [];
   }
 
   expose(): void {

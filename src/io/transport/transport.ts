@@ -139,6 +139,8 @@ export interface MeshConnection {
    * inference: a lite client at most, never a worker.
    */
   isDirect(): boolean;
+  /** The paths QUIC knows to the peer right now, the selected one flagged; [] where the backend has none. */
+  paths(): ConnectionPath[];
   /** Opens a bi stream and sends its kind byte; the peer's handler for that kind receives it. */
   openStream(kind: StreamKind): Promise<MeshStream>;
   /** Graceful close with a reason the peer sees (the tail of unflushed writes can be lost, as in QUIC). */
@@ -201,6 +203,16 @@ export interface RawStream {
   reset(code: number): void;
 }
 
+/** One network path of a connection, as QUIC sees it (the WAN lab checks that peers cross its relays). */
+export interface ConnectionPath {
+  /** "ip:port" of the peer on this path, or the relay's URL. */
+  readonly remoteAddr: string;
+  readonly selected: boolean;
+  readonly relay: boolean;
+  /** QUIC's round-trip estimate, whole milliseconds. */
+  readonly rttMs: number;
+}
+
 export interface RawConnection {
   readonly remoteId: EndpointId;
   openBi(): Promise<RawStream>;
@@ -209,6 +221,8 @@ export interface RawConnection {
   close(code: number, reason: string): void;
   readonly closed: Promise<CloseInfo>;
   isDirect(): boolean;
+  /** Polled like isDirect(); a backend without paths leaves it out. */
+  paths?(): ConnectionPath[];
   /**
    * Where an incoming connection came from, as the key of the per-address handshake bound: the remote IP
    * (no port), or null when there is none of its own (through a relay): then only the total bound applies.
