@@ -64,6 +64,10 @@ export interface NodeOptions {
   readonly env?: Readonly<Record<string, string>>;
   /** Key files live here (a fresh identity per node). */
   readonly dir: string;
+  /** A command that runs the node, e.g. `ip netns exec NS` (the WAN lab, test/support/wan-lab.ts). */
+  readonly exec?: readonly string[];
+  /** Reach the API at this host instead of the one the node prints (a node in a namespace, --listen-all). */
+  readonly apiHost?: string;
 }
 
 export interface E2eNode {
@@ -104,10 +108,11 @@ export async function startE2eNode(o: NodeOptions): Promise<E2eNode> {
   const all: string[] = [];
   let token: string | null = null;
   let api: string | null = null;
+  const [file, ...before] = o.exec && o.exec.length > 0 ? [...o.exec, process.execPath] : [process.execPath];
   const proc = spawnManaged({
     name: o.name,
-    file: process.execPath,
-    args,
+    file: file!,
+    args: [...before, ...args],
     env: {
       MESH_LLAMA_BIN_DIR: e2eBinDir(),
       MESH_INFERENCE_BIND_HOST: '127.0.0.1',
@@ -136,7 +141,7 @@ export async function startE2eNode(o: NodeOptions): Promise<E2eNode> {
     }
     await sleep(50);
   }
-  const apiUrl: string = api;
+  const apiUrl: string = o.apiHost === undefined ? api : (api as string).replace(/^http:\/\/[^/]+:(\d+)/, `http://${o.apiHost}:$1`);
   const status = async (): Promise<NodeStatus> => {
     const res = await fetch(`${apiUrl}/api/status`, { signal: AbortSignal.timeout(5_000) });
     return (await res.json()) as NodeStatus;

@@ -8,6 +8,8 @@
 //           (view: how many announcements the node's gossip view holds)
 //   stderr: pino JSON lines
 //   stdin:  {"cmd":"stop","reason":"..."} (graceful: leaving to every peer) | {"cmd":"exit"}
+//           | {"cmd":"paths"}: prints {"ev":"paths","paths":{peerId: [{remoteAddr,selected,relay,rttMs}]}} (the WAN lab)
+//   config: bindHost (default 127.0.0.1; the WAN lab binds 0.0.0.0 in a namespace), bindPort
 import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import { pino, type LevelWithSilent } from 'pino';
@@ -23,6 +25,8 @@ interface Config {
   name?: string;
   token?: string;
   logLevel?: LevelWithSilent;
+  bindHost?: string;
+  bindPort?: number;
 }
 
 const config = JSON.parse(process.argv[2] ?? '{}') as Config;
@@ -51,8 +55,8 @@ const node = buildNode(
     name: config.name ?? 'node',
     role: 'auto',
     joins: invite ? [invite] : [],
-    bindHost: '127.0.0.1',
-    bindPort: null,
+    bindHost: config.bindHost ?? '127.0.0.1',
+    bindPort: config.bindPort ?? null,
     dataPort: null,
     dataPath: 'quic',
     stun: [],
@@ -105,6 +109,7 @@ createInterface({ input: process.stdin })
     try {
       const msg = JSON.parse(line) as { cmd: string; reason?: string };
       if (msg.cmd === 'stop' || msg.cmd === 'exit') void exit(msg.reason ?? 'harness exit');
+      if (msg.cmd === 'paths') out({ ev: 'paths', paths: Object.fromEntries(endpoint.connections().map((c) => [c.remoteId, c.paths()])) });
     } catch {
       logger.error({ line }, 'harness: not JSON');
     }

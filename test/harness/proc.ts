@@ -16,9 +16,12 @@ export class HarnessProc {
   readonly child: ChildProcess;
   exit: { code: number | null; signal: NodeJS.Signals | null } | null = null;
 
-  constructor(script: string, config: unknown) {
+  /** `prefix`: a command that runs the harness, e.g. `ip netns exec NS` (the WAN lab). */
+  constructor(script: string, config: unknown, prefix: readonly string[] = []) {
     const path = fileURLToPath(new URL(script, import.meta.url));
-    this.child = spawn(process.execPath, ['--import', 'tsx', path, JSON.stringify(config)], { stdio: ['pipe', 'pipe', 'pipe'] });
+    const args = ['--import', 'tsx', path, JSON.stringify(config)];
+    const [file, ...before] = prefix.length > 0 ? [...prefix, process.execPath] : [process.execPath];
+    this.child = spawn(file!, [...before, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
     splitLines(this.child.stdout!, (l) => {
       try {
         this.lines.push(JSON.parse(l) as Record<string, unknown>);
