@@ -3,6 +3,7 @@
 // cleanly on SIGINT / SIGTERM (children included: none is left behind, however the node ends).
 import { parseCliArgsOrExit } from './io/host/cli-args.ts';
 import { makeInviteFromFiles } from './io/host/invite-command.ts';
+import { rotateThroughApi, type RotateOutcome } from './io/host/rotate-command.ts';
 import { formatBytes } from './io/host/vram.ts';
 import { killAllSync } from './io/llama/processes.ts';
 import { startNode, type NodeHandle } from './node.ts';
@@ -33,6 +34,21 @@ async function main(): Promise<void> {
       process.exit(0);
     } catch (err) {
       process.stderr.write(`mesh-inference invite: ${(err as Error).message.split('\n')[0]}\n`);
+      process.exit(1);
+    }
+  }
+  if (parsed.kind === 'rotate') {
+    try {
+      const done = await rotateThroughApi(parsed);
+      const names = (list: RotateOutcome['told']) => list.map((m) => `${m.name} (${m.id.slice(0, 10)})`).join(', ');
+      process.stdout.write(
+        `mesh ${done.meshId.slice(0, 8)}: secret rotated to key epoch ${done.keyEpoch}; sent to ${done.told.length} member(s)${done.told.length > 0 ? `: ${names(done.told)}` : ''}\n` +
+          (done.removed.length > 0 ? `removed: ${names(done.removed)} (every member refuses them from now on)\n` : '') +
+          `invites and tokens made before no longer admit anyone; a member offline now needs a new invite: mesh-inference invite${done.meshFile === null ? '' : ` (the new secret is in ${done.meshFile})`}\n`,
+      );
+      process.exit(0);
+    } catch (err) {
+      process.stderr.write(`mesh-inference rotate: ${(err as Error).message.split('\n')[0]}\n`);
       process.exit(1);
     }
   }

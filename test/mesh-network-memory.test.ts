@@ -264,7 +264,7 @@ describe('mesh network over the memory transport', () => {
     );
     // Every attacker session the node heard of has ended, each exactly once.
     await until(() => (target.net.peers().length === 1 ? true : undefined), 3_000, 'attackers gone');
-    const others = target.events.filter((e) => ('id' in e ? e.id : e.from) !== friend.id);
+    const others = target.events.filter((e) => ('id' in e ? e.id : 'from' in e ? e.from : null) !== friend.id);
     const up = others.filter((e) => e.type === 'net.peer.connected').length;
     const down = others.filter((e) => e.type === 'net.peer.disconnected').length;
     expect(up).toBe(down);

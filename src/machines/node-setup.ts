@@ -1,7 +1,7 @@
 // The node machine's named parts (events, delays, actor slots, guards, actions); node.machine.ts wires them into states.
 import { assign, enqueueActions, raise, setup, type ActorRefFrom, type AnyActorRef } from 'xstate';
 import { electionMachine, SETTLE_MS, type ElectionEvent, type ElectionPlannedEvent } from './election.machine.ts';
-import { acceptGossip, expireStale, mutuallyConnected, sameFacts } from './gossip.ts';
+import { acceptGossip, expireStale, forget, mutuallyConnected, sameFacts } from './gossip.ts';
 import { llamaServerMachine, type LlamaServerCommand, type LlamaServerNotice } from './llama-server.machine.ts';
 import type { EndpointId, Plan } from './mesh-types.ts';
 import {
@@ -99,6 +99,28 @@ export const nodeSetup = setup({
         if (b.id === context.self.id || context.peers[b.id] !== undefined) continue;
         enqueue.assign(spawnPeer({ id: b.id, addrs: b.addrs, inbound: false }));
       }
+    }),
+    // Members removed by a rotation of the mesh secret: no link, no peer machine, not in the view (the network
+    // refuses them and drops gossip about them from now on), so the next election plans without them.
+    removeMembers: enqueueActions(({ context, enqueue }, params: { ids: readonly EndpointId[] }) => {
+      const ids = params.ids.filter((id) => id !== context.self.id && (context.peers[id] !== undefined || context.view.announcements[id] !== undefined));
+      if (ids.length === 0) return;
+      const peers = { ...context.peers };
+      const direct = { ...context.direct };
+      const rpcReady = { ...context.rpcReady };
+      for (const id of ids) {
+        const ref = peers[id];
+        if (ref !== undefined) enqueue.stopChild(ref);
+        delete peers[id];
+        delete direct[id];
+        delete rpcReady[id];
+      }
+      const kept = forget(context.view, context.freshness, ids, context.tick);
+      const next: NodeContext = { ...context, peers, direct, rpcReady, links: context.links.filter((l) => !ids.includes(l)), view: kept.view, freshness: kept.freshness };
+      enqueue.assign({ peers, direct, rpcReady, links: next.links, view: next.view, freshness: next.freshness });
+      enqueue.sendTo('election', { type: 'view.pruned', ids });
+      announceSelf(enqueue, next);
+      enqueue.raise({ type: 'mesh.changed' });
     }),
     dropPeer: enqueueActions(({ context, enqueue }, params: { id: EndpointId }) => {
       const ref = context.peers[params.id];

@@ -80,6 +80,7 @@ export const nodeMachine = nodeSetup.createMachine({
       actions: { type: 'takeConnection', params: ({ event }) => ({ id: event.id, direct: event.direct }) },
     },
     'net.peer.disconnected': { actions: { type: 'forwardToPeer', params: ({ event }) => ({ id: event.id }) } },
+    'net.peers.removed': { actions: { type: 'removeMembers', params: ({ event }) => ({ ids: event.ids }) } },
     'net.message': {
       actions: [
         { type: 'forwardToPeer', params: ({ event }) => ({ id: event.from }) },

@@ -28,6 +28,28 @@ export interface WelcomeMessage {
   readonly type: 'welcome';
   readonly meshId: string;
   readonly secret: Uint8Array;
+  /** The secret's rotation count (0 before any rotation; absent = 0), so an older rekey cannot roll it back. */
+  readonly keyEpoch?: number;
+  /** Members removed from the mesh so far: the joiner refuses them too. */
+  readonly removed?: readonly EndpointId[];
+}
+
+/**
+ * A new mesh secret (src/io/wire/rekey.ts): made by one member (`issuer`, who signs it with its endpoint key),
+ * sent over the admitted, encrypted control streams to every member but the removed ones, and relayed verbatim.
+ * A member takes it only when `keyEpoch` (then `issuer`) is newer than the one it holds.
+ */
+export interface RekeyMessage {
+  readonly type: 'rekey';
+  readonly meshId: string;
+  readonly keyEpoch: number;
+  readonly secret: Uint8Array;
+  /** Every member removed so far (cumulative): refused at the hello, never dialed, their gossip dropped. */
+  readonly removed: readonly EndpointId[];
+  readonly issuer: EndpointId;
+  /** Milliseconds since the epoch, by the issuer's clock (logged; not a freshness check). */
+  readonly issuedAt: number;
+  readonly sig: Uint8Array;
 }
 
 /** The announcements the sender knows (its own first). */
@@ -65,7 +87,8 @@ export type MeshMessage =
   | HeartbeatAckMessage
   | LeavingMessage
   | RpcReadyMessage
-  | WelcomeMessage;
+  | WelcomeMessage
+  | RekeyMessage;
 
 export type MeshMessageType = MeshMessage['type'];
 
@@ -76,7 +99,9 @@ export type MeshMessageType = MeshMessage['type'];
 export type NetworkEvent =
   | { readonly type: 'net.peer.connected'; readonly id: EndpointId; readonly direct: boolean }
   | { readonly type: 'net.peer.disconnected'; readonly id: EndpointId; readonly reason: string }
-  | { readonly type: 'net.message'; readonly from: EndpointId; readonly message: MeshMessage };
+  | { readonly type: 'net.message'; readonly from: EndpointId; readonly message: MeshMessage }
+  /** Members removed by a rotation of the mesh secret: the node forgets them; the network refuses them from now on. */
+  | { readonly type: 'net.peers.removed'; readonly ids: readonly EndpointId[] };
 
 export type NetworkCommand =
   | { readonly type: 'net.dial'; readonly id: EndpointId; readonly addrs: readonly string[] }

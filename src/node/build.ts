@@ -11,11 +11,12 @@ import { createMeshNetworkLogic } from '../actors/mesh-network.actor.ts';
 import { NodeTunnels } from '../actors/tunnels.actor.ts';
 import type { CliOptions } from '../io/host/cli-args.ts';
 import { componentLogger, type Logger } from '../io/host/logger.ts';
-import { chooseMesh, mergePeers, MeshMemoryWriter, type MeshChoice, type RememberedMesh, type RememberedPeer } from '../io/host/mesh-memory.ts';
+import { chooseMesh, type MeshChoice, type RememberedMesh } from '../io/host/mesh-memory.ts';
 import type { StunInit, StunResult } from '../io/host/stun.ts';
 import type { VramInfo } from '../io/host/vram.ts';
 import { allowedHostNames } from '../io/http/api-access.ts';
 import { buildApiServer } from '../io/http/api-server.ts';
+import { MeshNetwork } from '../io/mesh/mesh-network.ts';
 import { stopAll } from '../io/llama/processes.ts';
 import type { IrohMeshEndpoint, IrohTransportComponents, IrohTransportInit } from '../io/transport/iroh-transport.ts';
 import { encodeInviteToken, inviteAddrs } from '../io/wire/invite-token.ts';
@@ -23,6 +24,7 @@ import { announcementAuthority } from '../io/wire/announcement-signature.ts';
 import { PROTOCOL_VERSION, type Announcement, type EndpointId, type ModelIdentity } from '../machines/mesh-types.ts';
 import { nodeMachine, runningRole } from '../machines/node.machine.ts';
 import { DisposalStack } from './disposal.ts';
+import { logMeshChoice, MeshKeyBox, rememberMesh, rotateMesh } from './membership.ts';
 import { nameOf, nodeStatus, type NodeStatus } from './status.ts';
 
 /** What the node is asked to be: the command line's part of it (`role` as announced), plus where the endpoint binds. */
@@ -140,7 +142,7 @@ export function buildNode(config: NodeConfig, components: NodeComponents): Built
         log.warn(`--listen-all without --api-key: anyone on the network who reaches port ${apiPort} can use this API, and through it the mesh's GPUs; set --api-key`);
       }
       startActor(stack, parts, log, () => reason, () => void stop('the node machine stopped'));
-      await rememberMesh(stack, parts, components.memory ?? null, log);
+      parts.flushMeshFile = await rememberMesh(stack, parts, components.memory ?? null, log);
       const apiUrl = `http://${config.apiHost === '0.0.0.0' ? '127.0.0.1' : config.apiHost}:${apiPort}`;
       return { id: endpoint.id, endpoint, apiPort, apiUrl, dataPort, ...parts };
     } catch (err) {
@@ -194,8 +196,10 @@ function bindEndpoint(stack: DisposalStack, config: NodeConfig, components: Node
 
 type Parts = Pick<StartedNode, 'token' | 'meshId' | 'actor' | 'api' | 'meshApi' | 'tunnels' | 'status'> & {
   readonly mesh: MeshChoice;
-  /** The secret as it is now (a welcome fills it in), and who hears when it arrives (the mesh file). */
-  readonly secret: { current: Uint8Array | null; onWelcome: () => void };
+  /** The secret as it is now (a welcome fills it in, a rotation replaces it); the mesh file follows it. */
+  readonly keys: MeshKeyBox;
+  /** Writes the mesh file now (set once it is followed; null for an ephemeral key): an admin answer waits for it. */
+  flushMeshFile: (() => Promise<void>) | null;
   /** This node's addresses as a token carries them: the mesh file keeps them for `mesh-inference invite`. */
   readonly selfAddrs: readonly string[];
 };
@@ -216,7 +220,7 @@ function assemble(
   logMeshChoice(nodeLog, mesh, components.memory ?? null);
   const tokenAddrs = inviteAddrs(endpoint.addrs().filter((a) => !/^https?:/.test(a)), publicAddr);
   const token = mesh.secret === null ? null : encodeInviteToken({ meshId, secret: mesh.secret, inviter: endpoint.id, addrs: tokenAddrs });
-  const secretBox: Parts['secret'] = { current: mesh.secret, onWelcome: () => {} };
+  const keys = new MeshKeyBox(mesh, components.memory?.remembered ?? null);
   if (mesh.secret === null) {
     for (const invite of mesh.invites) {
       if (invite.expiresAt <= Date.now()) nodeLog.warn({ expiresAt: new Date(invite.expiresAt).toISOString() }, `the --join invite expired at ${new Date(invite.expiresAt).toISOString()} (by this machine's clock); its inviter will refuse it: ask a member for a new one (mesh-inference invite)`);
@@ -229,18 +233,21 @@ function assemble(
     { endpoint, log: componentLogger(logger, 'tunnel'), advertise: () => config.dataAdvertise ?? dataAddresses(config.bindHost, endpoint.addrs(), publicAddr) },
   );
   stack.defer('tunnels', () => tunnels.close());
+  // The network's instance, for the owner's rotation (the node machine owns its lifetime, through its actor).
+  let meshNetwork: MeshNetwork | null = null;
   const network = (components.net.network ?? createMeshNetworkLogic)(
     {
       secret: mesh.secret,
+      key: mesh.key,
       meshId,
       invites: mesh.invites,
+      signingKey: components.holdings.secretKey,
       hello: { role: self.role, vramBytes: self.vramBytes, model: self.model },
-      onWelcome: (welcome) => {
-        secretBox.current = welcome.secret;
-        secretBox.onWelcome();
-      },
+      onWelcome: ({ meshId: _, ...key }) => keys.take(key, 'welcome'),
+      onRekey: ({ meshId: _, ...key }) => keys.take(key, 'rekey'),
     },
     { endpoint, logger: componentLogger(logger, 'network') },
+    (init, netComponents) => (meshNetwork = new MeshNetwork(init, netComponents)),
   );
   const { weightsOverWire, ...processes } = components.processes({
     rpcAddressFor: (peer, planId) => tunnels.rpcAddressFor(peer, planId),
@@ -256,7 +263,7 @@ function assemble(
     inspect,
   });
 
-  const status = (): NodeStatus => nodeStatus(actor, { meshId, tunnels: tunnels.stats(), rpcTraffic: tunnels.traffic(), weightsOverWire: weightsOverWire?.() });
+  const status = (): NodeStatus => nodeStatus(actor, { meshId, key: keys.current, tunnels: tunnels.stats(), rpcTraffic: tunnels.traffic(), weightsOverWire: weightsOverWire?.() });
   const api = buildApiServer({
     upstream: meshUpstreamResolver({
       node: actor as never,
@@ -267,6 +274,10 @@ function assemble(
     apiKey: config.apiKey,
     allowedHosts: allowedHostNames(config.apiHost, config.allowedHosts),
     logger: componentLogger(logger, 'api'),
+    // Only a node with a key file has an owner who can sign admin requests (src/io/wire/admin-proof.ts).
+    ...(components.memory
+      ? { admin: { owner: endpoint.id, rotate: (remove: readonly string[]) => rotateMesh({ network: meshNetwork, actor, meshId, meshFile: components.memory?.path ?? null, flush: parts.flushMeshFile }, remove) } }
+      : {}),
   });
   stack.defer('api', () => api.close());
   // The end of incoming http tunnels: the same API, marked by its listener (never by a header), whose
@@ -278,7 +289,8 @@ function assemble(
     logger: componentLogger(logger, 'api-mesh'),
   });
   stack.defer('mesh api', () => meshApi.close());
-  return { token, meshId, actor, api, meshApi, tunnels, status, mesh, secret: secretBox, selfAddrs: tokenAddrs };
+  const parts: Parts = { token, meshId, actor, api, meshApi, tunnels, status, mesh, keys, flushMeshFile: null, selfAddrs: tokenAddrs };
+  return parts;
 }
 
 /** The mesh API on a free loopback port; incoming http tunnels end there from now on. */
@@ -288,58 +300,6 @@ async function listenMeshApi(parts: Parts, log: Logger): Promise<void> {
   if (typeof addr !== 'object' || addr === null) throw new Error('the mesh API did not get a port');
   parts.tunnels.serveHttpAt({ host: '127.0.0.1', port: addr.port });
   log.debug({ port: addr.port }, 'mesh API (the end of incoming http tunnels) listening on loopback');
-}
-
-function logMeshChoice(log: Logger, mesh: MeshChoice, memory: NodeMeshMemory | null): void {
-  const id = mesh.meshId.slice(0, 8);
-  const left = mesh.left?.slice(0, 8);
-  switch (mesh.how) {
-    case 'remembered':
-      log.info({ meshId: mesh.meshId, peers: mesh.bootstrap.length, file: memory?.path }, `rejoining the remembered mesh ${id} through ${mesh.bootstrap.length} known peer(s)`);
-      return;
-    case 'switched':
-      log.warn({ meshId: mesh.meshId, left: mesh.left, file: memory?.path }, `switching mesh: the --join token is for mesh ${id}; leaving the remembered mesh ${left}`);
-      return;
-    case 'joined':
-      log.info({ meshId: mesh.meshId }, `joining mesh ${id}`);
-      return;
-    case 'new':
-      if (mesh.left !== null) log.warn({ meshId: mesh.meshId, left: mesh.left }, `--new-mesh: a fresh mesh ${id}; leaving the remembered mesh ${left}`);
-      else log.info({ meshId: mesh.meshId }, `a new mesh ${id}`);
-  }
-}
-
-/**
- * Keeps the mesh file in step: written at once (the mesh chosen, so a restart finds it even after a crash),
- * then whenever the view's peers change (debounced), and flushed on stop (before the peers are told we leave).
- */
-async function rememberMesh(stack: DisposalStack, parts: Parts, memory: NodeMeshMemory | null, log: Logger): Promise<void> {
-  if (memory === null) return;
-  const writer = new MeshMemoryWriter(memory.path, (err) => log.warn({ err: err.message }, 'the mesh file could not be written'));
-  const before = memory.remembered?.meshId === parts.mesh.meshId ? memory.remembered.peers : [];
-  const { meshId } = parts.mesh;
-  let known: readonly RememberedPeer[] = mergePeers(parts.mesh.bootstrap, before);
-  const remember = (snap: SnapshotFrom<typeof nodeMachine>): void => {
-    const c = snap.context;
-    const inView: RememberedPeer[] = Object.values(c.view.announcements)
-      .filter((a) => a.id !== c.self.id)
-      .map((a) => ({ id: a.id, addrs: a.addrs.slice(0, 8), name: a.name }));
-    known = mergePeers(inView, known, c.self.id);
-    // A joiner by expiring invite writes nothing until its welcome: never a file without the real secret.
-    const secret = parts.secret.current;
-    if (secret !== null) writer.update({ meshId, secret, peers: known, selfAddrs: parts.selfAddrs });
-  };
-  parts.secret.onWelcome = () => {
-    remember(parts.actor.getSnapshot());
-    void writer.flush().then(() => log.info({ file: memory.path }, `the mesh secret is saved in ${memory.path}: a restart rejoins mesh ${meshId.slice(0, 8)}; make invites with: mesh-inference invite`));
-  };
-  remember(parts.actor.getSnapshot());
-  await writer.flush();
-  const sub = parts.actor.subscribe({ next: remember, error: () => {} });
-  stack.defer('mesh file', async () => {
-    sub.unsubscribe();
-    await writer.flush();
-  });
 }
 
 /** The direct data path's TCP port (`--data-path auto`), on the endpoint's bind address. */

@@ -17,6 +17,9 @@ export interface NodeStatus {
     readonly model: ModelIdentity | null;
     readonly vramBytes: number;
     readonly meshId: string;
+    /** How many rotations the mesh secret has been through, and how many members are removed (the secret itself never shows). */
+    readonly keyEpoch: number | null;
+    readonly removedMembers: number;
     readonly stopReason: string | null;
   };
   readonly plan: NodeContext['running'];
@@ -65,6 +68,7 @@ export function nodeStatus(
   actor: Actor<typeof nodeMachine>,
   extra: {
     meshId: string;
+    key: { readonly keyEpoch: number; readonly removed: readonly EndpointId[] } | null;
     tunnels: TunnelsStatus;
     rpcTraffic: Record<string, RpcTrafficSnapshot>;
     weightsOverWire?: Readonly<Record<EndpointId, WeightsOverWire>>;
@@ -85,6 +89,8 @@ export function nodeStatus(
       model: c.self.model,
       vramBytes: c.self.vramBytes,
       meshId: extra.meshId,
+      keyEpoch: extra.key?.keyEpoch ?? null,
+      removedMembers: extra.key?.removed.length ?? 0,
       stopReason: c.stopReason,
     },
     plan: c.running,

@@ -69,6 +69,8 @@ export type CliParse =
   | { readonly kind: 'run'; readonly options: CliOptions }
   /** `mesh-inference invite`: print an expiring invite made from the key file and its mesh file. */
   | { readonly kind: 'invite'; readonly keyFile: string | null; readonly ttlMs: number }
+  /** `mesh-inference rotate`: ask the running node to rotate the mesh secret, removing the named members. */
+  | { readonly kind: 'rotate'; readonly keyFile: string | null; readonly port: number; readonly apiKey: string | null; readonly remove: readonly string[] }
   /** No arguments at all: the composition root runs the local demo mesh. */
   | { readonly kind: 'demo' }
   | { readonly kind: 'help'; readonly text: string }
@@ -112,6 +114,7 @@ export function parseCliArgs(argv: readonly string[], env: NodeJS.ProcessEnv = p
 function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse {
   if (argv.length === 0) return { kind: 'demo' };
   if (argv[0] === 'invite') return parseInviteCommand(argv.slice(1));
+  if (argv[0] === 'rotate') return parseRotateCommand(argv.slice(1), env);
   let values: ReturnType<typeof parseArgs<{ options: typeof OPTIONS; strict: true; allowPositionals: false }>>['values'];
   try {
     ({ values } = parseArgs({ args: withInspectValue(argv), options: OPTIONS, strict: true, allowPositionals: false }));
@@ -279,6 +282,29 @@ function parseInviteCommand(argv: readonly string[]): CliParse {
   const ttlMs = values.ttl === undefined ? 24 * 3600_000 : parseDuration('--ttl', values.ttl);
   if (ttlMs < 1_000 || ttlMs > 365 * 24 * 3600_000) throw new CliUsageError(`--ttl: an invite lives between 1s and 365d (got "${values.ttl}")`);
   return { kind: 'invite', keyFile: values['key-file'] === undefined ? null : resolve(expandHome(nonEmpty('--key-file', values['key-file']))), ttlMs };
+}
+
+/** `mesh-inference rotate [--remove ID|NAME]... [--key-file PATH] [--port N] [--api-key KEY]`. */
+function parseRotateCommand(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse {
+  let values: { remove?: string[]; 'key-file'?: string; port?: string; 'api-key'?: string; help?: boolean };
+  try {
+    ({ values } = parseArgs({
+      args: [...argv],
+      options: { remove: { type: 'string', multiple: true }, 'key-file': { type: 'string' }, port: { type: 'string' }, 'api-key': { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+      strict: true,
+      allowPositionals: false,
+    }));
+  } catch (err) {
+    throw new CliUsageError(`rotate: ${describeParseArgsError(err)} (it takes --remove ID|NAME, --key-file PATH, --port N and --api-key KEY)`);
+  }
+  if (values.help) return { kind: 'help', text: HELP_TEXT };
+  return {
+    kind: 'rotate',
+    keyFile: values['key-file'] === undefined ? null : resolve(expandHome(nonEmpty('--key-file', values['key-file']))),
+    port: values.port === undefined ? DEFAULT_API_PORT : parsePort('--port', values.port, 1),
+    apiKey: values['api-key'] ?? env[API_KEY_ENV] ?? null,
+    remove: (values.remove ?? []).map((r) => nonEmpty('--remove', r)),
+  };
 }
 
 /**

@@ -10,6 +10,7 @@ export const HELP_TEXT = `mesh-inference: pool the GPUs (or CPUs) of several mac
 
 Usage: mesh-inference [options]
        mesh-inference invite [--ttl 24h] [--key-file PATH]
+       mesh-inference rotate [--remove ID|NAME]... [--key-file PATH] [--port N]
 
   --model PATH          GGUF model file on this machine (every serving node needs its own copy)
   --join TOKEN          join the mesh of this invite token (repeatable; also $${JOIN_ENV},
@@ -47,6 +48,10 @@ Usage: mesh-inference [options]
 \`mesh-inference invite\` prints an expiring invite (mi2) for the mesh this key file's node belongs to
 (read from PATH.mesh.json; no running node needed): it carries no mesh secret, and after --ttl (default
 24h; e.g. 30m, 2h, 7d) its inviter refuses it. The node that made it must be running to admit the joiner.
+
+\`mesh-inference rotate\` asks the node running here (its API on --port, signed with its key file) to
+give the mesh a new secret, sent to every live member; --remove (repeatable: an id, an id prefix or a
+name) also closes those members out for good. Every token and invite made before stops admitting.
 
 With no arguments at all it runs a demo: a 3-node mesh on loopback with a generated model whose
 weights are random (so its answers are gibberish), serving the API on port ${DEFAULT_API_PORT}.

@@ -12,6 +12,7 @@ import { Agent } from 'node:http';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Logger } from '../host/logger.ts';
 import { requireAllowedHost, requireApiKey } from './api-access.ts';
+import { installAdminRoutes, type AdminActions } from './api-admin.ts';
 import { abandon, proxyBuffered, proxyHealth, proxyStream, replyUnavailable, resolveUpstream, type UpstreamResolver } from './api-proxy.ts';
 import { apiError, installRequestValidation, LLAMA_ROUTES, MODEL_ROUTES, validateModelRequest, type ParsedBody } from './api-request.ts';
 
@@ -35,6 +36,8 @@ export interface ApiServerInit {
   readonly allowedHosts?: ReadonlySet<string>;
   /** Also serve llama-server's /completion, /tokenize and /apply-template (the host's mesh listener). */
   readonly llamaRoutes?: boolean;
+  /** The owner's admin route (POST /api/mesh/rotate, signed by the node's key file); absent: none. */
+  readonly admin?: AdminActions;
 }
 
 /** Builds the app; the caller listens (`app.listen({ host, port })`) and closes it. */
@@ -68,6 +71,7 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
   });
 
   app.get('/api/status', async () => init.status());
+  if (init.admin !== undefined) installAdminRoutes(app, init.admin);
 
   app.get('/v1/models', async (request, reply) => {
     const up = await resolve(request, reply, '/v1/models', init.resolveTimeoutMs ?? 65_000);

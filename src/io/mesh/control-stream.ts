@@ -4,12 +4,16 @@ import { FrameDecoder } from '../wire/frame-codec.ts';
 import { firstLine, type MeshStream } from '../transport/transport.ts';
 import type { Session } from './session.ts';
 import type { Handshake } from './handshake.ts';
+import type { Rekeying } from './rekeying.ts';
+import type { Keyring } from './keyring.ts';
 import { logLeaving, type PeerTable } from './peer-table.ts';
 
 export class ControlStreams {
   constructor(
     private readonly table: PeerTable,
     private readonly handshake: Handshake,
+    private readonly rekeying: Rekeying,
+    private readonly keys: Keyring,
   ) {}
 
   /** The dialer's side: opens the session's control stream. */
@@ -98,6 +102,15 @@ export class ControlStreams {
         this.table.emit({ type: 'net.message', from: s.id, message });
         this.table.teardown(s, `left: ${message.reason}`);
         return;
+      case 'rekey':
+        this.rekeying.onRekey(s, message);
+        return;
+      case 'gossip': {
+        // Facts about removed members are dropped here: the node never learns (or dials) them again.
+        const announcements = message.announcements.filter((a) => !this.keys.isRemoved(a.id));
+        if (announcements.length > 0) this.table.emit({ type: 'net.message', from: s.id, message: { type: 'gossip', announcements } });
+        return;
+      }
       default:
         this.table.emit({ type: 'net.message', from: s.id, message });
     }

@@ -1,19 +1,23 @@
-// The hello/admission handshake of one session: our hello (by mesh secret or expiring invite), checking the peer's, admitting by invite with a welcome, and taking a welcome's secret.
+// The hello/admission handshake of one session: our hello (by mesh secret or expiring invite), checking the peer's
+// (removed members refused by id; the secret before a rotation accepted from its members for a grace), admitting
+// by invite with a welcome, and taking a welcome's secret.
 import type { EndpointId } from '../../machines/mesh-types.ts';
-import type { HelloMessage, MeshMessage, WelcomeMessage } from '../../machines/protocol.ts';
+import type { HelloMessage, MeshMessage, RekeyMessage, WelcomeMessage } from '../../machines/protocol.ts';
 import { checkHello, checkInviteHello, checkVersionAndId, makeHello, verifyHelloProof, type HelloCheck, type HelloFacts } from '../wire/mesh-auth.ts';
 import { inviteKeyMatches, type ExpiringInvite } from '../wire/invite-token.ts';
+import type { MeshKey } from '../wire/rekey.ts';
 import { firstLine, type MeshEndpoint } from '../transport/transport.ts';
 import type { Session } from './session.ts';
+import type { Keyring } from './keyring.ts';
 import { logLeaving, short, type PeerTable } from './peer-table.ts';
 
 export interface HandshakeInit {
-  /** The mesh secret; null for a joiner by expiring invites until its inviter's welcome brings it. */
-  readonly secret: Uint8Array | null;
+  /** The mesh secret as rotations change it; without one, a joiner by expiring invites waits for its welcome. */
+  readonly keys: Keyring;
   readonly meshId: string | null;
   /** Expiring invites by inviter: presented only while we hold no secret. */
   readonly invites: ReadonlyMap<EndpointId, ExpiringInvite>;
-  readonly onWelcome: (mesh: { readonly meshId: string; readonly secret: Uint8Array }) => void;
+  readonly onWelcome: (mesh: { readonly meshId: string } & MeshKey) => void;
   readonly now: () => number;
   /** What this node says about itself in its hello. */
   readonly hello: HelloFacts;
@@ -21,8 +25,7 @@ export interface HandshakeInit {
 }
 
 export class Handshake {
-  /** The mesh secret; changes once, from null, when a joiner's welcome arrives. */
-  private secret: Uint8Array | null;
+  private readonly keys: Keyring;
   private readonly meshId: string | null;
   private readonly invites: ReadonlyMap<EndpointId, ExpiringInvite>;
   private readonly onWelcome: HandshakeInit['onWelcome'];
@@ -36,7 +39,7 @@ export class Handshake {
     private readonly table: PeerTable,
     private readonly endpoint: MeshEndpoint,
   ) {
-    this.secret = init.secret;
+    this.keys = init.keys;
     this.meshId = init.meshId;
     this.invites = init.invites;
     this.onWelcome = init.onWelcome;
@@ -76,7 +79,9 @@ export class Handshake {
       this.onInviteHello(s, { ...message, invite: message.invite });
       return;
     }
-    if (this.secret === null) {
+    if (this.keys.isRemoved(s.id)) return this.table.refuse(s, this.removedCheck(s.id));
+    const secret = this.keys.secret;
+    if (secret === null) {
       // A joiner without the secret cannot check a proof of it: it trusts the inviter its invite names (the
       // QUIC handshake authenticated that id), and only once the welcome's secret proves this very hello.
       const check: HelloCheck = s.invite !== undefined ? checkVersionAndId(message, this.id, s.id, this.protocolVersion) : { ok: false, code: 'HELLO_PROOF', reason: this.noSecretReason() };
@@ -85,9 +90,37 @@ export class Handshake {
       s.log.debug('inviter answered; waiting for its welcome');
       return;
     }
-    const check = checkHello(message, this.secret, this.id, s.id, this.protocolVersion);
-    if (!check.ok) return this.table.refuse(s, check);
-    this.admit(s, message);
+    const check = checkHello(message, secret, this.id, s.id, this.protocolVersion);
+    if (check.ok) return this.admit(s, message);
+    if (check.code === 'HELLO_PROOF') {
+      // A member whose hello crossed a rotation still proves the secret before it, for a grace period.
+      const grace = this.keys.graceSecretFor(s.id);
+      if (grace !== null && verifyHelloProof(grace, s.id, this.id, message.proof)) {
+        // It holds the old secret only: our hello proves that one, and the rekey follows at once.
+        s.log.info('peer proved the secret before the last rotation (within its grace): admitted, and sent the rekey');
+        this.admit(s, message, { answerWith: grace, then: this.keys.lastRekey ?? undefined });
+        return;
+      }
+      const previous = this.keys.previousSecret;
+      if (previous !== null && verifyHelloProof(previous, s.id, this.id, message.proof)) {
+        const epoch = this.keys.current?.keyEpoch ?? 0;
+        return this.table.refuse(s, {
+          ok: false,
+          code: 'HELLO_PROOF',
+          reason: `the hello of ${short(s.id)} proves the mesh secret from before the rotation to key epoch ${epoch}: it missed the rotation (offline, or its token is old); give it a new invite (mesh-inference invite)`,
+        });
+      }
+    }
+    this.table.refuse(s, check);
+  }
+
+  private removedCheck(id: EndpointId): HelloCheck & { readonly ok: false } {
+    const by = this.keys.current?.issuer;
+    return {
+      ok: false,
+      code: 'REMOVED',
+      reason: `node ${short(id)} was removed from this mesh${by ? ` (by ${short(by)}, key epoch ${this.keys.current?.keyEpoch ?? 0})` : ''}: its members refuse it; it can join another mesh (--new-mesh, or --join with another mesh's token)`,
+    };
   }
 
   /**
@@ -95,7 +128,8 @@ export class Handshake {
    * expiring invite this peer made (the invite rides along); null when we can prove neither to this peer.
    */
   private ourHello(s: Session): HelloMessage | null {
-    if (this.secret !== null) return makeHello(this.hello, this.secret, this.id, s.id, this.protocolVersion);
+    const secret = this.keys.secret;
+    if (secret !== null) return makeHello(this.hello, secret, this.id, s.id, this.protocolVersion);
     const invite = this.invites.get(s.id);
     if (invite === undefined) return null;
     s.invite = invite;
@@ -107,17 +141,19 @@ export class Handshake {
     return `node ${short(this.id)} holds no mesh secret yet: it joins with an expiring invite, which only its inviter (${inviters || 'none'}) takes`;
   }
 
-  private admit(s: Session, hello: HelloMessage, welcome?: WelcomeMessage): void {
+  private admit(s: Session, hello: HelloMessage, after: { readonly welcome?: WelcomeMessage; readonly answerWith?: Uint8Array; readonly then?: RekeyMessage } = {}): void {
+    const { welcome } = after;
     if (s.helloTimer) clearTimeout(s.helloTimer);
     s.helloTimer = null;
     s.state = 'admitted';
     s.reported = true;
     if (s.conn.dialer === 'remote') {
-      const ours = this.ourHello(s);
+      const ours = after.answerWith !== undefined ? makeHello(this.hello, after.answerWith, this.id, s.id, this.protocolVersion) : this.ourHello(s);
       if (ours !== null) this.table.write(s, ours);
     }
     // Right after our hello, before anything the node sends: the joiner admits us only with it.
     if (welcome !== undefined) this.table.write(s, welcome);
+    if (after.then !== undefined) this.table.write(s, after.then);
     // The transport's verdict: streams of this connection that arrived early, and all later ones, are served.
     this.endpoint.admit(s.conn);
     const direct = s.conn.isDirect();
@@ -132,13 +168,15 @@ export class Handshake {
       void this.table.fail(s, 'an invite in an answering hello (a joiner presents its invite only when it dials)');
       return;
     }
-    if (this.secret === null || this.meshId === null) {
+    const key = this.keys.current;
+    if (key === null || this.meshId === null) {
       return this.table.refuse(s, { ok: false, code: 'INVITE_INVITER', reason: `node ${short(this.id)} holds no mesh secret to check an invite with` });
     }
-    const check = checkInviteHello(hello, { meshId: this.meshId, secret: this.secret }, this.id, s.id, this.now(), this.protocolVersion);
+    if (this.keys.isRemoved(s.id)) return this.table.refuse(s, this.removedCheck(s.id));
+    const check = checkInviteHello(hello, { meshId: this.meshId, secret: key.secret }, this.id, s.id, this.now(), this.protocolVersion);
     if (!check.ok) return this.table.refuse(s, check);
     s.log.info({ expiresAt: new Date(check.invite.expiresAt).toISOString() }, 'the peer joins with a valid expiring invite of ours');
-    this.admit(s, hello, { type: 'welcome', meshId: this.meshId, secret: this.secret });
+    this.admit(s, hello, { welcome: { type: 'welcome', meshId: this.meshId, secret: key.secret, keyEpoch: key.keyEpoch, removed: key.removed } });
   }
 
   /** The joiner's side: the inviter's welcome; its secret must mint the invite's key and prove the inviter's hello. */
@@ -158,11 +196,12 @@ export class Handshake {
       return;
     }
     s.pendingHello = undefined;
-    if (this.secret === null) {
-      this.secret = welcome.secret;
-      s.log.info({ meshId: welcome.meshId }, `admitted to mesh ${welcome.meshId.slice(0, 8)} by an expiring invite: this node now holds the mesh secret`);
+    if (this.keys.secret === null) {
+      const key: MeshKey = { secret: welcome.secret, keyEpoch: welcome.keyEpoch ?? 0, issuer: null, removed: welcome.removed ?? [] };
+      this.keys.learn(key);
+      s.log.info({ meshId: welcome.meshId, keyEpoch: key.keyEpoch }, `admitted to mesh ${welcome.meshId.slice(0, 8)} by an expiring invite: this node now holds the mesh secret`);
       try {
-        this.onWelcome({ meshId: welcome.meshId, secret: welcome.secret });
+        this.onWelcome({ meshId: welcome.meshId, ...key });
       } catch (err) {
         this.table.log.error({ err: firstLine(err) }, 'the welcome handler threw');
       }

@@ -9,11 +9,15 @@ import { PROTOCOL_VERSION, type EndpointId } from '../../machines/mesh-types.ts'
 import type { MeshMessage, NetworkCommand, NetworkEvent } from '../../machines/protocol.ts';
 import type { HelloFacts } from '../wire/mesh-auth.ts';
 import type { ExpiringInvite } from '../wire/invite-token.ts';
+import { ed25519PrivateKey } from '../wire/announcement-signature.ts';
+import type { MeshKey } from '../wire/rekey.ts';
 import { firstLine, type MeshEndpoint } from '../transport/transport.ts';
 import { PeerTable, short } from './peer-table.ts';
 import { Handshake } from './handshake.ts';
 import { ControlStreams } from './control-stream.ts';
 import { Connections } from './connections.ts';
+import { Keyring } from './keyring.ts';
+import { Rekeying, type RotationResult } from './rekeying.ts';
 
 export interface MeshNetworkInit {
   /**
@@ -21,12 +25,18 @@ export interface MeshNetworkInit {
    * joins with expiring invites only, until its inviter's `welcome` brings the secret.
    */
   readonly secret: Uint8Array | null;
+  /** Where `secret` stands in the mesh's rotations, and who is removed (the mesh file keeps them); default: epoch 0, nobody. */
+  readonly key?: Omit<MeshKey, 'secret'>;
   /** The mesh's id: without it this node neither admits by expiring invites nor takes a welcome. */
   readonly meshId?: string;
   /** The expiring invites this node joins with while it holds no secret: each is shown only to its inviter. */
   readonly invites?: readonly ExpiringInvite[];
   /** Called once when a welcome brought the mesh secret (the node saves it in its mesh file). */
-  readonly onWelcome?: (mesh: { readonly meshId: string; readonly secret: Uint8Array }) => void;
+  readonly onWelcome?: (mesh: { readonly meshId: string } & MeshKey) => void;
+  /** Called when a rotation (ours or a member's) changed the mesh secret (the node saves it in its mesh file). */
+  readonly onRekey?: (mesh: { readonly meshId: string } & MeshKey) => void;
+  /** This endpoint's 32-byte secret key, to sign the rotations this node makes; without it, `rotate` refuses. */
+  readonly signingKey?: Uint8Array;
   /** The clock invites expire by (tests). */
   readonly now?: () => number;
   /** What this node says about itself in its hello. */
@@ -58,7 +68,7 @@ const DEFAULTS = {
   maxFrameBytes: 1024 * 1024,
 };
 
-type Tunables = Omit<MeshNetworkInit, 'secret' | 'meshId' | 'invites' | 'onWelcome' | 'now'>;
+type Tunables = Omit<MeshNetworkInit, 'secret' | 'key' | 'meshId' | 'invites' | 'onWelcome' | 'onRekey' | 'signingKey' | 'now'>;
 
 export class MeshNetwork {
   readonly id: EndpointId;
@@ -67,22 +77,27 @@ export class MeshNetwork {
   /** The sessions, their writes and their ends; shared by the parts below. */
   private readonly table: PeerTable;
   private readonly connections: Connections;
+  private readonly keys: Keyring;
+  private readonly rekeying: Rekeying;
   private stopped = false;
 
   constructor(init: MeshNetworkInit, components: MeshNetworkComponents) {
-    const { secret, meshId, invites, onWelcome, now, ...tunables } = init;
+    const { secret, key, meshId, invites, onWelcome, onRekey, signingKey, now, ...tunables } = init;
+    const clock = now ?? Date.now;
     const tuned: Required<Tunables> = { ...DEFAULTS, protocolVersion: PROTOCOL_VERSION, ...tunables };
     this.endpoint = components.endpoint;
     this.id = components.endpoint.id;
     this.log = components.logger;
     this.table = new PeerTable(this.endpoint, this.log, tuned);
+    this.keys = new Keyring(secret === null ? null : { secret, keyEpoch: key?.keyEpoch ?? 0, issuer: key?.issuer ?? null, removed: key?.removed ?? [] }, clock);
+    this.rekeying = new Rekeying(this.table, this.keys, this.id, meshId ?? null, signingKey === undefined ? null : ed25519PrivateKey(signingKey), onRekey ?? (() => {}), clock);
     const handshake = new Handshake(
       {
-        secret,
+        keys: this.keys,
         meshId: meshId ?? null,
         invites: new Map((invites ?? []).map((i) => [i.inviter, i])),
         onWelcome: onWelcome ?? (() => {}),
-        now: now ?? Date.now,
+        now: clock,
         hello: tuned.hello,
         protocolVersion: tuned.protocolVersion,
       },
@@ -90,7 +105,7 @@ export class MeshNetwork {
       this.table,
       this.endpoint,
     );
-    this.connections = new Connections(this.id, this.endpoint, this.table, new ControlStreams(this.table, handshake), tuned);
+    this.connections = new Connections(this.id, this.endpoint, this.table, new ControlStreams(this.table, handshake, this.rekeying, this.keys), tuned);
   }
 
   /** Starts accepting; every event from now on goes to `onEvent`. A MeshNetwork starts once. */
@@ -134,9 +149,28 @@ export class MeshNetwork {
     return [...this.table.sessions.values()].filter((s) => s.state === 'admitted').map((s) => s.id);
   }
 
-  /** Connects and handshakes; the outcome arrives as net.peer.connected or net.peer.disconnected. */
+  /** Connects and handshakes; the outcome arrives as net.peer.connected or net.peer.disconnected. A removed member is never dialed. */
   dial(id: EndpointId, addrs: readonly string[]): Promise<void> {
+    if (this.keys.isRemoved(id)) {
+      this.log.debug({ peer: short(id) }, 'not dialing a member removed from the mesh');
+      this.table.emit({ type: 'net.peers.removed', ids: [id] });
+      return Promise.resolve();
+    }
     return this.connections.dial(id, addrs);
+  }
+
+  /**
+   * Rotates the mesh secret across the live members, removing `remove` (their connections close, and every
+   * member refuses them from now on). Throws RotationError when this node cannot (no secret, no signing key).
+   */
+  rotate(remove: readonly EndpointId[] = []): RotationResult {
+    return this.rekeying.rotate(remove);
+  }
+
+  /** The key epoch and removed members as they stand (for status). */
+  keyState(): { readonly keyEpoch: number; readonly removed: readonly EndpointId[] } | null {
+    const k = this.keys.current;
+    return k === null ? null : { keyEpoch: k.keyEpoch, removed: k.removed };
   }
 
   /** Queues a message to an admitted peer (dropped otherwise). Sending `leaving` closes the connection after it. */

@@ -52,7 +52,8 @@ export function signAnnouncement(key: KeyObject, meshId: string, a: Announcement
 const publicKeys = new Map<string, KeyObject>();
 const MAX_CACHED_KEYS = 1024;
 
-function publicKeyOf(id: EndpointId): KeyObject | null {
+/** The ed25519 public key an endpoint id names; null when the id is not one (not hex, not a curve point). */
+export function publicKeyOf(id: EndpointId): KeyObject | null {
   let key = publicKeys.get(id);
   if (key !== undefined) return key;
   if (!/^[0-9a-f]{64}$/.test(id)) return null;
@@ -92,7 +93,7 @@ export function announcementAuthority(secretKey: Uint8Array, meshId: string): An
   };
 }
 
-function meshIdBytes(meshId: string): Buffer {
+export function meshIdBytes(meshId: string): Buffer {
   if (!/^[0-9a-f]{32}$/.test(meshId)) throw new TypeError(`a mesh id is 32 lowercase hex digits, got ${JSON.stringify(meshId.slice(0, 40))}`);
   return Buffer.from(meshId, 'hex');
 }

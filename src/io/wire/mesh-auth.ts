@@ -56,6 +56,7 @@ export type HelloRefusalCode =
   | 'HELLO_VERSION'
   | 'HELLO_ID'
   | 'HELLO_PROOF'
+  | 'REMOVED'
   | 'INVITE_MALFORMED'
   | 'INVITE_INVITER'
   | 'INVITE_EXPIRED'

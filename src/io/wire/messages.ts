@@ -51,9 +51,11 @@ export const LIMITS = {
   inviteBytes: 1200,
   /** The mesh secret of a welcome: exactly this many bytes. */
   secretBytes: 32,
+  /** Members a rekey or welcome may name as removed. */
+  removed: 256,
 } as const;
 
-const MESSAGE_TYPES: readonly MeshMessageType[] = ['hello', 'gossip', 'heartbeat', 'heartbeat-ack', 'leaving', 'rpc-ready', 'welcome'];
+const MESSAGE_TYPES: readonly MeshMessageType[] = ['hello', 'gossip', 'heartbeat', 'heartbeat-ack', 'leaving', 'rpc-ready', 'welcome', 'rekey'];
 const ROLES: readonly RolePreference[] = ['auto', 'host', 'worker', 'client'];
 // iroh endpoint ids are ed25519 public keys written as lowercase hex.
 const ENDPOINT_ID = /^[0-9a-f]{64}$/;
@@ -110,13 +112,26 @@ export function validateMessage(value: unknown): MeshMessage {
       return { type: 'leaving', reason: f.string(value, 'reason', LIMITS.reason) };
     case 'rpc-ready':
       return { type: 'rpc-ready', planId: f.string(value, 'planId', LIMITS.shortString, true) };
-    case 'welcome': {
-      const meshId = f.string(value, 'meshId', 32, true);
-      if (!/^[0-9a-f]{32}$/.test(meshId)) f.bad('meshId', 'must be 32 lowercase hex digits');
-      const secret = f.bytes(value, 'secret', LIMITS.secretBytes);
-      if (secret.length !== LIMITS.secretBytes) f.bad('secret', `must hold ${LIMITS.secretBytes} bytes, got ${secret.length}`);
-      return { type: 'welcome', meshId, secret };
-    }
+    case 'welcome':
+      return {
+        type: 'welcome',
+        meshId: f.meshId(value, 'meshId'),
+        secret: f.secret(value, 'secret'),
+        // Absent from a node before rotation existed: epoch 0, nobody removed.
+        ...(value['keyEpoch'] === undefined ? {} : { keyEpoch: f.count(value, 'keyEpoch') }),
+        ...(value['removed'] === undefined ? {} : { removed: f.array(value, 'removed', LIMITS.removed, (v, p) => f.endpointIdValue(v, p)) }),
+      };
+    case 'rekey':
+      return {
+        type: 'rekey',
+        meshId: f.meshId(value, 'meshId'),
+        keyEpoch: f.count(value, 'keyEpoch'),
+        secret: f.secret(value, 'secret'),
+        removed: f.array(value, 'removed', LIMITS.removed, (v, p) => f.endpointIdValue(v, p)),
+        issuer: f.endpointId(value, 'issuer'),
+        issuedAt: f.count(value, 'issuedAt'),
+        sig: f.signature(value, 'sig'),
+      };
   }
 }
 
@@ -185,6 +200,17 @@ class Fields {
     if (!(v instanceof Uint8Array)) return this.bad(path, `must be bytes, got ${describe(v)}`);
     if (v.length === 0 || v.length > max) return this.bad(path, `must hold 1 to ${max} bytes, got ${v.length}`);
     return new Uint8Array(v);
+  }
+
+  meshId(obj: Record<string, unknown>, key: string, path = key): string {
+    const v = this.string(obj, key, 32, true, path);
+    return /^[0-9a-f]{32}$/.test(v) ? v : this.bad(path, 'must be 32 lowercase hex digits');
+  }
+
+  /** A mesh secret: exactly LIMITS.secretBytes bytes. */
+  secret(obj: Record<string, unknown>, key: string, path = key): Uint8Array {
+    const v = this.bytes(obj, key, LIMITS.secretBytes, path);
+    return v.length === LIMITS.secretBytes ? v : this.bad(path, `must hold ${LIMITS.secretBytes} bytes, got ${v.length}`);
   }
 
   signature(obj: Record<string, unknown>, key: string, path = key): Uint8Array {
