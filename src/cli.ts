@@ -76,11 +76,15 @@ async function main(): Promise<void> {
   } else {
     out('  lite client: no model here; requests go to the mesh\'s host');
   }
-  if (node.token !== null) {
-    out('  invite token (it carries the mesh secret and never expires: prefer `mesh-inference invite`, which expires):');
-    out(`    ${node.token}`);
+  if (node.invite !== null) {
+    out('  invite (expires in 24 h; this node must be running to admit with it; more: mesh-inference invite --ttl 1h):');
+    out(`    ${node.invite}`);
   } else {
-    out('  invite token: none yet (this node joins with an expiring invite; once admitted: mesh-inference invite)');
+    out('  invite: none yet (this node joins with an expiring invite; once admitted: mesh-inference invite)');
+  }
+  if (node.token !== null && options.showSecretToken) {
+    out('  secret token (carries the mesh secret and never expires; void it with `mesh-inference rotate`):');
+    out(`    ${node.token}`);
   }
   if (node.dataPort !== null) {
     const forward = options.bindPort !== null ? `; a port forward needs TCP ${node.dataPort} as well as UDP ${options.bindPort}` : '';

@@ -105,7 +105,7 @@ export async function runDemo(): Promise<void> {
     const node: DemoNode = { name, proc, token: null, api: null };
     proc.onLine((line, stream) => {
       if (stream === 'stdout') {
-        node.token ??= /^\s*(mi1[A-Za-z0-9_-]+)\s*$/.exec(line)?.[1] ?? null;
+        node.token ??= /^\s*(mi2[A-Za-z0-9_-]+)\s*$/.exec(line)?.[1] ?? null;
         node.api ??= /API: (http:\/\/\S+)/.exec(line)?.[1] ?? null;
         return;
       }

@@ -37,6 +37,8 @@ export interface NodeHandle {
   readonly name: string;
   /** The invite token (mi1) that lets others join this node's mesh; null until a joiner by expiring invite is welcomed. */
   readonly token: string | null;
+  /** An expiring invite (mi2, 24 h) that only this node admits with; null as `token`. */
+  readonly invite: string | null;
   readonly meshId: string;
   /** "http://127.0.0.1:PORT" of this node's API. */
   readonly apiUrl: string;
@@ -73,8 +75,8 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
     },
   );
   const started = await node.start();
-  const { id, token, meshId, apiUrl, apiPort, dataPort, endpoint, actor, status } = started;
-  return { id, name: options.name, token, meshId, apiUrl, apiPort, dataPort, model: holdings.model, vram: holdings.vram, endpoint, actor, status, stop: node.stop, stopped: node.stopped };
+  const { id, token, invite, meshId, apiUrl, apiPort, dataPort, endpoint, actor, status } = started;
+  return { id, name: options.name, token, invite, meshId, apiUrl, apiPort, dataPort, model: holdings.model, vram: holdings.vram, endpoint, actor, status, stop: node.stop, stopped: node.stopped };
 }
 
 /** Every child process this node (this Node.js process) still runs: tests check it is empty after stop. */

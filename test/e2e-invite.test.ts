@@ -67,6 +67,21 @@ describe('e2e: expiring invites', { timeout: 240_000 }, () => {
     expect(lonely.stderr.trim().split('\n')).toHaveLength(1);
   });
 
+  it('the banner prints an expiring invite and no secret; a node joins with it', async () => {
+    const f = await start({ name: 'f', vram: 2, showSecretToken: false });
+    const banner = f.proc.tail().join('\n');
+    expect(banner).not.toMatch(/\bmi1[A-Za-z0-9_-]{20,}/);
+    expect(f.invite).toMatch(/^mi2/);
+    const inv = decodeExpiringInvite(f.invite);
+    expect(inv.inviter).toBe(f.id);
+    expect(inv.expiresAt - Date.now()).toBeGreaterThan(23 * 3600_000);
+    const g = await start({ name: 'g', model: null, join: f.invite, showSecretToken: false });
+    await sees(f, g.id);
+    await sees(g, f.id);
+    await f.stop();
+    await g.stop();
+  });
+
   it('B joins with an mi2 before it expires and gets the secret; C after is refused; B restarts into the mesh', async () => {
     const a = await start({ name: 'a', vram: 2 });
     const meshId = (await a.status()).node.meshId;

@@ -61,6 +61,8 @@ export interface NodeOptions {
   readonly join?: string;
   readonly role?: 'auto' | 'host' | 'worker';
   readonly extraArgs?: readonly string[];
+  /** Print the mi1 token (--show-secret-token, the default here); false: the banner as a user sees it. */
+  readonly showSecretToken?: boolean;
   readonly env?: Readonly<Record<string, string>>;
   /** Key files live here (a fresh identity per node). */
   readonly dir: string;
@@ -73,8 +75,10 @@ export interface NodeOptions {
 export interface E2eNode {
   readonly name: string;
   readonly proc: ManagedProcess;
-  /** The mi1 token it printed; '' for a node that joined with an expiring invite (it prints none at start). */
+  /** The mi1 token it printed (--show-secret-token); '' for a node that joined with an expiring invite (it prints none at start). */
   readonly token: string;
+  /** The expiring invite (mi2) it printed at start; '' as `token`. */
+  readonly invite: string;
   readonly api: string;
   readonly id: string;
   status(): Promise<NodeStatus>;
@@ -103,10 +107,13 @@ export async function startE2eNode(o: NodeOptions): Promise<E2eNode> {
     '--key-file', join(o.dir, `${o.name}.key`),
     '--name', o.name,
     '--log-level', 'info',
+    // The tests join by the mi1 token unless they test expiring invites (the banner's default).
+    ...(o.showSecretToken === false ? [] : ['--show-secret-token']),
     ...(o.extraArgs ?? []),
   ];
   const all: string[] = [];
   let token: string | null = null;
+  let invite = '';
   let api: string | null = null;
   const [file, ...before] = o.exec && o.exec.length > 0 ? [...o.exec, process.execPath] : [process.execPath];
   const proc = spawnManaged({
@@ -127,7 +134,8 @@ export async function startE2eNode(o: NodeOptions): Promise<E2eNode> {
     all.push(line);
     if (stream === 'stdout') {
       // A joiner by expiring invite (mi2) holds no secret at start, so it prints no mi1 token: ''.
-      token ??= /^\s*(mi1[A-Za-z0-9_-]+)\s*$/.exec(line)?.[1] ?? (/invite token: none yet/.test(line) ? '' : null);
+      token ??= /^\s*(mi1[A-Za-z0-9_-]+)\s*$/.exec(line)?.[1] ?? (/invite: none yet/.test(line) || (o.showSecretToken === false && /^\s*mi2/.test(line)) ? '' : null);
+      invite ||= /^\s*(mi2[A-Za-z0-9_-]+)\s*$/.exec(line)?.[1] ?? '';
       api ??= /API: (http:\/\/\S+)/.exec(line)?.[1] ?? null;
     }
   });
@@ -151,6 +159,7 @@ export async function startE2eNode(o: NodeOptions): Promise<E2eNode> {
     name: o.name,
     proc,
     token,
+    invite,
     api: apiUrl,
     id: first.node.id,
     status,

@@ -19,7 +19,7 @@ import { buildApiServer } from '../io/http/api-server.ts';
 import { MeshNetwork } from '../io/mesh/mesh-network.ts';
 import { stopAll } from '../io/llama/processes.ts';
 import type { IrohMeshEndpoint, IrohTransportComponents, IrohTransportInit } from '../io/transport/iroh-transport.ts';
-import { encodeInviteToken, inviteAddrs } from '../io/wire/invite-token.ts';
+import { encodeExpiringInvite, encodeInviteToken, inviteAddrs } from '../io/wire/invite-token.ts';
 import { announcementAuthority } from '../io/wire/announcement-signature.ts';
 import { PROTOCOL_VERSION, type Announcement, type EndpointId, type ModelIdentity } from '../machines/mesh-types.ts';
 import { nodeMachine, runningRole } from '../machines/node.machine.ts';
@@ -92,6 +92,8 @@ export interface StartedNode {
   /** The invite token (mi1: it carries the secret) that lets others join this node's mesh; null while the
    * node joins with an expiring invite and holds no secret yet. */
   readonly token: string | null;
+  /** An expiring invite (mi2, 24 h) made at start, which only this node admits with; null as `token`. */
+  readonly invite: string | null;
   readonly meshId: string;
   /** "http://127.0.0.1:PORT" of this node's API. */
   readonly apiUrl: string;
@@ -194,7 +196,10 @@ function bindEndpoint(stack: DisposalStack, config: NodeConfig, components: Node
   );
 }
 
-type Parts = Pick<StartedNode, 'token' | 'meshId' | 'actor' | 'api' | 'meshApi' | 'tunnels' | 'status'> & {
+/** How long the invite printed at start admits. */
+export const START_INVITE_TTL_MS = 24 * 3600_000;
+
+type Parts = Pick<StartedNode, 'token' | 'invite' | 'meshId' | 'actor' | 'api' | 'meshApi' | 'tunnels' | 'status'> & {
   readonly mesh: MeshChoice;
   /** The secret as it is now (a welcome fills it in, a rotation replaces it); the mesh file follows it. */
   readonly keys: MeshKeyBox;
@@ -220,6 +225,7 @@ function assemble(
   logMeshChoice(nodeLog, mesh, components.memory ?? null);
   const tokenAddrs = inviteAddrs(endpoint.addrs().filter((a) => !/^https?:/.test(a)), publicAddr);
   const token = mesh.secret === null ? null : encodeInviteToken({ meshId, secret: mesh.secret, inviter: endpoint.id, addrs: tokenAddrs });
+  const invite = mesh.secret === null ? null : encodeExpiringInvite({ meshId, secret: mesh.secret, secretKey: components.holdings.secretKey, addrs: tokenAddrs, ttlMs: START_INVITE_TTL_MS });
   const keys = new MeshKeyBox(mesh, components.memory?.remembered ?? null);
   if (mesh.secret === null) {
     for (const invite of mesh.invites) {
@@ -289,7 +295,7 @@ function assemble(
     logger: componentLogger(logger, 'api-mesh'),
   });
   stack.defer('mesh api', () => meshApi.close());
-  const parts: Parts = { token, meshId, actor, api, meshApi, tunnels, status, mesh, keys, flushMeshFile: null, selfAddrs: tokenAddrs };
+  const parts: Parts = { token, invite, meshId, actor, api, meshApi, tunnels, status, mesh, keys, flushMeshFile: null, selfAddrs: tokenAddrs };
   return parts;
 }
 

@@ -61,6 +61,8 @@ export interface CliOptions {
   readonly keyFile: string | null;
   /** `--new-mesh`: start a fresh mesh even where the key file's mesh file remembers one. */
   readonly newMesh: boolean;
+  /** `--show-secret-token`: also print the mi1 token at start (it carries the mesh secret and never expires). */
+  readonly showSecretToken: boolean;
   /** STUN servers ("host:port") to ask for the public address; empty = none (`--stun none`); null = the defaults. */
   readonly stun: readonly string[] | null;
 }
@@ -97,6 +99,7 @@ const OPTIONS = {
   relay: { type: 'string' },
   'key-file': { type: 'string' },
   'new-mesh': { type: 'boolean' },
+  'show-secret-token': { type: 'boolean' },
   stun: { type: 'string', multiple: true },
   help: { type: 'boolean', short: 'h' },
 } as const;
@@ -159,6 +162,7 @@ function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse
     keyFile: values['key-file'] === undefined ? null : resolve(nonEmpty('--key-file', values['key-file'])),
     stun: parseStun(values.stun),
     newMesh: values['new-mesh'] ?? false,
+    showSecretToken: values['show-secret-token'] ?? false,
     ...(invites.length > 0 ? { invites } : {}),
   };
   if (options.newMesh && (joins.length > 0 || invites.length > 0)) throw new CliUsageError('--new-mesh contradicts --join: a node starts a fresh mesh or joins one');

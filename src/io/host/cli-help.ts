@@ -17,6 +17,8 @@ Usage: mesh-inference [options]
                         several tokens separated by whitespace or commas): an mi2 token from
                         \`mesh-inference invite\` expires; an mi1 token carries the mesh secret forever
   --join-file PATH      read invite tokens from a file, one per line ('#' starts a comment)
+  --show-secret-token   also print this mesh's mi1 token at start (it carries the mesh secret and
+                        never expires: whoever sees it joins until \`mesh-inference rotate\`)
   --role ROLE           auto | host | worker | client (default auto: may host or work)
   --client              short for --role client: a lite client with no model, it only proxies the API
   --port N              API port (default ${DEFAULT_API_PORT}; 0 picks a free one)
