@@ -6,9 +6,9 @@
 // Needs root (namespaces): it fails, with what is missing, where it cannot make them.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HarnessProc } from './harness/proc.ts';
-import { hostServing, makeE2eModel, startE2eNode, stopAllNodes, type E2eModel, type E2eNode } from './e2e-support.ts';
+import { hostServing, makeE2eModel, stopAllNodes, type E2eModel, type E2eNode } from './e2e-support.ts';
 import { symmetricShape, type RelayCounters } from './support/link-emulator.ts';
-import { createWanLab, type WanLab, type WanSite } from './support/wan-lab.ts';
+import { createWanLab, startWanNode, type WanLab, type WanSite } from './support/wan-lab.ts';
 import type { ConnectionPath } from '../src/io/transport/transport.ts';
 
 const RTT_MS = 20;
@@ -76,18 +76,7 @@ describe(`WAN lab: two nodes ${RTT_MS} ms apart`, () => {
     });
 
     it('a two-node plan runs its RPC over the direct TLS path through the TCP relay; RPC round trips take 20-40 ms', async () => {
-      const start = (site: WanSite, name: string, vram: number, join?: string) =>
-        startE2eNode({
-          name,
-          model,
-          vram,
-          join,
-          dir: model.dir,
-          exec: site.exec,
-          apiHost: site.vethIp,
-          extraArgs: ['--bind-port', String(site.port), '--listen-all', '--allowed-host', site.vethIp],
-          env: { MESH_INFERENCE_BIND_HOST: '0.0.0.0' },
-        });
+      const start = (site: WanSite, name: string, vram: number, join?: string) => startWanNode(site, { name, model, vram, join, dir: model.dir });
       const [s1, s2] = lab.sites as [WanSite, WanSite];
       const first = await start(s1, 'n1', 0.6);
       nodes.push(first);

@@ -17,6 +17,7 @@
 // Needs root and `ip` (iproute2); creating namespaces is refused otherwise, with what is missing.
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
+import { startE2eNode, type E2eNode, type NodeOptions } from '../e2e-support.ts';
 import { TcpRelay, UdpRelay, type LinkRelay, type LinkShape, type RelayCounters } from './link-emulator.ts';
 
 const run = promisify(execFile);
@@ -130,4 +131,18 @@ export async function createWanLab(count: number, shape: LinkShape = { delayMs: 
     counters: () => sites.map((s) => ({ site: s.index, quic: s.quicRelay.counters(), data: s.dataRelay.counters() })),
     close,
   };
+}
+
+/**
+ * A whole node (bin/mesh-inference.js, test/e2e-support.ts) in `site`: bound to 0.0.0.0 on the site's port
+ * (QUIC on UDP, the data port on TCP), its API on every interface and reached at the site's veth address.
+ */
+export function startWanNode(site: WanSite, o: Omit<NodeOptions, 'exec' | 'apiHost'>): Promise<E2eNode> {
+  return startE2eNode({
+    ...o,
+    exec: site.exec,
+    apiHost: site.vethIp,
+    extraArgs: ['--bind-port', String(site.port), '--listen-all', '--allowed-host', site.vethIp, ...(o.extraArgs ?? [])],
+    env: { ...o.env, MESH_INFERENCE_BIND_HOST: '0.0.0.0' },
+  });
 }
