@@ -6,8 +6,10 @@
 // - its command line names a key file (never the key), the file is gone once it runs, and the node's
 //   LLAMA_ARG_* variables (LLAMA_ARG_TOOLS enables shell tools) never reach its environment;
 // - `:9337` refuses a DNS-rebinding request (a foreign Host) with 421; `--listen-all` without `--api-key`
-//   warns at start, naming the risk.
-import { existsSync, readFileSync } from 'node:fs';
+//   warns at start, naming the risk;
+// - no TCP port of the host's node process but its API serves the model: the mesh listener, where incoming
+//   http tunnels end, is a Unix socket in a 0700 folder (a loopback port let a local user past --api-key).
+import { existsSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
 import { request } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { greedyTokens, hostServesPlan, llamaChildren, makeE2eMesh, servesPlan, soloReferenceTokens, type E2eMesh, type E2eNode } from './e2e-support.ts';
@@ -119,4 +121,51 @@ describe('e2e: the local trust boundary of a host and a worker', { timeout: 240_
     expect(host.lines().some((l) => /--listen-all without --api-key: anyone on the network .* mesh's GPUs/.test(l))).toBe(true);
     expect(worker.lines().some((l) => /--listen-all without --api-key/.test(l))).toBe(false);
   });
+
+  it("no TCP port of the host's node but its API answers HTTP; its mesh listener is a private Unix socket", async () => {
+    const apiPort = Number(new URL(host.api).port);
+    const ports = listeningTcpPorts(host.proc.pid!).filter((p) => p !== apiPort);
+    expect(ports.length).toBeGreaterThan(0); // the data port at least
+    for (const port of ports) {
+      const answer = await fetch(`http://127.0.0.1:${port}/v1/models`, { signal: AbortSignal.timeout(3_000) }).then(
+        (r) => r.status,
+        () => 'no http',
+      );
+      expect(answer, `port ${port}`).not.toBe(200);
+    }
+    const socket = readdirSync(`/proc/${host.proc.pid}/fd`)
+      .map((fd) => readlinkSync(`/proc/${host.proc.pid}/fd/${fd}`))
+      .some((l) => l.startsWith('socket:'));
+    expect(socket).toBe(true);
+    const unix = readFileSync('/proc/net/unix', 'utf8').split('\n').map((l) => l.trim().split(/\s+/).at(-1) ?? '').filter((p) => /mesh-inference-.*\/mesh-api\.sock$/.test(p));
+    expect(unix.length).toBeGreaterThan(0);
+    for (const path of unix) {
+      if (!existsSync(path)) continue;
+      expect(statSync(path.replace(/\/mesh-api\.sock$/, '')).mode & 0o777).toBe(0o700);
+    }
+  });
 });
+
+/** TCP ports in LISTEN that the process holds (its own sockets, not its children's). */
+function listeningTcpPorts(pid: number): number[] {
+  const inodes = new Set(
+    readdirSync(`/proc/${pid}/fd`)
+      .map((fd) => {
+        try {
+          return /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))?.[1];
+        } catch {
+          return undefined;
+        }
+      })
+      .filter((i): i is string => i !== undefined),
+  );
+  const ports: number[] = [];
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    for (const line of readFileSync(table, 'utf8').split('\n').slice(1)) {
+      const f = line.trim().split(/\s+/);
+      if (f.length < 10 || f[3] !== '0A' || !inodes.has(f[9]!)) continue;
+      ports.push(parseInt(f[1]!.split(':')[1]!, 16));
+    }
+  }
+  return [...new Set(ports)];
+}

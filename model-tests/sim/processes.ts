@@ -170,6 +170,7 @@ export class ProcessTable {
           // carries the plan id of the llama-server that opens it (protocol 2), as the product's host sends it.
           const decision = this.world.rpcDecision(stage.id, llama.node, llama.planId);
           if ('refuse' in decision) return `${stage.id} refused the rpc tunnel: ${decision.refuse}`;
+          if (!('port' in decision)) return `${stage.id} sent an rpc tunnel to a socket path`;
           rpc = rpcs.find((r) => r.port === decision.port);
           if (rpc === undefined) return `nothing listens on ${stage.id}:${decision.port}`;
         }

@@ -7,11 +7,8 @@ import { runningRole, type NodeContext } from './node-context.ts';
 /** The two stream kinds a tunnel carries: llama.cpp's rpc protocol, and http to the host's API. */
 export type TunnelKind = 'rpc' | 'http';
 
-/** A local TCP address an admitted tunnel connects to. */
-export interface TunnelTarget {
-  readonly host: string;
-  readonly port: number;
-}
+/** A local address an admitted tunnel connects to: a loopback TCP port, or a Unix socket (the host's mesh API). */
+export type TunnelTarget = { readonly host: string; readonly port: number } | { readonly path: string };
 
 /** Where an incoming stream goes, or why it is refused (logged on both sides). */
 export type TunnelDecision = TunnelTarget | { readonly refuse: string };

@@ -4,6 +4,9 @@
 // machine that ends by itself all run that stack, newest first. The node machine (src/machines) gets the
 // real network actor on the endpoint and the process slots of the components; the tunnels follow the node
 // through the one subscription the built node owns; the API routes each request with a proxy machine.
+import { chmod, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { createActor, waitFor, type Actor, type AnyActorLogic, type InspectionEvent, type Observer, type SnapshotFrom } from 'xstate';
 import { meshUpstreamResolver } from '../actors/api-server.actor.ts';
@@ -139,7 +142,7 @@ export function buildNode(config: NodeConfig, components: NodeComponents): Built
       const dataPort = await listenData(parts.tunnels, config, log);
       // The API port before the actor: when it is taken, no process has started that would have to stop.
       const apiPort = await listenApi(parts.api, config);
-      await listenMeshApi(parts, log);
+      await listenMeshApi(stack, parts, log);
       if (config.apiHost !== '127.0.0.1' && !config.apiKey) {
         log.warn(`--listen-all without --api-key: anyone on the network who reaches port ${apiPort} can use this API, and through it the mesh's GPUs; set --api-key`);
       }
@@ -299,13 +302,19 @@ function assemble(
   return parts;
 }
 
-/** The mesh API on a free loopback port; incoming http tunnels end there from now on. */
-async function listenMeshApi(parts: Parts, log: Logger): Promise<void> {
-  await parts.meshApi.listen({ host: '127.0.0.1', port: 0 });
-  const addr = parts.meshApi.server.address();
-  if (typeof addr !== 'object' || addr === null) throw new Error('the mesh API did not get a port');
-  parts.tunnels.serveHttpAt({ host: '127.0.0.1', port: addr.port });
-  log.debug({ port: addr.port }, 'mesh API (the end of incoming http tunnels) listening on loopback');
+/**
+ * The mesh API on a Unix socket in a folder of its own (0700): incoming http tunnels end there from now on.
+ * Not a loopback port: that would let any local user past `--api-key` to the model (SECURITY.md).
+ */
+async function listenMeshApi(stack: DisposalStack, parts: Parts, log: Logger): Promise<void> {
+  const base = tmpdir().length > 60 ? '/tmp' : tmpdir(); // a socket path has ~100 bytes at most
+  const dir = await mkdtemp(join(base, 'mesh-inference-'));
+  stack.defer('mesh api socket', () => rm(dir, { recursive: true, force: true }));
+  const path = join(dir, 'mesh-api.sock');
+  await parts.meshApi.listen({ path });
+  await chmod(path, 0o600);
+  parts.tunnels.serveHttpAt({ path });
+  log.debug({ path }, 'mesh API (the end of incoming http tunnels) listening on a private Unix socket');
 }
 
 /** The direct data path's TCP port (`--data-path auto`), on the endpoint's bind address. */

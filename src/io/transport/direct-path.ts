@@ -10,7 +10,7 @@ import { connect as tlsConnect, createServer, type Server, type TLSSocket } from
 import { pack, unpack } from 'msgpackr';
 import type { Logger } from 'pino';
 import type { EndpointId } from '../../machines/mesh-types.ts';
-import { firstLine, shortId } from './transport.ts';
+import { firstLine, shortId, targetAddress } from './transport.ts';
 import { MAX_PLAN_ID_BYTES, decodePlanId, encodePlanId } from './tunnel-codec.ts';
 import type { TunnelKind, TunnelPolicy } from './tunnel.ts';
 
@@ -330,7 +330,7 @@ export class DirectPathServer {
       return;
     }
     socket.pause();
-    const target = tcpConnect({ host: decision.host, port: decision.port, noDelay: true, allowHalfOpen: true });
+    const target = tcpConnect({ ...targetAddress(decision), noDelay: true, allowHalfOpen: true });
     const timer = setTimeout(() => target.destroy(new Error('connect timed out')), this.init.connectTimeoutMs);
     const counters: RelayCounters = { bytesIn: 0, bytesOut: 0 };
     let stop = (): void => {

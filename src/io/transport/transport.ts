@@ -3,6 +3,7 @@
 // backend; iroh-transport.ts and memory-transport.ts are the two backends.
 import type { Logger } from 'pino';
 import type { EndpointId } from '../../machines/mesh-types.ts';
+import type { TunnelTarget } from '../../machines/tunnel-policy.ts';
 
 /** The one ALPN this protocol speaks; a peer on another version fails at the QUIC handshake. */
 export const MESH_ALPN = 'mesh-inference/1';
@@ -332,4 +333,13 @@ export class RateLimitedLog {
 
 export function delay(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms).unref());
+}
+
+/** The net.connect address of a tunnel target (a TCP host and port, or a Unix socket path). */
+export function targetAddress(target: TunnelTarget): { host: string; port: number } | { path: string } {
+  return 'path' in target ? { path: target.path } : { host: target.host, port: target.port };
+}
+
+export function describeTarget(target: TunnelTarget): string {
+  return 'path' in target ? target.path : `${target.host}:${target.port}`;
 }

@@ -22,7 +22,7 @@ import {
   type TunnelCodec,
 } from './tunnel-codec.ts';
 import { Pipe, type Counters } from './tunnel-pipe.ts';
-import { TransportError, firstLine, shortId, type MeshConnection, type MeshEndpoint, type MeshStream } from './transport.ts';
+import { TransportError, describeTarget, firstLine, shortId, targetAddress, type MeshConnection, type MeshEndpoint, type MeshStream } from './transport.ts';
 
 export type { TunnelKind, TunnelTarget } from '../../machines/tunnel-policy.ts';
 export type { TunnelCodec } from './tunnel-codec.ts';
@@ -441,7 +441,7 @@ export class TunnelService {
       return;
     }
     const target = decision;
-    const socket = createConnection({ host: target.host, port: target.port, noDelay: true, allowHalfOpen: true });
+    const socket = createConnection({ ...targetAddress(target), noDelay: true, allowHalfOpen: true });
     let connected = false;
     const pending = { peer, socket, stream };
     this.connecting.add(pending);
@@ -457,10 +457,11 @@ export class TunnelService {
       if (connected) return; // the pipe handles it
       this.connecting.delete(pending);
       this.log.warn(
-        { peer: shortId(peer), kind, target: `${target.host}:${target.port}`, err: err.message },
+        { peer: shortId(peer), kind, target: describeTarget(target), err: err.message },
         'tunnel target unreachable',
       );
       stream.reset(TUNNEL_TCP_FAILED);
     });
   }
 }
+
