@@ -7,7 +7,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { pino } from 'pino';
 import { MemoryNetwork } from '../src/io/transport/memory-transport.ts';
 import { MeshNetwork, type MeshNetworkInit } from '../src/io/mesh/mesh-network.ts';
-import { createMeshId, createMeshSecret } from '../src/io/wire/invite-token.ts';
+import { createMeshId, createMeshSecret, decodeExpiringInvite, encodeExpiringInvite } from '../src/io/wire/invite-token.ts';
 import { ed25519PrivateKey, endpointIdOf } from '../src/io/wire/announcement-signature.ts';
 import { makeRekey, verifyRekey, type MeshKey } from '../src/io/wire/rekey.ts';
 import { parseMessage } from '../src/io/wire/messages.ts';
@@ -195,5 +195,39 @@ describe('mesh secret rotation', () => {
     expect(parseMessage({ ...r, removed: Array.from({ length: 300 }, () => endpointIdOf(new Uint8Array(randomBytes(32)))) }).ok).toBe(false);
     expect(parseMessage({ ...r, secret: new Uint8Array(16) }).ok).toBe(false);
     expect(verifyRekey(createMeshId(), r)).toBe(false); // bound to its mesh
+  });
+
+  it('a welcome carries the key epoch and removed members; a tampered welcome on the wire admits nothing', async () => {
+    const world = new MemoryNetwork();
+    const meshId = createMeshId();
+    const secret = createMeshSecret();
+    const inviter = member(world, meshId, secret);
+    const other = member(world, meshId, secret);
+    await link(inviter, other);
+    inviter.net.rotate([other.id]);
+    await disconnectedFrom(inviter, other.id);
+    const newSecret = inviter.keys[0]!.secret;
+    const token = () => decodeExpiringInvite(encodeExpiringInvite({ meshId, secret: newSecret, secretKey: inviter.signingKey, addrs: [], ttlMs: 60_000 }));
+
+    // An honest welcome: the joiner learns epoch 1 and that `other` is removed.
+    const welcomed: MeshKey[] = [];
+    const joiner = member(world, meshId, null as unknown as Uint8Array, { secret: null, invites: [token()], onWelcome: ({ meshId: _, ...k }) => welcomed.push(k) });
+    await link(joiner, inviter);
+    expect(welcomed).toHaveLength(1);
+    expect(welcomed[0]!.keyEpoch).toBe(1);
+    expect(welcomed[0]!.removed).toEqual([other.id]);
+    expect(joiner.net.keyState()).toMatchObject({ keyEpoch: 1, removed: [other.id] });
+
+    // The same, with the welcome's secret changed in flight: the joiner refuses and learns nothing.
+    const table = (inviter.net as unknown as { table: { write(s: unknown, m: { type: string; secret?: Uint8Array }): void } }).table;
+    const write = table.write.bind(table);
+    table.write = (sess, m) => write(sess, m.type === 'welcome' ? { ...m, secret: createMeshSecret() } : m);
+    const fooled: MeshKey[] = [];
+    const victim = member(world, meshId, null as unknown as Uint8Array, { secret: null, invites: [token()], onWelcome: ({ meshId: _, ...k }) => fooled.push(k) });
+    victim.net.execute({ type: 'net.dial', id: inviter.id, addrs: inviter.endpoint.addrs() });
+    await until(() => victim.logs.find((l) => /does not match the invite/.test(String(l.reason ?? l.msg))), 3_000, 'the tampered welcome refused');
+    expect(fooled).toHaveLength(0);
+    expect(victim.net.keyState()).toBeNull();
+    expect(victim.net.peers()).toHaveLength(0);
   });
 });
