@@ -55,30 +55,30 @@ describe('peer machine', () => {
     expect(h.dials()).toBe(0);
   });
 
-  it('heartbeats every second and answers heartbeats', () => {
+  it('heartbeats every 500 ms and answers heartbeats', () => {
     const h = harness({ inbound: true });
     h.message(gossip);
-    h.tick(999);
+    h.tick(499);
     expect(h.heartbeats()).toBe(0);
     h.tick(1);
     expect(h.heartbeats()).toBe(1);
     h.message({ type: 'heartbeat-ack', n: 1 });
-    h.tick(1000);
+    h.tick(500);
     expect(h.heartbeats()).toBe(2);
     h.message({ type: 'heartbeat', n: 7 });
     expect(h.commands.at(-1)).toEqual({ type: 'net.send', to: ID, message: { type: 'heartbeat-ack', n: 7 } });
   });
 
-  it('turns suspect after 2 s of silence, recovers on any message, and is gone after 5 s', () => {
+  it('turns suspect after 1.25 s of silence, recovers on any message, and is gone after 2.5 s (<= 3 s)', () => {
     const h = harness({ inbound: true });
     h.message(gossip);
-    h.tick(1999);
+    h.tick(1249);
     expect(h.state()).toEqual({ up: 'connected' });
     h.tick(1);
     expect(h.state()).toEqual({ up: 'suspect' });
     h.message({ type: 'heartbeat-ack', n: 2 }); // silence ends: both timers start over
     expect(h.state()).toEqual({ up: 'connected' });
-    h.tick(4999);
+    h.tick(2499);
     expect(h.state()).toEqual({ up: 'suspect' });
     h.tick(1);
     expect(h.state()).toBe('gone');
@@ -89,11 +89,50 @@ describe('peer machine', () => {
   it('the heartbeat cadence does not reset the silence timers', () => {
     const h = harness({ inbound: true });
     h.message(gossip);
-    h.tick(4999); // four heartbeats sent, nothing heard back
+    h.tick(2499); // four heartbeats sent, nothing heard back
     expect(h.heartbeats()).toBe(4);
     expect(h.state()).toEqual({ up: 'suspect' });
     h.tick(1);
     expect(h.state()).toBe('gone');
+  });
+
+  const evidence = (path: 'quic' | 'direct') => ({ type: 'peer.evidence' as const, id: ID, path, why: 'reset' });
+
+  it('a failed QUIC connection under a tunnel is evidence at once', () => {
+    const h = harness({ inbound: true });
+    h.message(gossip);
+    h.tick(100);
+    h.actor.send(evidence('quic'));
+    expect(h.state()).toBe('gone');
+    expect(h.actor.getSnapshot().context.lastDownReason).toMatch(/QUIC connection failed/);
+  });
+
+  it('a reset direct connection counts only together with missed heartbeats', () => {
+    const h = harness({ inbound: true });
+    h.message(gossip);
+    h.actor.send(evidence('direct'));
+    expect(h.state()).toEqual({ up: 'connected' }); // heartbeats still arrive: no verdict yet
+    h.tick(1250); // silence: suspect, and with the reset remembered, gone at once
+    expect(h.state()).toBe('gone');
+    expect(h.actor.getSnapshot().context.lastDownReason).toMatch(/missed heartbeats and a reset direct connection/);
+
+    // A message after the reset proves the peer alive: the reset is forgotten.
+    const k = harness({ inbound: true });
+    k.message(gossip);
+    k.actor.send(evidence('direct'));
+    k.message({ type: 'heartbeat', n: 1 });
+    k.tick(1250);
+    expect(k.state()).toEqual({ up: 'suspect' });
+    k.tick(1249);
+    expect(k.state()).toEqual({ up: 'suspect' });
+
+    // Already suspect (heartbeats missed) when the reset comes: gone at once.
+    const j = harness({ inbound: true });
+    j.message(gossip);
+    j.tick(1300);
+    expect(j.state()).toEqual({ up: 'suspect' });
+    j.actor.send(evidence('direct'));
+    expect(j.state()).toBe('gone');
   });
 
   it('reconnects with exponential backoff after failed dials', () => {

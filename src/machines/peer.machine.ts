@@ -10,9 +10,17 @@
 //   `peer.left {id, reason}`  the peer said `leaving`: stop and drop this actor.
 // The owner sends the handshake's gossip itself (it owns the view) when it sees `net.peer.connected`.
 //
-// Liveness: a heartbeat every `heartbeatInterval`; any message from the peer (heartbeat, ack, gossip...)
-// proves it alive. Silent for `suspectAfter` -> suspect; silent for `goneAfter` -> gone. Both timers are
-// delayed events re-armed on every message, so the heartbeat cadence never resets them.
+// Liveness: a heartbeat every `heartbeatInterval` (500 ms); any message from the peer (heartbeat, ack,
+// gossip...) proves it alive. Silent for `suspectAfter` (1.25 s: two heartbeats and their acks missed) ->
+// suspect; silent for `goneAfter` (2.5 s: five missed each way) -> gone, so a dead peer is noticed within 2.5 s
+// of its last message (the issue's bound is 3 s). Both timers are delayed events re-armed on every message,
+// so the heartbeat cadence never resets them. Why these numbers: docs/node.md, "Noticing a dead peer".
+//
+// Evidence from the data path (`peer.evidence`, from the node's tunnels): `quic`, a tunnel's QUIC connection
+// failed (authenticated: nobody on the path can forge it) -> gone at once; `direct`, a direct TCP + TLS data
+// connection was reset (anyone on the path, or a NAT, can do that) -> gone only together with missed
+// heartbeats: at once while suspect, else it is remembered until the next message from the peer clears it,
+// and entering suspect with it remembered is gone.
 import { assign, enqueueActions, not, raise, sendTo, setup, type AnyActorRef } from 'xstate';
 import type { EndpointId } from './mesh-types.ts';
 import type { MeshMessage, NetworkCommand, NetworkEvent } from './protocol.ts';
@@ -40,7 +48,15 @@ type PeerTimerEvent =
   | { readonly type: 'peer.silence.suspect' }
   | { readonly type: 'peer.silence.gone' };
 
-export type PeerEvent = NetworkEvent | PeerTimerEvent;
+/** What the data path saw of this peer (the owner forwards the tunnels' reports): see the file header. */
+export interface PeerEvidence {
+  readonly type: 'peer.evidence';
+  readonly id: EndpointId;
+  readonly path: 'quic' | 'direct';
+  readonly why: string;
+}
+
+export type PeerEvent = NetworkEvent | PeerTimerEvent | PeerEvidence;
 
 export interface PeerContext {
   readonly id: EndpointId;
@@ -54,12 +70,19 @@ export interface PeerContext {
   readonly beat: number;
   /** Why the link went down last, for people reading the inspector. */
   readonly lastDownReason: string | null;
+  /** A direct data connection was reset since the peer's last message: weak evidence, waiting for silence. */
+  readonly directReset: string | null;
 }
 
 // Timer ids for `cancel`.
 const HEARTBEAT = 'heartbeat';
 const SUSPECT = 'silence.suspect';
 const GONE = 'silence.gone';
+
+/** The liveness bounds (the machine's default delays; .provide({ delays }) overrides them). */
+export const HEARTBEAT_INTERVAL_MS = 500;
+export const SUSPECT_AFTER_MS = 1_250;
+export const GONE_AFTER_MS = 2_500;
 
 export const RECONNECT_BASE_MS = 1_000;
 export const RECONNECT_CAP_MS = 16_000;
@@ -71,9 +94,9 @@ export const peerMachine = setup({
     events: {} as PeerEvent,
   },
   delays: {
-    heartbeatInterval: 1_000,
-    suspectAfter: 2_000,
-    goneAfter: 5_000,
+    heartbeatInterval: HEARTBEAT_INTERVAL_MS,
+    suspectAfter: SUSPECT_AFTER_MS,
+    goneAfter: GONE_AFTER_MS,
     /** A dial that has not connected by then has failed. */
     dialTimeout: 5_000,
     /** A connection whose first message has not come by then has failed. */
@@ -87,6 +110,8 @@ export const peerMachine = setup({
     isLeaving: (_, params: { message: MeshMessage }) => params.message.type === 'leaving',
     // State-level message handlers would shadow the machine-level `leaving` one: they take only the rest.
     isNotLeaving: (_, params: { message: MeshMessage }) => params.message.type !== 'leaving',
+    hasDirectReset: ({ context }) => context.directReset !== null,
+    isQuicEvidence: (_, params: { path: 'quic' | 'direct' }) => params.path === 'quic',
   },
   actions: {
     dial: sendTo(
@@ -111,7 +136,10 @@ export const peerMachine = setup({
         message: { type: 'heartbeat', n: beat },
       } satisfies NetworkCommand);
     }),
+    noteDirectReset: assign((_, params: { why: string }) => ({ directReset: params.why })),
     armSilenceTimers: enqueueActions(({ enqueue }) => {
+      // A message proves the peer alive: an earlier reset of a direct connection was not its death.
+      enqueue.assign({ directReset: null });
       enqueue.cancel(SUSPECT);
       enqueue.cancel(GONE);
       enqueue.raise({ type: 'peer.silence.suspect' }, { id: SUSPECT, delay: 'suspectAfter' });
@@ -151,6 +179,7 @@ export const peerMachine = setup({
     attempts: 0,
     beat: 0,
     lastDownReason: null,
+    directReset: null,
   }),
   initial: 'starting',
   on: {
@@ -219,6 +248,12 @@ export const peerMachine = setup({
           target: 'gone',
           actions: { type: 'noteDown', params: ({ event }) => ({ reason: event.reason }) },
         },
+        // The QUIC connection under a tunnel failed: evidence enough on its own.
+        'peer.evidence': {
+          guard: { type: 'isQuicEvidence', params: ({ event }) => ({ path: event.path }) },
+          target: 'gone',
+          actions: { type: 'noteDown', params: ({ event }) => ({ reason: `a tunnel's QUIC connection failed: ${event.why}` }) },
+        },
         // A new connection while ours looks alive: the peer restarted (or redialed) and the old connection is
         // dead. Whatever we told the old one is void, so go down and handshake anew.
         'net.peer.connected': {
@@ -231,6 +266,11 @@ export const peerMachine = setup({
         connected: {
           on: {
             'peer.silence.suspect': 'suspect',
+            // A reset direct connection alone proves nothing: remember it until silence (or a message) decides.
+            'peer.evidence': {
+              guard: not({ type: 'isQuicEvidence', params: ({ event }) => ({ path: event.path }) }),
+              actions: { type: 'noteDirectReset', params: ({ event }) => ({ why: event.why }) },
+            },
             'net.message': {
               guard: { type: 'isNotLeaving', params: ({ event }) => ({ message: event.message }) },
               actions: ['armSilenceTimers', { type: 'answerHeartbeat', params: ({ event }) => ({ message: event.message }) }],
@@ -238,7 +278,20 @@ export const peerMachine = setup({
           },
         },
         suspect: {
+          // Missed heartbeats and a reset direct connection together: gone now, not at goneAfter.
+          always: {
+            guard: 'hasDirectReset',
+            target: '#peer.gone',
+            actions: {
+              type: 'noteDown',
+              params: ({ context }) => ({ reason: `missed heartbeats and a reset direct connection (${context.directReset})` }),
+            },
+          },
           on: {
+            'peer.evidence': {
+              target: '#peer.gone',
+              actions: { type: 'noteDown', params: ({ event }) => ({ reason: `missed heartbeats and a reset direct connection (${event.why})` }) },
+            },
             'net.message': {
               guard: { type: 'isNotLeaving', params: ({ event }) => ({ message: event.message }) },
               target: 'connected',
