@@ -15,7 +15,7 @@ export interface PlotPoint {
   readonly limit: number;
 }
 
-/** Writes the figure as PNG (and the SVG beside it when `svgToo`). */
+/** Writes the figure as PNG. */
 export async function plotTokensVsRtt(points: readonly PlotPoint[], pngPath: string, title: string): Promise<void> {
   const values = points.flatMap((p) => [
     { series: p.series, rtt: p.rttMs, tps: p.measured, kind: 'measured' },
@@ -33,7 +33,7 @@ export async function plotTokensVsRtt(points: readonly PlotPoint[], pngPath: str
       x: { field: 'rtt', type: 'quantitative', title: 'round-trip time between nodes (ms)', scale: { domain: [0, Math.max(...points.map((p) => p.rttMs))] } },
       y: { field: 'tps', type: 'quantitative', title: 'generation tokens/s' },
       color: { field: 'series', type: 'nominal', title: 'layout, data path' },
-      strokeDash: { field: 'kind', type: 'nominal', title: null, sort: ['measured'] },
+      strokeDash: { field: 'kind', type: 'nominal', title: null, sort: ['measured'], legend: { labelLimit: 400 } },
     },
     layer: [{ mark: { type: 'line', strokeWidth: 2 } }, { mark: { type: 'point', filled: true, size: 50 }, transform: [{ filter: "datum.kind === 'measured'" }] }],
   };
