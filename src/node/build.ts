@@ -283,6 +283,7 @@ function assemble(
     apiKey: config.apiKey,
     allowedHosts: allowedHostNames(config.apiHost, config.allowedHosts),
     logger: componentLogger(logger, 'api'),
+    survival: {},
     // Only a node with a key file has an owner who can sign admin requests (src/io/wire/admin-proof.ts).
     ...(components.memory
       ? { admin: { owner: endpoint.id, rotate: (remove: readonly string[]) => rotateMesh({ network: meshNetwork, actor, meshId, meshFile: components.memory?.path ?? null, flush: parts.flushMeshFile }, remove) } }

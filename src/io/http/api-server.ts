@@ -15,6 +15,8 @@ import { requireAllowedHost, requireApiKey } from './api-access.ts';
 import { installAdminRoutes, type AdminActions } from './api-admin.ts';
 import { abandon, proxyBuffered, proxyHealth, proxyStream, replyUnavailable, resolveUpstream, type UpstreamResolver } from './api-proxy.ts';
 import { apiError, installRequestValidation, LLAMA_ROUTES, MODEL_ROUTES, validateModelRequest, type ParsedBody } from './api-request.ts';
+import { serveSurvivable, type SurvivalInit } from './survival.ts';
+import { survivalPlan } from '../../machines/continuation.ts';
 
 export interface ApiServerInit {
   readonly upstream: UpstreamResolver;
@@ -38,6 +40,11 @@ export interface ApiServerInit {
   readonly llamaRoutes?: boolean;
   /** The owner's admin route (POST /api/mesh/rotate, signed by the node's key file); absent: none. */
   readonly admin?: AdminActions;
+  /**
+   * This API owns the plain chat and completion requests it receives and continues them across changes of
+   * plan (src/io/http/survival.ts); absent: every request is proxied as it is (the mesh listener).
+   */
+  readonly survival?: Pick<SurvivalInit, 'budgetMs' | 'onContinue'>;
 }
 
 /** Builds the app; the caller listens (`app.listen({ host, port })`) and closes it. */
@@ -89,6 +96,11 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
       const problem = validateModelRequest(body.json, route.field);
       if (problem !== null) return reply.code(400).send(problem);
       const stream = (body.json as { stream?: unknown }).stream === true;
+      const survivable = init.survival !== undefined && route.field !== 'content' && route.path.startsWith('/v1/') ? survivalPlan(route.field === 'messages' ? 'chat' : 'completion', body.json) : null;
+      if (survivable !== null && !('unsurvivable' in survivable)) {
+        return serveSurvivable(request, reply, survivable, { ...init.survival, agent, resolve: (signal) => init.upstream({ path: route.path, signal }) });
+      }
+      if (survivable !== null) request.log.debug({ why: survivable.unsurvivable }, 'proxied as it is (it cannot be continued after a cut)');
       const up = await resolve(request, reply, route.path, init.resolveTimeoutMs ?? 65_000);
       if (reply.raw.destroyed) return abandon(reply); // the client left while we waited
       if (up.kind === 'unavailable') return replyUnavailable(reply, up);
