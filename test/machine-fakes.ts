@@ -1,8 +1,8 @@
 // Fakes shared by the machine unit tests: a process slot that records what it ran, and helpers to build
 // announcements. Not a test file itself.
-import { fromCallback, fromPromise } from 'xstate';
+import { fromCallback, fromPromise, type EventObject } from 'xstate';
 import { asEndpointId, PROTOCOL_VERSION, type Announcement, type ModelIdentity, type RolePreference } from '../src/machines/mesh-types.ts';
-import type { ProcessEvent, ProcessKillCommand } from '../src/machines/process-slot.ts';
+import type { BackoffEvent, BackoffInput, ProcessEvent, ProcessKillCommand } from '../src/machines/process-slot.ts';
 
 export const GB = 1e9;
 export const MODEL: ModelIdentity = { name: 'm', bytes: 10 * GB, fingerprint: 'fp-m' };
@@ -29,8 +29,12 @@ export interface FakeProcess<TInput> {
   readonly input: TInput;
   readonly pid: number;
   alive: boolean;
+  /** Whether the machine asked for SIGKILL (`process.kill {force}`) rather than a graceful stop. */
+  forced: boolean;
   /** Make the process die on its own. */
   crash(reason: string): void;
+  /** Have the process actor report it unresponsive (its liveness probes failed). */
+  hang(reason: string): void;
 }
 
 let nextPid = 100;
@@ -43,18 +47,22 @@ export function fakeProcess<TInput>(runs: FakeProcess<TInput>[]) {
       input,
       pid,
       alive: true,
+      forced: false,
       crash: (reason) => {
         if (!proc.alive) return;
         proc.alive = false;
         sendBack({ type: 'process.exited', code: 1, signal: null, reason } satisfies ProcessEvent);
       },
+      hang: (reason) => sendBack({ type: 'process.unresponsive', reason } satisfies ProcessEvent),
     };
     runs.push(proc);
     sendBack({ type: 'process.spawned', pid, port: 30000 + pid } satisfies ProcessEvent);
-    receive(() => {
+    receive((command) => {
       if (!proc.alive) return;
       proc.alive = false;
-      sendBack({ type: 'process.exited', code: null, signal: 'SIGTERM', reason: 'terminated' } satisfies ProcessEvent);
+      proc.forced = command.force === true;
+      const signal = proc.forced ? 'SIGKILL' : 'SIGTERM';
+      sendBack({ type: 'process.exited', code: null, signal, reason: proc.forced ? 'killed' : 'terminated' } satisfies ProcessEvent);
     });
     return () => {
       proc.alive = false;
@@ -68,4 +76,24 @@ export const readyAtOnce = fromPromise<void, { port: number }>(async () => {});
 /** Lets promise actors settle. */
 export function flush(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
+}
+
+export interface FakeBackoff {
+  readonly input: BackoffInput;
+  /** Whether the machine still waits on it (its actor is running). */
+  live: boolean;
+  /** The delay is over. */
+  elapse(): void;
+}
+
+/** A back-off slot: records every wait, says the next attempt is at `now() + delayMs`, elapses when told. */
+export function fakeBackoff(waits: FakeBackoff[], now: () => number = () => 0) {
+  return fromCallback<EventObject, BackoffInput>(({ input, sendBack }) => {
+    const wait: FakeBackoff = { input, live: true, elapse: () => sendBack({ type: 'backoff.elapsed' } satisfies BackoffEvent) };
+    waits.push(wait);
+    sendBack({ type: 'backoff.scheduled', nextAttemptAt: now() + input.delayMs } satisfies BackoffEvent);
+    return () => {
+      wait.live = false;
+    };
+  });
 }

@@ -8,7 +8,8 @@ import { describeExit, type LlamaLoadProgress, WeightsOverWireTally, type Weight
 import { launchLlamaServer, waitForHealth, type LlamaServerInit, type LlamaServerProcess } from '../io/llama/llama-server-process.ts';
 import type { Logger } from '../io/host/logger.ts';
 import { rpcDeviceCount } from '../io/llama/rpc-server-process.ts';
-import { processActorLogic } from './process.actor.ts';
+import { LIVENESS_INTERVAL_MS, LIVENESS_MISSES, llamaServerAlive } from '../io/llama/liveness.ts';
+import { processActorLogic, type Liveness } from './process.actor.ts';
 
 /** The launch settings of every generation (binary, model, threads...); the plan gives `--rpc` and the split. */
 export type LlamaServerActorConfig = Pick<
@@ -34,6 +35,8 @@ export type LlamaServerActorConfig = Pick<
   readonly queryDeviceCounts?: boolean;
   /** SIGTERM -> SIGKILL grace on stop (default 5 s). */
   readonly killGraceMs?: number;
+  /** GET /health every 2 s, 3 unanswered (2 s each) in a row: unresponsive (default; tests may tighten it). */
+  readonly liveness?: Pick<Liveness<LlamaServerProcess>, 'intervalMs' | 'misses'>;
   readonly logger?: Logger;
   /** Load progress of the current generation (the status page shows it). */
   readonly onProgress?: (p: LlamaLoadProgress & { readonly planId: string; readonly generation: number }) => void;
@@ -88,7 +91,7 @@ export async function rpcLayout(
  * process.actor.ts says (an exit's reason carries the status and its last log lines).
  */
 export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
-  const { rpcAddressFor, directRpcFor, queryDeviceCounts, killGraceMs, logger, onProgress, onStarted, onWeightsOverWire, ...launch } = config;
+  const { rpcAddressFor, directRpcFor, queryDeviceCounts, killGraceMs, liveness, logger, onProgress, onStarted, onWeightsOverWire, ...launch } = config;
   // A launch that dialed workers over TLS itself and died before it was ready (a handshake that fails, say)
   // must not repeat the same choice forever: the next launch uses the node's relay instead, once.
   let relayNextLaunch = false;
@@ -97,6 +100,12 @@ export function llamaServerProcessLogic(config: LlamaServerActorConfig) {
     logger,
     killGraceMs,
     logFields: (input) => ({ plan: input.plan.id, generation: input.generation }),
+    // /health answers from llama-server's HTTP threads, during a prefill too: no answer means stopped or wedged.
+    liveness: {
+      probe: (server, signal) => llamaServerAlive(server.url, server.process.pid, signal),
+      intervalMs: liveness?.intervalMs ?? LIVENESS_INTERVAL_MS,
+      misses: liveness?.misses ?? LIVENESS_MISSES,
+    },
     start: async (input, signal, log) => {
       const layout = await rpcLayout(input, rpcAddressFor, queryDeviceCounts === false ? undefined : (a) => rpcDeviceCount(a));
       signal.throwIfAborted();

@@ -1,9 +1,11 @@
 // The process slot of a lifecycle machine (src/machines/process-lifecycle.machine.ts), for any child that
 // serves on a port: starts it, sends `process.spawned` once it is up, `process.exited` when it exits or could
 // not start, stops it gracefully on `process.kill`, and stops it in the cleanup too (SIGKILL after the
-// grace), so a stopped actor never leaves a process behind.
-import { fromCallback } from 'xstate';
-import type { ProcessEvent, ProcessKillCommand } from '../machines/process-slot.ts';
+// grace), so a stopped actor never leaves a process behind. From `process.spawned` on it probes the child's
+// liveness (the kind's probe) and sends `process.unresponsive` once the probe has failed `misses` times in a row.
+// Also the lifecycle's back-off slot (backoffLogic): the wall clock and the log line of a back-off.
+import { fromCallback, type EventObject } from 'xstate';
+import type { BackoffEvent, BackoffInput, ProcessEvent, ProcessKillCommand } from '../machines/process-slot.ts';
 import type { Logger } from '../io/host/logger.ts';
 import { DEFAULT_STOP_GRACE_MS, type ExitInfo } from '../io/llama/processes.ts';
 
@@ -30,6 +32,19 @@ export interface ProcessActorSpec<TInput, TServer extends ServingProcess> {
   readonly killGraceMs?: number;
   /** Every process this logic starts, once up (the status page, tests). */
   readonly onStarted?: (server: TServer, input: TInput) => void;
+  /** How to tell that the child still works; none: it is never declared unresponsive. */
+  readonly liveness?: Liveness<TServer>;
+}
+
+/**
+ * A liveness probe and its bound: probe every `intervalMs` (each probe bounds itself: it must settle), and
+ * after `misses` failed probes in a row the child is unresponsive.
+ */
+export interface Liveness<TServer> {
+  /** null: alive; otherwise why not (one line). Must settle within its own bound; `signal` aborts it. */
+  readonly probe: (server: TServer, signal: AbortSignal) => Promise<string | null>;
+  readonly intervalMs: number;
+  readonly misses: number;
 }
 
 export function processActorLogic<TInput, TServer extends ServingProcess>(spec: ProcessActorSpec<TInput, TServer>) {
@@ -50,9 +65,17 @@ export function processActorLogic<TInput, TServer extends ServingProcess>(spec: 
         server = s;
         spec.onStarted?.(s, input);
         send({ type: 'process.spawned', pid: s.process.pid, port: s.port });
+        let exited = false;
         void s.exited.then((exit) => {
+          exited = true;
           if (!cleanedUp) send({ type: 'process.exited', code: exit.code, signal: exit.signal, reason: spec.exitReason(exit, log) });
         });
+        if (spec.liveness !== undefined) {
+          void watchLiveness(s, spec.liveness, ctrl.signal, () => exited || cleanedUp, (reason) => {
+            log?.error({ reason }, `${spec.name} does not answer: killing it`);
+            send({ type: 'process.unresponsive', reason });
+          });
+        }
       },
       (err: unknown) => {
         if (cleanedUp) return;
@@ -63,7 +86,7 @@ export function processActorLogic<TInput, TServer extends ServingProcess>(spec: 
 
     receive((event) => {
       if (event.type !== 'process.kill') return;
-      if (server !== null) void server.stop(grace);
+      if (server !== null) void server.stop(event.force === true ? 0 : grace);
       // Not up yet: aborting the start kills what it spawned; the rejection reports the exit.
       else ctrl.abort(new Error('stopped while starting'));
     });
@@ -73,5 +96,65 @@ export function processActorLogic<TInput, TServer extends ServingProcess>(spec: 
       ctrl.abort(new Error('actor stopped'));
       if (server !== null) void server.stop(grace);
     };
+  });
+}
+
+/** Probes until `over()`, or until `misses` probes in a row failed: then `unresponsive` once, and no more probes. */
+async function watchLiveness<TServer>(
+  server: TServer,
+  liveness: Liveness<TServer>,
+  signal: AbortSignal,
+  over: () => boolean,
+  unresponsive: (reason: string) => void,
+): Promise<void> {
+  let missed = 0;
+  const failures: string[] = [];
+  const started = Date.now();
+  for (;;) {
+    await sleep(liveness.intervalMs, signal);
+    if (signal.aborted || over()) return;
+    const why = await liveness.probe(server, signal).catch((err: unknown) => (signal.aborted ? null : String(err)));
+    if (signal.aborted || over()) return;
+    if (why === null) {
+      missed = 0;
+      failures.length = 0;
+      continue;
+    }
+    missed += 1;
+    failures.push(why);
+    if (missed >= liveness.misses) {
+      const secs = ((Date.now() - started) / 1000).toFixed(1);
+      unresponsive(`${missed} liveness probes failed in a row (${failures.join('; ')}; watched ${secs} s)`);
+      return;
+    }
+  }
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', done);
+      resolve();
+    }
+    signal.addEventListener('abort', done, { once: true });
+  });
+}
+
+/**
+ * The lifecycle's back-off slot (BackoffInput, process-slot.ts): says when the next attempt runs, logs it with
+ * the reason, and answers `backoff.elapsed` after the delay.
+ */
+export function backoffLogic(logger: Logger | undefined) {
+  return fromCallback<EventObject, BackoffInput>(({ input, sendBack }) => {
+    const nextAttemptAt = Date.now() + input.delayMs;
+    logger?.warn(
+      { crashes: input.crashes, retryInMs: input.delayMs, nextAttemptAt: new Date(nextAttemptAt).toISOString(), reason: input.reason },
+      `${input.name} crashed ${input.crashes} times in a row: next attempt in ${(input.delayMs / 1000).toFixed(0)} s (back-off)`,
+    );
+    sendBack({ type: 'backoff.scheduled', nextAttemptAt } satisfies BackoffEvent);
+    const timer = setTimeout(() => sendBack({ type: 'backoff.elapsed' } satisfies BackoffEvent), input.delayMs);
+    return () => clearTimeout(timer);
   });
 }

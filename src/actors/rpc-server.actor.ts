@@ -7,25 +7,37 @@ import type { RpcServerProcessInput } from '../machines/rpc-server.machine.ts';
 import type { Logger } from '../io/host/logger.ts';
 import { summarizeTail, type ExitInfo } from '../io/llama/processes.ts';
 import { startRpcServer, type RpcServerInit, type RpcServerProcess } from '../io/llama/rpc-server-process.ts';
-import { processActorLogic } from './process.actor.ts';
+import { LIVENESS_INTERVAL_MS, LIVENESS_MISSES, stoppedReason } from '../io/llama/liveness.ts';
+import { processActorLogic, type Liveness } from './process.actor.ts';
 
 /** The launch settings of every run (binary, GGUF, threads, devices...): the port is always a free one. */
 export type RpcServerActorConfig = Pick<RpcServerInit, 'binary' | 'gguf' | 'ggufSupported' | 'threads' | 'devices' | 'env' | 'readyTimeoutMs'> & {
   /** SIGTERM -> SIGKILL grace on stop (default 5 s). */
   readonly killGraceMs?: number;
+  /** /proc state every 2 s, stopped 3 times in a row: unresponsive (default; tests may tighten it). */
+  readonly liveness?: Pick<Liveness<RpcServerProcess>, 'intervalMs' | 'misses'>;
   readonly logger?: Logger;
   /** Every process this logic starts, once ready (the status page, tests). */
   readonly onStarted?: (server: RpcServerProcess, run: number) => void;
 };
 
-/** The `rpcServerProcess` slot: ready = it answered HELLO (see process.actor.ts for the rest). */
+/**
+ * The `rpcServerProcess` slot: ready = it answered HELLO (see process.actor.ts for the rest). Liveness: not a
+ * HELLO (it serves one client at a time, so a probe queues behind llama-server's connection and looks like a
+ * hang), the kernel's word that it is not stopped (/proc; no detection where there is none, macOS).
+ */
 export function rpcServerProcessLogic(config: RpcServerActorConfig) {
-  const { killGraceMs, logger, onStarted, ...launch } = config;
+  const { killGraceMs, liveness, logger, onStarted, ...launch } = config;
   return processActorLogic<RpcServerProcessInput, RpcServerProcess>({
     name: 'rpc-server',
     logger,
     killGraceMs,
     logFields: (input) => ({ run: input.run }),
+    liveness: {
+      probe: (server) => stoppedReason(server.process.pid),
+      intervalMs: liveness?.intervalMs ?? LIVENESS_INTERVAL_MS,
+      misses: liveness?.misses ?? LIVENESS_MISSES,
+    },
     start: (_input, signal, log) => startRpcServer({ ...launch, logger: log, signal }),
     exitReason: (exit) => exitReason(exit),
     onStarted: onStarted && ((s, input) => onStarted(s, input.run)),

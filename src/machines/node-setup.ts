@@ -13,7 +13,7 @@ import {
   type NodeContext,
   type NodeInput,
   type RpcTunnelPolicy,
-} from './node-context.ts';
+ hasWorkToDrain } from './node-context.ts';
 import { needsRpcServer, remoteWorkers, withId, withoutId } from './node-plan.ts';
 import { peerMachine, type PeerNotice } from './peer.machine.ts';
 import { unprovidedCallback } from './process-slot.ts';
@@ -27,6 +27,8 @@ export type NodeEvent =
   | RpcServerNotice
   | LlamaServerNotice
   | { readonly type: 'node.stop'; readonly reason: string }
+  // From the composition root: how many requests this node's APIs are answering now.
+  | { readonly type: 'requests.inflight'; readonly count: number }
   // Raised internally: the mesh facts changed (gossip, links, a crash), so the election will settle anew.
   | { readonly type: 'mesh.changed' }
   // Raised internally: the election sent a plan (already in context.plan).
@@ -44,6 +46,9 @@ export const ELECTION_QUIET_MS = SETTLE_MS * 2;
  * VIEW_LIMITS.ttlTicks of its own ticks without a newer announcement: 6 x 30 s = 3 min.
  */
 export const REANNOUNCE_MS = 30_000;
+
+/** The bound on draining requests before a planned change (issue 12: bounded, e.g. 30 s). */
+export const DRAIN_TIMEOUT_MS = 30_000;
 
 export const nodeSetup = setup({
   types: {
@@ -68,6 +73,8 @@ export const nodeSetup = setup({
     joinTimeout: 10_000,
     /** A graceful stop gives its processes this long before the node stops them hard. */
     leaveTimeout: 10_000,
+    /** A planned change (a join, a graceful leave) lets requests in flight finish for at most this long. */
+    drainTimeout: DRAIN_TIMEOUT_MS,
     /** The gossip tick: re-announcement and expiry (see REANNOUNCE_MS). */
     reannounce: REANNOUNCE_MS,
   },
@@ -91,6 +98,9 @@ export const nodeSetup = setup({
       return remoteWorkers(plan).every((w) => context.rpcReady[w] === plan.id);
     },
     processesDown: ({ context }) => context.rpc === 'down' && context.llama === 'down',
+    planChangeDrains: ({ context }) =>
+      context.running !== null && context.plan !== null && context.plan.id !== context.running.id && hasWorkToDrain(context),
+    drained: ({ context }) => !hasWorkToDrain(context),
   },
   actions: {
     // ---- peers ----------------------------------------------------------------------------------------
@@ -284,12 +294,19 @@ export const nodeSetup = setup({
         enqueue.sendTo('rpcServer', { type: 'rpc.stop' } satisfies RpcServerCommand);
       }
     }),
+    // Only llama-server (the host's own rpc-server crashed under it).
+    stopLlama: enqueueActions(({ context, enqueue }) => {
+      if (context.llama === 'down' || context.llama === 'stopping') return;
+      enqueue.assign({ llama: 'stopping' });
+      enqueue.sendTo('llamaServer', { type: 'llama.stop' } satisfies LlamaServerCommand);
+    }),
     sayLeaving: enqueueActions(({ context, enqueue }) => {
       for (const to of context.links) {
         enqueue.sendTo('network', { type: 'net.send', to, message: { type: 'leaving', reason: context.stopReason ?? 'stopping' } } satisfies NetworkCommand);
       }
     }),
     noteStopReason: assign((_, params: { reason: string }) => ({ stopReason: params.reason })),
+    countInFlight: assign((_, params: { count: number }) => ({ inFlight: Math.max(0, params.count) })),
 
     // ---- process notices ------------------------------------------------------------------------------
     rpcUp: assign((_, params: { port: number }) => ({ rpc: 'ready' as const, rpcPort: params.port })),

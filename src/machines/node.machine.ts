@@ -26,7 +26,7 @@ import { nodeSetup } from './node-setup.ts';
 
 // The events, delays, guards and actions live in node-setup.ts; this file is the shape of states and transitions.
 export type { NodeEvent } from './node-setup.ts';
-export { ELECTION_QUIET_MS, REANNOUNCE_MS } from './node-setup.ts';
+export { DRAIN_TIMEOUT_MS, ELECTION_QUIET_MS, REANNOUNCE_MS } from './node-setup.ts';
 // The context and what derives from it live in node-context.ts; its readers may import them from here too.
 export type { BootstrapPeer, NodeContext, NodeInput, ProcessState, RpcTunnelPolicy } from './node-context.ts';
 export { planIsUp, runningRole } from './node-context.ts';
@@ -100,11 +100,13 @@ export const nodeMachine = nodeSetup.createMachine({
     },
     'rpc.ready': { actions: [{ type: 'rpcUp', params: ({ event }) => ({ port: event.port }) }, 'refreshSelf'] },
     'rpc.stopped': { actions: ['rpcDown', 'refreshSelf'] },
-    // A crash is a mesh change like any other.
-    'rpc.crashed': { actions: ['rpcDown', 'refreshSelf', 'raiseMeshChanged'] },
+    // A crash is a mesh change like any other. The host's llama-server holds a connection to the rpc-server that
+    // is gone (its next request would crash it): it restarts with the new one.
+    'rpc.crashed': { actions: ['rpcDown', 'stopLlama', 'refreshSelf', 'raiseMeshChanged'] },
     'llama.ready': { actions: [{ type: 'llamaUp', params: ({ event }) => ({ port: event.port }) }, 'refreshSelf'] },
     'llama.stopped': { actions: ['llamaDown', 'refreshSelf'] },
     'llama.crashed': { actions: ['llamaDown', 'refreshSelf', 'raiseMeshChanged'] },
+    'requests.inflight': { actions: { type: 'countInFlight', params: ({ event }) => ({ count: event.count }) } },
     'node.stop': {
       target: '.leaving',
       actions: { type: 'noteStopReason', params: ({ event }) => ({ reason: event.reason }) },
@@ -124,11 +126,12 @@ export const nodeMachine = nodeSetup.createMachine({
     // `electionQuiet` means the plan did not change.
     electing: {
       on: {
-        'plan.elected': [{ guard: 'planDiffersFromRunning', target: 'stopping' }, { target: 'starting' }],
+        'plan.elected': [{ guard: 'planChangeDrains', target: 'draining' }, { guard: 'planDiffersFromRunning', target: 'stopping' }, { target: 'starting' }],
       },
       after: {
         electionQuiet: [
           { guard: 'hasNoPlanYet' }, // the first plan is on its way: the election always sends it
+          { guard: 'planChangeDrains', target: 'draining' },
           { guard: 'planDiffersFromRunning', target: 'stopping' },
           { guard: not('hasNoPlanYet'), target: 'starting' },
         ],
@@ -151,19 +154,35 @@ export const nodeMachine = nodeSetup.createMachine({
     serving: {
       on: {
         'mesh.changed': 'electing',
-        'plan.elected': { guard: 'planDiffersFromRunning', target: 'stopping' },
+        'plan.elected': [{ guard: 'planChangeDrains', target: 'draining' }, { guard: 'planDiffersFromRunning', target: 'stopping' }],
       },
+    },
+    // A planned change (a join, a graceful leave elsewhere): what runs now finishes first, bounded; new requests
+    // wait for the new plan (the API routes only a serving node). A stage that dies meanwhile ends it at once.
+    draining: {
+      always: { guard: 'drained', target: 'stopping' },
+      after: { drainTimeout: 'stopping' },
     },
     // Kill everything of the old plan, then start the new one from scratch.
     stopping: {
       entry: 'stopProcesses',
       always: { guard: 'processesDown', target: 'starting' },
     },
-    // A graceful stop: tell the peers, stop the processes, then stop for good.
+    // A graceful stop: a host first lets its requests in flight finish (bounded), then tells the peers, stops
+    // the processes, and stops for good.
     leaving: {
-      entry: ['sayLeaving', 'stopProcesses'],
-      always: { guard: 'processesDown', target: 'stopped' },
-      after: { leaveTimeout: 'stopped' },
+      initial: 'draining',
+      states: {
+        draining: {
+          always: { guard: 'drained', target: 'going' },
+          after: { drainTimeout: 'going' },
+        },
+        going: {
+          entry: ['sayLeaving', 'stopProcesses'],
+          always: { guard: 'processesDown', target: '#node.stopped' },
+          after: { leaveTimeout: '#node.stopped' },
+        },
+      },
       on: {
         'node.stop': {},
         'gossip.tick': {},

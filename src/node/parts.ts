@@ -3,6 +3,7 @@
 // `buildNode`; tests hand it parts of their own.
 import { createSkyInspector, createWebSocketInspector } from '@statelyai/inspect';
 import { llamaServerProcessLogic, waitLlamaHealthyLogic, type WeightsOverWireReport } from '../actors/llama-server.actor.ts';
+import { backoffLogic } from '../actors/process.actor.ts';
 import { rpcServerProcessLogic, waitRpcServerListeningLogic } from '../actors/rpc-server.actor.ts';
 import type { CliOptions } from '../io/host/cli-args.ts';
 import { componentLogger, type Logger } from '../io/host/logger.ts';
@@ -66,6 +67,7 @@ export function processSlots(
           logger: componentLogger(logger, 'rpc-server'),
         }),
         waitRpcServerListening: waitRpcServerListeningLogic,
+        rpcServerBackoff: backoffLogic(componentLogger(logger, 'rpc-server')),
       },
     }),
     llamaServer: llamaServerMachine.provide({
@@ -87,6 +89,7 @@ export function processSlots(
           onWeightsOverWire: (w) => (overWire = w.byStage),
         }),
         waitLlamaHealthy: waitLlamaHealthyLogic,
+        llamaServerBackoff: backoffLogic(componentLogger(logger, 'llama-server')),
       },
     }),
   });

@@ -6,6 +6,7 @@ import type { WeightsOverWire } from '../io/llama/llama-server-output.ts';
 import type { RpcTrafficSnapshot } from '../io/llama/rpc-traffic.ts';
 import type { EndpointId, ModelIdentity } from '../machines/mesh-types.ts';
 import { runningRole, type NodeContext, type nodeMachine } from '../machines/node.machine.ts';
+import type { LifecycleBackoff } from '../machines/process-lifecycle.machine.ts';
 
 export interface NodeStatus {
   readonly node: {
@@ -41,9 +42,14 @@ export interface NodeStatus {
     readonly llamaServer: unknown;
     readonly peers: Readonly<Record<string, unknown>>;
   };
+  /**
+   * Each process: `crashes` in a row (of the same plan, for llama-server; 0 once it stayed ready 60 s),
+   * `lastCrash` (the latest crash's reason, kept), `backoff` while a restart waits ({reason, crashes, delayMs,
+   * nextAttemptAt} in epoch ms; null otherwise): docs/node.md, "Liveness and back-off".
+   */
   readonly processes: {
-    readonly rpcServer: { readonly state: string; readonly port: number | null };
-    readonly llamaServer: { readonly state: string; readonly port: number | null; readonly generation: number };
+    readonly rpcServer: { readonly state: string; readonly port: number | null } & ProcessHealth;
+    readonly llamaServer: { readonly state: string; readonly port: number | null; readonly generation: number } & ProcessHealth;
   };
   /** Tunnel connections both ways, each with its data path (direct TLS or QUIC) and bytes; the data port. */
   readonly tunnels: TunnelsStatus;
@@ -57,12 +63,23 @@ export interface NodeStatus {
   readonly weightsOverWire: Readonly<Record<EndpointId, WeightsOverWire>>;
 }
 
+export interface ProcessHealth {
+  readonly crashes: number;
+  readonly lastCrash: string | null;
+  readonly backoff: LifecycleBackoff | null;
+}
+
 export function nameOf(c: NodeContext, id: EndpointId): string {
   return c.view.announcements[id]?.name ?? id.slice(0, 10);
 }
 
 type Snapshotted = { getSnapshot(): { value?: unknown; status?: string } } | undefined;
 const valueOf = (ref: Snapshotted): unknown => ref?.getSnapshot().value ?? null;
+/** A process lifecycle machine's crash count, last crash and back-off (a lite client has none: zeros). */
+function healthOf(ref: Snapshotted): ProcessHealth {
+  const c = (ref?.getSnapshot() as { context?: Partial<ProcessHealth> } | undefined)?.context;
+  return { crashes: c?.crashes ?? 0, lastCrash: c?.lastCrash ?? null, backoff: c?.backoff ?? null };
+}
 
 export function nodeStatus(
   actor: Actor<typeof nodeMachine>,
@@ -113,8 +130,8 @@ export function nodeStatus(
       peers,
     },
     processes: {
-      rpcServer: { state: c.rpc, port: c.rpcPort },
-      llamaServer: { state: c.llama, port: c.llamaPort, generation: c.generation },
+      rpcServer: { state: c.rpc, port: c.rpcPort, ...healthOf(children['rpcServer']) },
+      llamaServer: { state: c.llama, port: c.llamaPort, generation: c.generation, ...healthOf(children['llamaServer']) },
     },
     tunnels: extra.tunnels,
     rpcTraffic: extra.rpcTraffic,
