@@ -109,7 +109,7 @@ async function watchLiveness<TServer>(
 ): Promise<void> {
   let missed = 0;
   const failures: string[] = [];
-  const started = Date.now();
+  let lastGood = Date.now();
   for (;;) {
     await sleep(liveness.intervalMs, signal);
     if (signal.aborted || over()) return;
@@ -118,13 +118,14 @@ async function watchLiveness<TServer>(
     if (why === null) {
       missed = 0;
       failures.length = 0;
+      lastGood = Date.now();
       continue;
     }
     missed += 1;
     failures.push(why);
     if (missed >= liveness.misses) {
-      const secs = ((Date.now() - started) / 1000).toFixed(1);
-      unresponsive(`${missed} liveness probes failed in a row (${failures.join('; ')}; watched ${secs} s)`);
+      const secs = ((Date.now() - lastGood) / 1000).toFixed(1);
+      unresponsive(`${missed} liveness probes failed in a row, ${secs} s since the last good one: ${[...new Set(failures)].join('; ')}`);
       return;
     }
   }
