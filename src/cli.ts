@@ -12,7 +12,7 @@ import { startNode, type NodeHandle } from './node.ts';
 export const BIND_HOST_ENV = 'MESH_INFERENCE_BIND_HOST';
 export const THREADS_ENV = 'MESH_INFERENCE_THREADS';
 export const COUNT_RPC_ENV = 'MESH_INFERENCE_COUNT_RPC';
-export const CTX_ENV = 'MESH_INFERENCE_CTX';
+export { CTX_ENV } from './io/host/cli-args.ts';
 /** Where peers dial this node's data port instead of its own addresses ("ip" or "ip:port", comma-separated): tests and the WAN lab put relays there. */
 export const DATA_ADVERTISE_ENV = 'MESH_INFERENCE_DATA_ADVERTISE';
 
@@ -54,13 +54,11 @@ async function main(): Promise<void> {
   }
   const options = parsed.options;
   const threads = positiveIntEnv(THREADS_ENV);
-  const ctxSize = positiveIntEnv(CTX_ENV);
   let node: NodeHandle;
   try {
     node = await startNode(options, {
       bindHost: process.env[BIND_HOST_ENV] || undefined,
       threads,
-      ctxSize,
       countRpc: process.env[COUNT_RPC_ENV] === '1',
       dataAdvertise: process.env[DATA_ADVERTISE_ENV]?.split(',').filter((a) => a !== ''),
     });

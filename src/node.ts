@@ -24,8 +24,6 @@ export interface NodeExtras {
   readonly bindHost?: string;
   /** CPU threads of rpc-server and llama-server (-t); default llama.cpp's. */
   readonly threads?: number;
-  /** llama-server's context size (-c). */
-  readonly ctxSize?: number;
   /** On the host, a counting proxy in front of every worker's tunnel: its figures appear in /api/status. */
   readonly countRpc?: boolean;
   /** Where peers dial our data port instead of our own addresses (tests and the WAN lab put relays there). */
@@ -69,7 +67,7 @@ export async function startNode(options: CliOptions, extras: NodeExtras = {}): P
       logger,
       holdings,
       net: { stun: discoverPublicAddress, bind: createIrohEndpoint },
-      processes: processSlots(options, extras, binaries, logger),
+      processes: processSlots(options, { ...extras, serve: options.serve }, binaries, logger),
       inspector: () => openInspector(options.inspect, logger),
       memory,
     },

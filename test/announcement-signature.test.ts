@@ -102,7 +102,9 @@ describe('the endpoint key signs announcements', () => {
       { vramBytes: 0 },
       { model: null },
       { model: { ...signed.model!, fingerprint: 'other' } },
-      { version: 3 },
+      { version: PROTOCOL_VERSION + 1 },
+      // Protocol 3: the KV sizing is signed too (an added or altered one makes the election size plans differently).
+      { kv: { ctxSize: 4096, parallel: 1, cacheType: 'f16', flashAttn: 'off', layers: 8, bytes: 0 } },
       { serving: false },
       { addrs: ['10.0.0.1:1'] },
       { connectedTo: [] },

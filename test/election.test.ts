@@ -3,6 +3,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { elect, electionFingerprint, HEADROOM } from '../src/machines/election.ts';
+import type { KvSizing } from '../src/machines/kv-cache.ts';
 import { emptyView, mergeAnnouncements } from '../src/machines/gossip.ts';
 import { asEndpointId, type Announcement, type ModelIdentity, type Plan, type RolePreference, type View } from '../src/machines/mesh-types.ts';
 import {
@@ -12,6 +13,7 @@ import {
   electReplanningOnEveryChange,
   electTiesByArrival,
   electWithoutHeadroom,
+  electWithoutKvCache,
   everyPlanValid,
   lastWriterWinsMerge,
   neutralChangeKeepsPlan,
@@ -22,6 +24,7 @@ import {
 } from './support/election-properties.ts';
 
 const GB = 1e9;
+const MIB = 1024 ** 2;
 const MODEL: ModelIdentity = { name: 'glm', bytes: 10 * GB, fingerprint: 'fp-glm' };
 const OTHER: ModelIdentity = { name: 'qwen', bytes: 2 * GB, fingerprint: 'fp-qwen' };
 
@@ -33,6 +36,7 @@ interface NodeSpec {
   version?: number;
   seq?: number;
   serving?: boolean;
+  kv?: KvSizing;
 }
 const ann = (id: string, s: NodeSpec = {}): Announcement => ({
   id: asEndpointId(id),
@@ -46,6 +50,7 @@ const ann = (id: string, s: NodeSpec = {}): Announcement => ({
   serving: s.serving ?? false,
   addrs: [],
   connectedTo: (s.links ?? []).map(asEndpointId).sort(),
+  ...(s.kv === undefined ? {} : { kv: s.kv }),
 });
 
 /** A view from `self`'s side of a mesh given as node specs; links are made mutual unless `oneWay`. */
@@ -124,7 +129,7 @@ describe('elect: the rules', () => {
   it('takes workers only among nodes the host is mutually connected to', () => {
     // b (6 GB) reaches the host c only through a: with a (2) and c (8) the set falls short of 11 GB.
     const viaA = mesh('a', { a: { vram: 2, links: ['b', 'c'] }, b: { vram: 6 }, c: { vram: 8 } });
-    expect(elect(viaA)).toMatchObject({ kind: 'waiting', reason: expect.stringContaining('the mesh has 10.0 GB') });
+    expect(elect(viaA)).toMatchObject({ kind: 'waiting', reason: expect.stringContaining('the mesh has 9.3 GiB') });
     const direct = mesh('a', { a: { vram: 2, links: ['b', 'c'] }, b: { vram: 6, links: ['c'] }, c: { vram: 8 } });
     expect(ready(elect(direct)).stages.map((s) => s.id)).toEqual(['b', 'c']);
     // A one-sided claim is no connection: c never lists b.
@@ -132,10 +137,30 @@ describe('elect: the rules', () => {
     expect(elect(oneSided).kind).toBe('waiting');
   });
 
-  it('waits with a reason in GB when the capacity is not there', () => {
+  it('waits with a reason in the unit that shows the number when the capacity is not there', () => {
     const plan = elect(mesh('a', { a: { vram: 4, links: ['b'] }, b: { vram: 4 } }));
     expect(plan.kind).toBe('waiting');
-    if (plan.kind === 'waiting') expect(plan.reason).toMatch(/need 11\.0 GB of VRAM for glm .*the mesh has 8\.0 GB/);
+    if (plan.kind === 'waiting') expect(plan.reason).toMatch(/need 10\.2 GiB of VRAM for glm \(1\.1 x 9\.3 GiB\), the mesh has 7\.5 GiB/);
+    // The demo's 45 MiB model read "need 0.1 GB ... (1.1 x 0.0 GB), the mesh has 0.0 GB".
+    const demo: ModelIdentity = { name: 'demo', bytes: 45 * MIB, fingerprint: 'fp-demo' };
+    const small = elect(mesh('a', { a: { vram: 20 * MIB / GB, model: demo } }));
+    expect(small).toMatchObject({ kind: 'waiting', reason: 'need 50 MiB of VRAM for demo (1.1 x 45 MiB), the mesh has 20 MiB (host a and 0 directly connected worker(s))' });
+  });
+
+  it("counts the host's KV cache in what a plan must hold, by the host's announced settings", () => {
+    const kv = (gb: number): KvSizing => ({ ctxSize: 32768, parallel: 2, cacheType: 'q8_0', flashAttn: 'on', layers: 40, bytes: Math.round(gb * GB) });
+    // 11 GB holds 1.1 x 10 GB, but not with a 2 GB KV cache on top: the biggest worker joins.
+    const nodes = { a: { vram: 11, links: ['b', 'c'], kv: kv(2) }, b: { vram: 2, links: ['c'] }, c: { vram: 1 } };
+    expect(ready(elect(mesh('c', nodes))).stages.map((s) => s.id)).toEqual(['b', 'a']);
+    expect(ready(elect(mesh('c', { ...nodes, a: { ...nodes.a, kv: kv(0) } }))).stages.map((s) => s.id)).toEqual(['a']);
+    // Not enough even with every worker: the reason names the KV cache and its settings.
+    const short = elect(mesh('b', { ...nodes, a: { ...nodes.a, kv: kv(5) } }));
+    expect(short).toMatchObject({ kind: 'waiting', reason: expect.stringContaining('(1.1 x 9.3 GiB + 4.7 GiB KV cache: ctx 32768 x 2 slots, q8_0), the mesh has 13.0 GiB') });
+    // The host's settings count, not the asking node's (every node computes the same plan).
+    const fromB = mesh('b', { ...nodes, b: { ...nodes.b, kv: kv(0) } });
+    expect(elect(fromB).id).toBe(elect(mesh('c', nodes)).id);
+    // Nonsense KV numbers count nothing and never throw.
+    expect(ready(elect(mesh('a', { a: { vram: 11, kv: { ...kv(0), bytes: Number.NaN } } }))).stages).toHaveLength(1);
   });
 
   it('waits when every model holder is --role worker, or nobody holds a model', () => {
@@ -213,6 +238,7 @@ describe('(b) every plan is valid, or says why it waits', () => {
   it.each([
     mutant('host stage first', { elect: electHostFirst }),
     mutant('forgotten 1.1 x headroom', { elect: electWithoutHeadroom }),
+    mutant("forgotten KV cache (1.1 x the model alone)", { elect: electWithoutKvCache }),
   ])('catches the planted bug: $name', (impl) => bites(property(impl), 500));
 });
 

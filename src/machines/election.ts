@@ -2,9 +2,11 @@
 // Pure, total and deterministic over gossiped facts only, so every node with the same view gets the same plan.
 import { connectedPart, mutuallyConnected } from './gossip.ts';
 import { fnv1a64 } from './hash.ts';
+import { describeServe } from './kv-cache.ts';
 import type { Announcement, EndpointId, ModelIdentity, Plan, PlanStage, View } from './mesh-types.ts';
+import { formatSize } from './units.ts';
 
-/** The set must hold this much more VRAM than the model file: room for the KV cache and compute buffers. */
+/** The set must hold this much more VRAM than the model file (compute buffers), plus the host's KV cache. */
 export const HEADROOM = 1.1;
 
 /**
@@ -13,6 +15,17 @@ export const HEADROOM = 1.1;
  */
 export function requiredBytes(modelBytes: number): number {
   return Math.ceil((modelBytes * 11) / 10);
+}
+
+/**
+ * What a plan hosted by `host` must hold: 1.1 x the model bytes plus the KV cache of the host's announced
+ * settings (`kv`: the host's llama-server allocates it, src/machines/kv-cache.ts). A missing or nonsense
+ * `kv` counts 0 (an election never throws on bad gossip).
+ */
+export function planNeed(host: Announcement & { model: ModelIdentity }): { bytes: number; weights: number; kv: number } {
+  const weights = requiredBytes(host.model.bytes);
+  const kv = host.kv !== undefined && isSize(host.kv.bytes) ? host.kv.bytes : 0;
+  return { bytes: weights + kv, weights, kv };
 }
 
 /**
@@ -81,7 +94,7 @@ export function elect(view: View): Plan {
   // Host: a node that asked to host wins over `auto`; then the most VRAM; then the smaller id.
   const preferred = hostable.some((a) => a.role === 'host') ? hostable.filter((a) => a.role === 'host') : hostable;
   const host = [...preferred].sort(byVramThenId)[0] as Announcement & { model: ModelIdentity };
-  const need = requiredBytes(host.model.bytes);
+  const { bytes: need, kv } = planNeed(host);
 
   // Workers: only as many as needed (each stage costs a round trip per token), biggest first, and only
   // among nodes the host itself is directly connected to, since the host's llama-server dials them.
@@ -100,8 +113,9 @@ export function elect(view: View): Plan {
   if (total < need) {
     return waiting(
       fingerprint,
-      `need ${gb(need)} of VRAM for ${host.model.name} (${HEADROOM} x ${gb(host.model.bytes)}), ` +
-        `the mesh has ${gb(total)} (host ${host.name} and ${workers.length} directly connected worker(s))`,
+      `need ${formatSize(need)} of VRAM for ${host.model.name} (${HEADROOM} x ${formatSize(host.model.bytes)}` +
+        `${host.kv !== undefined && kv > 0 ? ` + ${formatSize(kv)} KV cache: ${describeServe(host.kv)}` : ''}), ` +
+        `the mesh has ${formatSize(total)} (host ${host.name} and ${workers.length} directly connected worker(s))`,
     );
   }
 
@@ -142,14 +156,10 @@ function byVramThenId(a: Announcement, b: Announcement): number {
   return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
 }
 
-function isSize(n: number): boolean {
+export function isSize(n: number): boolean {
   return Number.isFinite(n) && n >= 0;
 }
 
 function modelName(candidates: readonly Announcement[]): string {
   return candidates[0]?.model?.name ?? 'unknown';
-}
-
-function gb(bytes: number): string {
-  return `${(bytes / 1e9).toFixed(1)} GB`;
 }

@@ -93,6 +93,8 @@ export function announcementContent(a: Announcement): unknown[] {
     a.serving,
     [...a.addrs],
     [...a.connectedTo],
+    // Protocol 3: the KV sizing, only where announced (so an announcement without it signs as before).
+    ...(a.kv === undefined ? [] : [[a.kv.ctxSize, a.kv.parallel, a.kv.cacheType, a.kv.flashAttn, a.kv.layers, a.kv.bytes]]),
   ];
 }
 

@@ -1,5 +1,6 @@
 // The vocabulary every layer shares: who a node is, what it gossips, and the plan an election yields.
 // Pure types (and tiny pure helpers): no I/O, no clock. src/io and src/actors import these, never the reverse.
+import type { KvSizing } from './kv-cache.ts';
 
 /** An iroh endpoint id (hex of the node's public key). Branded so that plain strings do not slip in. */
 export type EndpointId = string & { readonly __endpointId: true };
@@ -18,9 +19,10 @@ export interface ModelIdentity {
 
 /**
  * The mesh protocol version carried in hello and gossip; a mismatch is refused at the hello (the refusal names
- * both versions and the node to upgrade). 2: announcements are signed by their owners (`sig`).
+ * both versions and the node to upgrade). 2: announcements are signed by their owners (`sig`). 3: they carry
+ * the KV cache sizing of the plans a node would host (`kv`), which the election counts.
  */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 
 /**
  * One node's announcement of itself: the only facts an election may use.
@@ -42,6 +44,12 @@ export interface Announcement {
   readonly addrs: readonly string[];
   /** Peers this node holds a direct (not relayed) connection to, sorted. Only mutual edges count. */
   readonly connectedTo: readonly EndpointId[];
+  /**
+   * The serving settings of the plans this node would host (context, slots, KV cache type) and the KV cache's
+   * bytes for them (src/machines/kv-cache.ts): the election adds the host's `kv.bytes` to what a plan needs.
+   * Absent on a lite client (and in old tests): no KV term.
+   */
+  readonly kv?: KvSizing;
   /**
    * The owner's ed25519 signature (its endpoint key) over the fields above, the mesh id and a context string
    * (src/io/wire/announcement-signature.ts). Relayed verbatim; a fact about X counts only with X's valid

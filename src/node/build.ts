@@ -24,6 +24,7 @@ import { stopAll } from '../io/llama/processes.ts';
 import type { IrohMeshEndpoint, IrohTransportComponents, IrohTransportInit } from '../io/transport/iroh-transport.ts';
 import { encodeExpiringInvite, encodeInviteToken, inviteAddrs } from '../io/wire/invite-token.ts';
 import { announcementAuthority } from '../io/wire/announcement-signature.ts';
+import type { KvSizing } from '../machines/kv-cache.ts';
 import { PROTOCOL_VERSION, type Announcement, type EndpointId, type ModelIdentity } from '../machines/mesh-types.ts';
 import { nodeMachine, runningRole } from '../machines/node.machine.ts';
 import { DisposalStack } from './disposal.ts';
@@ -49,6 +50,8 @@ export interface NodeHoldings {
   readonly secretKey: Uint8Array;
   readonly model: ModelIdentity | null;
   readonly vram: VramInfo | null;
+  /** The KV cache of the plans this node would host (src/machines/kv-cache.ts), announced; null/absent: none. */
+  readonly kv?: KvSizing | null;
 }
 
 /** The acquisitions that reach the network (tests make each of them fail here). */
@@ -376,6 +379,7 @@ function announcement(config: NodeConfig, holdings: NodeHoldings, endpoint: Iroh
     serving: false,
     addrs: endpoint.addrs(),
     connectedTo: [],
+    ...(holdings.kv ? { kv: holdings.kv } : {}),
   };
 }
 

@@ -11,6 +11,8 @@ import { meshMemoryPath, readMeshMemory } from '../io/host/mesh-memory.ts';
 import { loadOrCreateSecretKey } from '../io/host/secret-key.ts';
 import { detectVram, formatBytes } from '../io/host/vram.ts';
 import { readModelIdentity } from '../io/gguf/gguf-identity.ts';
+import { readModelShape } from '../io/gguf/gguf-shape.ts';
+import { DEFAULT_SERVE, describeServe, kvSizing, type ServeSettings } from '../machines/kv-cache.ts';
 import { findLlamaBinaries, type LlamaBinaries } from '../io/llama/llama-binaries.ts';
 import { llamaServerMachine } from '../machines/llama-server.machine.ts';
 import { rpcServerMachine } from '../machines/rpc-server.machine.ts';
@@ -28,22 +30,25 @@ export async function readHoldings(
   const log = componentLogger(logger, 'node');
   const isClient = options.role === 'client' || options.model === null;
   const model = isClient ? null : await readModelIdentity(options.model!);
+  // The KV cache of the plans this node would host, announced for the election (src/machines/kv-cache.ts).
+  const kv = isClient ? null : kvSizing(await readModelShape(options.model!), options.serve);
   const vram = isClient ? null : await detectVram({ maxVramBytes: options.maxVramBytes });
   const binaries = isClient ? null : await findLlamaBinaries();
-  if (model !== null) log.info({ model: model.name, bytes: model.bytes, fingerprint: model.fingerprint }, 'model');
+  if (model !== null) log.info({ model: model.name, bytes: model.bytes, fingerprint: model.fingerprint }, `model ${model.name} (${formatBytes(model.bytes)})`);
+  if (kv !== null) log.info({ kvBytes: kv.bytes, ctxSize: kv.ctxSize, parallel: kv.parallel, cacheType: kv.cacheType, flashAttn: kv.flashAttn }, `KV cache when hosting: ${formatBytes(kv.bytes)} (${describeServe(kv)})`);
   if (vram !== null) log.info({ bytes: vram.bytes, source: vram.source }, `offering ${formatBytes(vram.bytes)} (${vram.detail})`);
   if (binaries !== null) log.info({ dir: binaries.dir, patches: binaries.patches }, 'llama.cpp binaries');
   const { key: secretKey, path: keyPath } = await loadOrCreateSecretKey({ keyFile: options.keyFile ?? undefined });
   // The key file's mesh file: the mesh this identity belongs to (src/io/host/mesh-memory.ts).
   const memoryPath = meshMemoryPath(keyPath);
   const memory = { path: memoryPath, remembered: await readMeshMemory(memoryPath) };
-  return { secretKey, model, vram, binaries, memory };
+  return { secretKey, model, vram, kv, binaries, memory };
 }
 
 /** The rpc-server and llama-server slots of the node machine, over the real processes; none without binaries. */
 export function processSlots(
   options: Pick<CliOptions, 'model'>,
-  tuning: { readonly threads?: number; readonly ctxSize?: number },
+  tuning: { readonly threads?: number; readonly serve?: ServeSettings },
   binaries: LlamaBinaries | null,
   logger: Logger,
 ): NodeProcessSlots {
@@ -79,7 +84,8 @@ export function processSlots(
           // Patch 0003: llama-server speaks TLS to the workers' data ports itself, with no Node relay on this end.
           directRpcFor: binaries.rpcTlsPsk ? (stage, plan) => tunnels.directRpcFor(stage.id, plan.id) : undefined,
           threads: tuning.threads,
-          ctxSize: tuning.ctxSize,
+          // The plan sized the KV cache for --ctx-size per slot (src/machines/kv-cache.ts): -c is the whole cache.
+          ...llamaServeArgs(tuning.serve ?? DEFAULT_SERVE),
           env: crashEnv,
           // In llama.cpp's router-child mode llama-server does not exit on SIGTERM while its stdin (the
           // watchdog pipe) stays open: it hangs in "cleaning up before exit" until SIGKILL. It holds no
@@ -93,6 +99,19 @@ export function processSlots(
       },
     }),
   });
+}
+
+/**
+ * llama-server's flags for the serving settings: -c is the whole cache (ctx per slot x slots). With one slot
+ * (the default) no -np: llama.cpp's automatic slots share the one cache of --ctx-size tokens, as before.
+ */
+export function llamaServeArgs(serve: ServeSettings): { ctxSize: number; parallel?: number; flashAttention: ServeSettings['flashAttn']; extraArgs: string[] } {
+  return {
+    ctxSize: serve.ctxSize * serve.parallel,
+    ...(serve.parallel > 1 ? { parallel: serve.parallel } : {}),
+    flashAttention: serve.flashAttn,
+    extraArgs: serve.cacheType === 'f16' ? [] : ['-ctk', serve.cacheType, '-ctv', serve.cacheType],
+  };
 }
 
 /** `--inspect`: opens the connection to the Stately inspector or a WebSocket one; null without the flag. */

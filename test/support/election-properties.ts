@@ -3,6 +3,7 @@
 import fc from 'fast-check';
 import { elect, readyPlanId } from '../../src/machines/election.ts';
 import { emptyView, mergeAnnouncements } from '../../src/machines/gossip.ts';
+import type { KvSizing } from '../../src/machines/kv-cache.ts';
 import { asEndpointId, type Announcement, type EndpointId, type ModelIdentity, type Plan, type RolePreference, type View } from '../../src/machines/mesh-types.ts';
 
 export interface ElectionImpl {
@@ -29,6 +30,11 @@ const roleArb: fc.Arbitrary<RolePreference> = fc.oneof(
   { arbitrary: fc.constant('client' as const), weight: 1 },
 );
 const vramArb = fc.constantFrom(0, 2, 4, 6, 8, 8, 12, 16).map((g) => g * GB);
+/** The KV sizing a node announces (what the plans it hosts need besides 1.1 x the model), often absent. */
+const kvArb: fc.Arbitrary<KvSizing | undefined> = fc.oneof(
+  { arbitrary: fc.constant(undefined), weight: 2 },
+  { arbitrary: fc.constantFrom(0, 0.5, 1, 3, 6).map((g): KvSizing => ({ ctxSize: 4096, parallel: 1, cacheType: 'f16', flashAttn: 'off', layers: 32, bytes: g * GB })), weight: 3 },
+);
 const modelArb = (bytes: number): fc.Arbitrary<ModelIdentity | null> =>
   fc.oneof(
     { arbitrary: fc.constant({ ...MODEL_A, bytes }), weight: 8 },
@@ -52,7 +58,8 @@ export function announcementArb(id: EndpointId, all: readonly EndpointId[], mode
     addrs: fc.constant([`10.0.0.${id.slice(1)}:4433`]),
     // Dense connectivity (most links present), so multi-node plans are common.
     connectedTo: fc.subarray(others, { minLength: Math.min(others.length, 1) }).map((xs) => [...xs].sort()),
-  });
+    kv: kvArb,
+  }).map(({ kv, ...a }) => (kv === undefined ? a : { ...a, kv }));
 }
 
 export interface Facts {
@@ -168,8 +175,8 @@ export function planProblem(view: View, plan: Plan): string | null {
   if (plan.stages.some((s) => !(s.share >= 0))) return 'a negative share';
   const vram = stageNodes.map((a) => a?.vramBytes ?? 0);
   const total = vram.reduce((n, v) => n + v, 0);
-  // 1.1 x in integers: exactly 1.1 x counts as enough.
-  const need = Math.ceil((plan.model.bytes * 11) / 10);
+  // 1.1 x in integers (exactly 1.1 x counts as enough), plus the KV cache of the host's announced settings.
+  const need = Math.ceil((plan.model.bytes * 11) / 10) + (host.kv?.bytes ?? 0);
   if (total < need) return `the set holds ${total} bytes, needs ${need}`;
   // Only as many nodes as needed: without its smallest worker the set must fall short.
   if (plan.stages.length > 1 && total - Math.min(...vram.slice(0, -1)) >= need) return 'more workers than needed';
@@ -346,3 +353,10 @@ export const electWithoutHeadroom: ElectionImpl['elect'] = (view) => {
   const plan = elect(shrunk);
   return plan.kind === 'ready' ? { ...plan, model: view.announcements[plan.host]?.model ?? plan.model } : plan;
 };
+
+/** Forgets the KV cache: sizes plans by 1.1 x the model alone (the bug issue 13 fixed). */
+export const electWithoutKvCache: ElectionImpl['elect'] = (view) =>
+  elect({
+    self: view.self,
+    announcements: Object.fromEntries(Object.entries(view.announcements).map(([id, { kv: _, ...a }]) => [id, a])),
+  });

@@ -4,6 +4,7 @@ import { readFileSync, statSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import type { LevelWithSilent } from 'pino';
+import type { ServeSettings } from '../../machines/kv-cache.ts';
 import type { RolePreference } from '../../machines/mesh-types.ts';
 import { decodeExpiringInvite, decodeInviteToken, EXPIRING_INVITE_VERSION, InviteTokenError, type ExpiringInvite, type InviteToken } from '../wire/invite-token.ts';
 import { API_KEY_ENV, DEFAULT_API_PORT, HELP_TEXT, JOIN_ENV } from './cli-help.ts';
@@ -20,6 +21,7 @@ import {
   parsePort,
   parseRelay,
   parseRole,
+  parseServe,
   parseStun,
   type DataPathMode,
   type InspectTarget,
@@ -65,7 +67,12 @@ export interface CliOptions {
   readonly showSecretToken: boolean;
   /** STUN servers ("host:port") to ask for the public address; empty = none (`--stun none`); null = the defaults. */
   readonly stun: readonly string[] | null;
+  /** `--ctx-size`, `--parallel`, `--flash-attn`, `--cache-type`: how this node's llama-server would serve (and the KV cache it sizes plans for). */
+  readonly serve: ServeSettings;
 }
+
+/** $MESH_INFERENCE_CTX: the default of --ctx-size (the demo, tests and benchmarks set it). */
+export const CTX_ENV = 'MESH_INFERENCE_CTX';
 
 export type CliParse =
   | { readonly kind: 'run'; readonly options: CliOptions }
@@ -73,6 +80,11 @@ export type CliParse =
   | { readonly kind: 'invite'; readonly keyFile: string | null; readonly ttlMs: number }
   /** `mesh-inference rotate`: ask the running node to rotate the mesh secret, removing the named members. */
   | { readonly kind: 'rotate'; readonly keyFile: string | null; readonly port: number; readonly apiKey: string | null; readonly remove: readonly string[] }
+  /**
+   * `mesh-inference plan --model FILE [--join TOKEN]...`: which node would get which layers if this machine
+   * joined (src/node/plan-preview.ts); with --join it looks at the mesh as an observer that is never a candidate.
+   */
+  | { readonly kind: 'plan'; readonly options: CliOptions; readonly json: boolean; readonly waitMs: number }
   /** No arguments at all: the composition root runs the local demo mesh. */
   | { readonly kind: 'demo' }
   | { readonly kind: 'help'; readonly text: string }
@@ -101,8 +113,15 @@ const OPTIONS = {
   'new-mesh': { type: 'boolean' },
   'show-secret-token': { type: 'boolean' },
   stun: { type: 'string', multiple: true },
+  'ctx-size': { type: 'string' },
+  parallel: { type: 'string' },
+  'flash-attn': { type: 'string' },
+  'cache-type': { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 } as const;
+
+/** `plan`'s own flags, besides the node's. */
+const PLAN_OPTIONS = { ...OPTIONS, json: { type: 'boolean' }, wait: { type: 'string' } } as const;
 
 /** Parses `argv` (without node and script). Never throws: every problem comes back as `kind: 'error'`. */
 export function parseCliArgs(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): CliParse {
@@ -118,6 +137,7 @@ function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse
   if (argv.length === 0) return { kind: 'demo' };
   if (argv[0] === 'invite') return parseInviteCommand(argv.slice(1));
   if (argv[0] === 'rotate') return parseRotateCommand(argv.slice(1), env);
+  if (argv[0] === 'plan') return parsePlanCommand(argv.slice(1), env);
   let values: ReturnType<typeof parseArgs<{ options: typeof OPTIONS; strict: true; allowPositionals: false }>>['values'];
   try {
     ({ values } = parseArgs({ args: withInspectValue(argv), options: OPTIONS, strict: true, allowPositionals: false }));
@@ -125,6 +145,28 @@ function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse
     throw new CliUsageError(`${describeParseArgsError(err)} (see --help)`);
   }
   if (values.help) return { kind: 'help', text: HELP_TEXT };
+  return { kind: 'run', options: runOptions(values, env) };
+}
+
+type RunValues = ReturnType<typeof parseArgs<{ options: typeof OPTIONS; strict: true; allowPositionals: false }>>['values'];
+
+/** `mesh-inference plan --model FILE [--join TOKEN]... [--max-vram SIZE] [--ctx-size N]... [--json] [--wait 20s]`. */
+function parsePlanCommand(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse {
+  let values: ReturnType<typeof parseArgs<{ options: typeof PLAN_OPTIONS; strict: true; allowPositionals: false }>>['values'];
+  try {
+    ({ values } = parseArgs({ args: [...argv], options: PLAN_OPTIONS, strict: true, allowPositionals: false }));
+  } catch (err) {
+    throw new CliUsageError(`plan: ${describeParseArgsError(err)} (see --help)`);
+  }
+  if (values.help) return { kind: 'help', text: HELP_TEXT };
+  if (values.model === undefined) throw new CliUsageError('plan: --model FILE is required (the model this machine would serve)');
+  if (values.client || values.role === 'client') throw new CliUsageError('plan: a lite client takes no layers; preview a node with --model');
+  const { json, wait, ...rest } = values;
+  const waitMs = wait === undefined ? 20_000 : parseDuration('--wait', wait);
+  return { kind: 'plan', options: runOptions(rest as RunValues, env), json: json ?? false, waitMs };
+}
+
+function runOptions(values: RunValues, env: NodeJS.ProcessEnv): CliOptions {
 
   const role = parseRole(values.role, values.client ?? false);
   const model = values.model === undefined ? null : checkModelPath(values.model);
@@ -163,10 +205,11 @@ function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse
     stun: parseStun(values.stun),
     newMesh: values['new-mesh'] ?? false,
     showSecretToken: values['show-secret-token'] ?? false,
+    serve: parseServe({ ctx: values['ctx-size'], parallel: values.parallel, flashAttn: values['flash-attn'], cacheType: values['cache-type'] }, env[CTX_ENV]),
     ...(invites.length > 0 ? { invites } : {}),
   };
   if (options.newMesh && (joins.length > 0 || invites.length > 0)) throw new CliUsageError('--new-mesh contradicts --join: a node starts a fresh mesh or joins one');
-  return { kind: 'run', options };
+  return options;
 }
 
 /**

@@ -1,6 +1,7 @@
-// The command line's value parsers (role, ports, sizes, durations, name, hosts, inspect, relay, STUN, data path).
+// The command line's value parsers (role, ports, sizes, durations, name, hosts, inspect, relay, STUN, data path, serving settings).
 import { hostname } from 'node:os';
 import type { RolePreference } from '../../machines/mesh-types.ts';
+import { DEFAULT_SERVE, isKvCacheType, KV_CACHE_TYPES, needsFlashAttention, type ServeSettings } from '../../machines/kv-cache.ts';
 
 export type InspectTarget = { readonly kind: 'sky' } | { readonly kind: 'websocket'; readonly url: string };
 export type DataPathMode = 'auto' | 'quic';
@@ -157,4 +158,34 @@ export function parseDataPath(raw: string | undefined): DataPathMode {
 export function expandHome(p: string): string {
   const home = process.env['HOME'];
   return home !== undefined && (p === '~' || p.startsWith('~/')) ? home + p.slice(1) : p;
+}
+
+/**
+ * `--ctx-size N` (tokens of context per request; `k` suffix allowed: 32k), `--parallel N` (slots),
+ * `--flash-attn on|off|auto`, `--cache-type TYPE` (K and V): the serving settings of the plans this node
+ * would host. `defaultCtx` is $MESH_INFERENCE_CTX's value where set. A quantized cache needs flash attention.
+ */
+export function parseServe(
+  raw: { ctx?: string; parallel?: string; flashAttn?: string; cacheType?: string },
+  defaultCtx: string | undefined,
+): ServeSettings {
+  const ctxRaw = raw.ctx ?? (defaultCtx !== undefined && defaultCtx !== '' ? defaultCtx : undefined);
+  const ctxFlag = raw.ctx !== undefined ? '--ctx-size' : '$MESH_INFERENCE_CTX';
+  const ctxSize = ctxRaw === undefined ? DEFAULT_SERVE.ctxSize : positiveCount(ctxFlag, ctxRaw, 1 << 24, true);
+  const parallel = raw.parallel === undefined ? DEFAULT_SERVE.parallel : positiveCount('--parallel', raw.parallel, 256, false);
+  const flashAttn = raw.flashAttn ?? DEFAULT_SERVE.flashAttn;
+  if (flashAttn !== 'on' && flashAttn !== 'off' && flashAttn !== 'auto') throw new CliUsageError(`--flash-attn: "${flashAttn}" is not one of on, off, auto`);
+  const cacheType = raw.cacheType ?? DEFAULT_SERVE.cacheType;
+  if (!isKvCacheType(cacheType)) throw new CliUsageError(`--cache-type: "${cacheType}" is not one of ${Object.keys(KV_CACHE_TYPES).join(', ')}`);
+  if (needsFlashAttention(cacheType) && flashAttn !== 'on') {
+    throw new CliUsageError(`--cache-type ${cacheType}: a quantized KV cache needs --flash-attn on (llama.cpp quantizes the V cache only with flash attention)`);
+  }
+  return { ctxSize, parallel, flashAttn, cacheType };
+}
+
+function positiveCount(flag: string, raw: string, max: number, kSuffix: boolean): number {
+  const m = (kSuffix ? /^\s*(\d+)\s*(k?)\s*$/i : /^\s*(\d+)()\s*$/).exec(raw);
+  const n = m === null ? NaN : Number(m[1]) * (m[2] === '' ? 1 : 1024);
+  if (!Number.isSafeInteger(n) || n < 1 || n > max) throw new CliUsageError(`${flag}: "${raw}" is not a whole number from 1 to ${max}${kSuffix ? ' (e.g. 4096, 32k)' : ''}`);
+  return n;
 }

@@ -2,6 +2,7 @@
 // memory of its NVIDIA GPUs (nvidia-smi), else its unified memory on macOS, else a share of its RAM.
 import { execFile } from 'node:child_process';
 import { freemem, totalmem } from 'node:os';
+import { formatSize } from '../../machines/units.ts';
 
 export type VramSource = 'override' | 'nvidia-smi' | 'unified-memory' | 'ram-share';
 
@@ -125,10 +126,9 @@ function runNvidiaSmi(): Promise<string> {
   });
 }
 
+/** Sizes in the unit that shows the number (src/machines/units.ts). */
 export function formatBytes(n: number): string {
-  if (n >= GIB) return `${(n / GIB).toFixed(1)} GiB`;
-  if (n >= MIB) return `${(n / MIB).toFixed(0)} MiB`;
-  return `${n} B`;
+  return formatSize(n);
 }
 
 function firstLine(err: unknown): string {

@@ -5,6 +5,7 @@
 // Signed bytes: UTF-8 of ANNOUNCEMENT_SIGNATURE_CONTEXT, 0x00, the 16-byte mesh id, then msgpack (msgpackr,
 // records off) of the array (announcementContent, src/machines/gossip.ts)
 //   [id, epoch, seq, name, role, vramBytes, model ? [name, bytes, fingerprint] : null, version, serving, addrs, connectedTo]
+// followed, where the announcement carries its KV sizing (protocol 3), by [ctxSize, parallel, cacheType, flashAttn, layers, bytes].
 // An array, not a map: no key order to agree on. Both sides encode the validated values, so a relayed
 // announcement (fields and `sig` unchanged) verifies anywhere in the same mesh, and nowhere else.
 import { createPrivateKey, createPublicKey, sign, verify, type KeyObject } from 'node:crypto';

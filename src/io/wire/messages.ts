@@ -1,6 +1,7 @@
 // Validates decoded msgpack values into the MeshMessage union, field by field, at the wire boundary:
 // whatever a peer sends, the machines only ever see well-typed messages; anything else is a typed error.
 import { asEndpointId, type Announcement, type EndpointId, type ModelIdentity, type RolePreference } from '../../machines/mesh-types.ts';
+import { isKvCacheType, type KvSizing } from '../../machines/kv-cache.ts';
 import type { HelloInvite, MeshMessage, MeshMessageType } from '../../machines/protocol.ts';
 
 /** Stable codes a caller can act on (all of them mean: close this peer with the message as the reason). */
@@ -241,6 +242,22 @@ class Fields {
     };
   }
 
+  kv(obj: Record<string, unknown>, key: string, path = key): KvSizing {
+    const v = this.record(obj[key], path);
+    const cacheType = this.string(v, 'cacheType', 16, true, `${path}.cacheType`);
+    const flashAttn = this.string(v, 'flashAttn', 8, true, `${path}.flashAttn`);
+    if (!isKvCacheType(cacheType)) return this.bad(`${path}.cacheType`, `must be a llama.cpp KV cache type, got ${describe(cacheType)}`);
+    if (flashAttn !== 'on' && flashAttn !== 'off' && flashAttn !== 'auto') return this.bad(`${path}.flashAttn`, `must be on, off or auto, got ${describe(flashAttn)}`);
+    return {
+      ctxSize: this.count(v, 'ctxSize', `${path}.ctxSize`),
+      parallel: this.count(v, 'parallel', `${path}.parallel`),
+      cacheType,
+      flashAttn,
+      layers: this.count(v, 'layers', `${path}.layers`),
+      bytes: this.count(v, 'bytes', `${path}.bytes`),
+    };
+  }
+
   announcement(a: Record<string, unknown>, path: string): Announcement {
     const at = (k: string) => `${path}.${k}`;
     return {
@@ -255,6 +272,8 @@ class Fields {
       serving: this.boolean(a, 'serving', at('serving')),
       addrs: this.array(a, 'addrs', LIMITS.addrs, (v, p) => this.string({ v }, 'v', LIMITS.shortString, true, p), at('addrs')),
       connectedTo: this.array(a, 'connectedTo', LIMITS.connectedTo, (v, p) => this.endpointIdValue(v, p), at('connectedTo')),
+      // Protocol 3: optional; its numbers are checked here, its sense by the election (src/machines/kv-cache.ts).
+      ...(a['kv'] === undefined || a['kv'] === null ? {} : { kv: this.kv(a, 'kv', at('kv')) }),
       // Required since protocol 2; whether it is valid is the receiver's check (src/io/wire/announcement-signature.ts).
       sig: this.signature(a, 'sig', at('sig')),
     };
