@@ -1,6 +1,7 @@
 // Model-based tests of the rpc-server and llama-server lifecycles: walk every simple path of each machine's
 // graph (@xstate/graph), replay it against a controllable fake process on SimulatedClock, and after every
-// step assert what the state promises about the fake process table and the owner's notices.
+// step assert what the state promises about the fake process table and the owner's notices. States are told
+// apart by value and by whether a crash now backs off (a second crash in a row), so the back-off is walked too.
 import { getSimplePaths } from '@xstate/graph';
 import { createActor, fromCallback, fromPromise, SimulatedClock, type AnyActorRef, type EventObject } from 'xstate';
 import { describe, expect, it } from 'vitest';
@@ -30,7 +31,7 @@ interface Lifecycle {
   readonly id: string;
   readonly prefix: 'rpc' | 'llama';
   readonly start: EventObject;
-  readonly slots: (proc: ReturnType<typeof fromCallback>, probe: ReturnType<typeof fromPromise>) => object;
+  readonly slots: (proc: ReturnType<typeof fromCallback>, probe: ReturnType<typeof fromPromise>, backoff: ReturnType<typeof fromCallback>) => object;
   readonly probeId: string;
   readonly loadTimeout: number;
 }
@@ -42,7 +43,7 @@ const LIFECYCLES: Lifecycle[] = [
     id: 'rpcServer',
     prefix: 'rpc',
     start: { type: 'rpc.start' },
-    slots: (proc, probe) => ({ rpcServerProcess: proc, waitRpcServerListening: probe }),
+    slots: (proc, probe, backoff) => ({ rpcServerProcess: proc, waitRpcServerListening: probe, rpcServerBackoff: backoff }),
     probeId: 'listening',
     loadTimeout: 30_000,
   },
@@ -52,7 +53,7 @@ const LIFECYCLES: Lifecycle[] = [
     id: 'llamaServer',
     prefix: 'llama',
     start: { type: 'llama.start', plan: PLAN, generation: 1, ownRpcPort: 7 } as EventObject,
-    slots: (proc, probe) => ({ llamaServerProcess: proc, waitLlamaHealthy: probe }),
+    slots: (proc, probe, backoff) => ({ llamaServerProcess: proc, waitLlamaHealthy: probe, llamaServerBackoff: backoff }),
     probeId: 'healthy',
     loadTimeout: 600_000,
   },
@@ -69,17 +70,21 @@ for (const lc of LIFECYCLES) {
       { type: `xstate.error.actor.${lc.probeId}`, error: new Error('probe failed') },
       { type: `xstate.after.loadTimeout.${lc.id}.running.loading` },
       { type: `xstate.after.killTimeout.${lc.id}.running.stopping` },
+      { type: 'process.unresponsive', reason: 'stopped' },
+      { type: `xstate.after.killTimeout.${lc.id}.running.killing` },
+      { type: 'backoff.elapsed' },
     ];
     const dummyOwner = createActor(fromCallback(() => {})).start();
     const paths = getSimplePaths(lc.machine as typeof rpcServerMachine, {
       input: { notify: dummyOwner },
       events: events as never,
-      serializeState: (s) => JSON.stringify(s.value),
+      serializeState: (s) => JSON.stringify([s.value, s.context.crashes >= 1]),
     });
 
     it('has paths to every state', () => {
       const reached = new Set(paths.map((p) => JSON.stringify(p.state.value)));
-      for (const v of ['"stopped"', '{"running":"spawning"}', '{"running":"loading"}', '{"running":"ready"}', '{"running":"stopping"}', '"crashed"']) {
+      const states = ['"stopped"', '{"running":"spawning"}', '{"running":"loading"}', '{"running":"ready"}', '{"running":"stopping"}', '{"running":"killing"}'];
+      for (const v of [...states, '{"crashed":"idle"}', '{"crashed":"backingOff"}']) {
         expect(reached, v).toContain(v);
       }
     });
@@ -102,8 +107,12 @@ for (const lc of LIFECYCLES) {
           };
         });
         const probe = fromPromise<void>(() => new Promise<void>((resolve, reject) => probes.push({ resolve, reject })));
+        const backoffs: { elapse: () => void }[] = [];
+        const backoff = fromCallback(({ sendBack }) => {
+          backoffs.push({ elapse: () => sendBack({ type: 'backoff.elapsed' }) });
+        });
         const owner = createActor(fromCallback<EventObject>(({ receive }) => receive((n) => notices.push(n)))).start();
-        const machine = (lc.machine as typeof rpcServerMachine).provide({ actors: lc.slots(proc as never, probe as never) as never });
+        const machine = (lc.machine as typeof rpcServerMachine).provide({ actors: lc.slots(proc as never, probe as never, backoff as never) as never });
         const actor = createActor(machine, { clock, input: { notify: owner as AnyActorRef } }).start();
         const current = () => procs.at(-1)!;
         const describePath = path.steps.map((s) => s.event.type).join(' > ');
@@ -118,6 +127,8 @@ for (const lc of LIFECYCLES) {
           else if (e.type.startsWith('xstate.error.actor.')) probes.at(-1)!.reject(new Error('probe failed'));
           else if (e.type.includes('loadTimeout')) clock.increment(lc.loadTimeout);
           else if (e.type.includes('killTimeout')) clock.increment(5_000);
+          else if (e.type === 'process.unresponsive') current().send({ type: 'process.unresponsive', reason: 'stopped' });
+          else if (e.type === 'backoff.elapsed') backoffs.at(-1)!.elapse();
           else actor.send(e as never);
           await new Promise((r) => setImmediate(r));
 
@@ -125,11 +136,15 @@ for (const lc of LIFECYCLES) {
           expect(value, describePath).toEqual(step.state.value);
           // What each state promises, read off the fake process table and the owner's notices.
           const live = procs.filter((p) => p.alive);
-          if (value === 'stopped' || value === 'crashed') expect(live, describePath).toHaveLength(0);
+          const crashed = typeof value === 'object' && 'crashed' in value;
+          const running = typeof value === 'object' && 'running' in value ? value.running : null;
+          if (value === 'stopped' || crashed) expect(live, describePath).toHaveLength(0);
           else expect(live, describePath).toHaveLength(1);
-          if (value === 'crashed') expect(notices.at(-1)?.type, describePath).toBe(`${lc.prefix}.crashed`);
-          if (typeof value === 'object' && value.running === 'ready') expect(notices.at(-1)?.type, describePath).toBe(`${lc.prefix}.ready`);
-          if (typeof value === 'object' && value.running === 'stopping') expect(live[0]!.killAsked, describePath).toBe(true);
+          if (crashed) expect(notices.at(-1)?.type, describePath).toBe(`${lc.prefix}.crashed`);
+          // Backing off: no second crash in a row without a wait.
+          if (crashed && value.crashed === 'backingOff') expect(actor.getSnapshot().context.crashes, describePath).toBeGreaterThanOrEqual(2);
+          if (running === 'ready') expect(notices.at(-1)?.type, describePath).toBe(`${lc.prefix}.ready`);
+          if (running === 'stopping' || running === 'killing') expect(live[0]!.killAsked, describePath).toBe(true);
           if (value === 'stopped' && path.steps.indexOf(step) > 0 && e.type !== lc.start.type) {
             expect(notices.at(-1)?.type, describePath).toBe(`${lc.prefix}.stopped`);
           }

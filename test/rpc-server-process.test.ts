@@ -228,7 +228,7 @@ describe('the rpc-server machine with the real actor logic', () => {
 
     process.kill(started[0]!.process.pid, 'SIGKILL');
     expect((await next('rpc.crashed')).reason).toMatch(/^rpc-server exited: killed by SIGKILL/);
-    expect(actor.getSnapshot().value).toBe('crashed');
+    expect(actor.getSnapshot().value).toEqual({ crashed: 'idle' });
 
     actor.send({ type: 'rpc.start' });
     const again = await next('rpc.ready');
