@@ -28,6 +28,7 @@ import type { KvSizing } from '../machines/kv-cache.ts';
 import { PROTOCOL_VERSION, type Announcement, type EndpointId, type ModelIdentity } from '../machines/mesh-types.ts';
 import { nodeMachine, runningRole } from '../machines/node.machine.ts';
 import { DisposalStack } from './disposal.ts';
+import { MeshEventHub, readMeshState, type LoadProgress } from './event-hub.ts';
 import { logMeshChoice, MeshKeyBox, rememberMesh, rotateMesh } from './membership.ts';
 import { nameOf, nodeStatus, type NodeStatus } from './status.ts';
 
@@ -68,6 +69,8 @@ export type NodeProcessSlots = (tunnels: Pick<NodeTunnels, 'rpcAddressFor' | 'di
   readonly llamaServer?: AnyActorLogic;
   /** The current llama-server's weights sent as bytes after a GGUF refusal, by stage (status.ts). */
   readonly weightsOverWire?: () => NodeStatus['weightsOverWire'];
+  /** llama-server's load progress, latest generation (the console's events). */
+  readonly loadProgress?: () => LoadProgress | null;
 };
 
 export interface NodeInspector {
@@ -261,7 +264,7 @@ function assemble(
     { endpoint, logger: componentLogger(logger, 'network') },
     (init, netComponents) => (meshNetwork = new MeshNetwork(init, netComponents)),
   );
-  const { weightsOverWire, ...processes } = components.processes({
+  const { weightsOverWire, loadProgress, ...processes } = components.processes({
     rpcAddressFor: (peer, planId) => tunnels.rpcAddressFor(peer, planId),
     directRpcFor: (peer, planId) => tunnels.directRpcFor(peer, planId),
   });
@@ -275,6 +278,16 @@ function assemble(
     inspect,
   });
 
+  // GET /api/events and the console: the mesh as this node sees it, one event per change.
+  const events = new MeshEventHub({
+    read: () => readMeshState({ actor, meshId, connection: (id) => endpoint.connection(id), tunnels: () => tunnels.stats(), load: () => loadProgress?.() ?? null }),
+    follow: (onChange) => {
+      const sub = actor.subscribe({ next: onChange, error: () => {} });
+      return () => sub.unsubscribe();
+    },
+  });
+  events.start();
+  stack.defer('events', () => events.stop());
   const status = (): NodeStatus => nodeStatus(actor, { meshId, key: keys.current, tunnels: tunnels.stats(), rpcTraffic: tunnels.traffic(), weightsOverWire: weightsOverWire?.() });
   const api = buildApiServer({
     upstream: meshUpstreamResolver({
@@ -286,7 +299,8 @@ function assemble(
     apiKey: config.apiKey,
     allowedHosts: allowedHostNames(config.apiHost, config.allowedHosts),
     logger: componentLogger(logger, 'api'),
-    survival: {},
+    survival: { onRequest: events.request },
+    console: { snapshot: () => events.snapshot(), subscribe: (listener) => events.subscribe(listener) },
     // Only a node with a key file has an owner who can sign admin requests (src/io/wire/admin-proof.ts).
     ...(components.memory
       ? { admin: { owner: endpoint.id, rotate: (remove: readonly string[]) => rotateMesh({ network: meshNetwork, actor, meshId, meshFile: components.memory?.path ?? null, flush: parts.flushMeshFile }, remove) } }

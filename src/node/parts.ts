@@ -17,6 +17,7 @@ import { findLlamaBinaries, type LlamaBinaries } from '../io/llama/llama-binarie
 import { llamaServerMachine } from '../machines/llama-server.machine.ts';
 import { rpcServerMachine } from '../machines/rpc-server.machine.ts';
 import type { NodeHoldings, NodeInspector, NodeMeshMemory, NodeProcessSlots } from './build.ts';
+import type { LoadProgress } from './event-hub.ts';
 import { sanitizeForInspector } from './status.ts';
 
 /** SIGTERM -> SIGKILL grace for llama-server (see where it is used). */
@@ -59,8 +60,11 @@ export function processSlots(
   const crashEnv: Record<string, string> = process.env['MESH_INFERENCE_BACKTRACE'] === '1' ? {} : { GGML_NO_BACKTRACE: '1' };
   // The current llama-server generation's weights sent as bytes after a GGUF refusal (/api/status).
   let overWire: WeightsOverWireReport['byStage'] = {};
+  // The current generation's load progress (the console's events).
+  let progress: LoadProgress | null = null;
   return (tunnels) => ({
     weightsOverWire: () => overWire,
+    loadProgress: () => progress,
     rpcServer: rpcServerMachine.provide({
       actors: {
         rpcServerProcess: rpcServerProcessLogic({
@@ -93,6 +97,7 @@ export function processSlots(
           killGraceMs: LLAMA_KILL_GRACE_MS,
           logger: componentLogger(logger, 'llama-server'),
           onWeightsOverWire: (w) => (overWire = w.byStage),
+          onProgress: (p) => (progress = p),
         }),
         waitLlamaHealthy: waitLlamaHealthyLogic,
         llamaServerBackoff: backoffLogic(componentLogger(logger, 'llama-server')),

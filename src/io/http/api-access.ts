@@ -67,11 +67,12 @@ export function requireAllowedHost(app: FastifyInstance, allowedHosts: ReadonlyS
   });
 }
 
-/** Refuses requests without "Authorization: Bearer <apiKey>" with 401, but /health. */
-export function requireApiKey(app: FastifyInstance, apiKey: string): void {
+/** Refuses requests without "Authorization: Bearer <apiKey>" with 401, but /health and `open` paths (the console's static files). */
+export function requireApiKey(app: FastifyInstance, apiKey: string, open: (url: string) => boolean = () => false): void {
   const expected = Buffer.from(apiKey, 'utf8');
   app.addHook('onRequest', async (request, reply) => {
     if (request.url === '/health' || request.url.startsWith('/health?')) return;
+    if (request.method === 'GET' && open(request.url)) return;
     const m = /^Bearer\s+(.+)$/i.exec(request.headers.authorization ?? '');
     const given = Buffer.from(m?.[1]?.trim() ?? '', 'utf8');
     if (given.length !== expected.length || !timingSafeEqual(given, expected)) {

@@ -16,6 +16,7 @@ import { installAdminRoutes, type AdminActions } from './api-admin.ts';
 import { abandon, proxyBuffered, proxyHealth, proxyStream, replyUnavailable, resolveUpstream, type UpstreamResolver } from './api-proxy.ts';
 import { apiError, installRequestValidation, LLAMA_ROUTES, MODEL_ROUTES, validateModelRequest, type ParsedBody } from './api-request.ts';
 import { serveSurvivable, type SurvivalInit } from './survival.ts';
+import { installConsoleRoutes, isConsoleAssetPath, type ConsoleRoutesInit } from './console-routes.ts';
 import { survivalPlan } from '../../machines/continuation.ts';
 
 export interface ApiServerInit {
@@ -44,7 +45,9 @@ export interface ApiServerInit {
    * This API owns the plain chat and completion requests it receives and continues them across changes of
    * plan (src/io/http/survival.ts); absent: every request is proxied as it is (the mesh listener).
    */
-  readonly survival?: Pick<SurvivalInit, 'budgetMs' | 'onContinue'>;
+  readonly survival?: Pick<SurvivalInit, 'budgetMs' | 'onContinue' | 'onRequest'>;
+  /** GET /api/events and the console at `/` (src/io/http/console-routes.ts); absent: neither (the mesh listener). */
+  readonly console?: ConsoleRoutesInit;
 }
 
 /** Builds the app; the caller listens (`app.listen({ host, port })`) and closes it. */
@@ -67,7 +70,7 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
 
   installRequestValidation(app);
   requireAllowedHost(app, init.allowedHosts);
-  if (init.apiKey) requireApiKey(app, init.apiKey);
+  if (init.apiKey) requireApiKey(app, init.apiKey, init.console !== undefined ? isConsoleAssetPath : undefined);
 
   const resolve = (request: FastifyRequest, reply: FastifyReply, path: string, timeoutMs: number) =>
     resolveUpstream(init.upstream, request, reply, path, timeoutMs);
@@ -78,6 +81,7 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
   });
 
   app.get('/api/status', async () => init.status());
+  if (init.console !== undefined) installConsoleRoutes(app, init.console);
   if (init.admin !== undefined) installAdminRoutes(app, init.admin);
 
   app.get('/v1/models', async (request, reply) => {

@@ -13,6 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { Agent, request as httpRequest, type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { ContinuationMismatch, Generation, openaiAnswer, openaiChunk, parseLlamaEvent, usageOf, type AnswerIds, type SurvivalPlan } from '../../machines/continuation.ts';
+import type { RequestFinished, RequestStarted } from '../../machines/mesh-events.ts';
 import { abandon, replyUnavailable, type Upstream } from './api-proxy.ts';
 import { apiError } from './api-request.ts';
 
@@ -24,7 +25,15 @@ export interface SurvivalInit {
   readonly budgetMs?: number;
   /** Called with each continuation (tests, logs, the console's events). */
   readonly onContinue?: (info: { readonly id: string; readonly attempt: number; readonly confirmedTokens: number; readonly reason: string }) => void;
+  /** Each request as it starts, is continued and ends, with its tokens and speed (the node's /api/events). */
+  readonly onRequest?: (report: RequestReport) => void;
 }
+
+/** What `onRequest` hears: a request started, continued after a cut, finished (however it ended). */
+export type RequestReport =
+  | ({ readonly phase: 'started' } & RequestStarted)
+  | { readonly phase: 'continued'; readonly id: string; readonly attempt: number; readonly confirmedTokens: number; readonly reason: string }
+  | ({ readonly phase: 'finished' } & RequestFinished);
 
 const DEFAULT_BUDGET_MS = 120_000;
 const MAX_FRUITLESS_CONTINUATIONS = 2;
@@ -72,6 +81,10 @@ export async function serveSurvivable(request: FastifyRequest, reply: FastifyRep
   let fruitless = 0;
   let lastCut = '';
   let attemptStart = 0;
+  const started: RequestStarted = { id: ids.id, route: plan.route, stream: plan.stream, maxTokens: plan.maxTokens, startedAt: Date.now() };
+  let firstTokenAt: number | null = null;
+  let failure: string | null = null;
+  init.onRequest?.({ phase: 'started', ...started });
 
   const emit = (payload: unknown) => {
     if (!raw.destroyed) raw.write(`data: ${JSON.stringify(payload)}\n\n`);
@@ -83,6 +96,7 @@ export async function serveSurvivable(request: FastifyRequest, reply: FastifyRep
     streaming = true;
   };
   const fail = (status: number, message: string, code: string): FastifyReply => {
+    failure = message;
     request.log.warn({ id: ids.id, generated: g.completionTokens, problem: message }, 'request could not be finished');
     if (streaming) {
       if (!raw.destroyed) {
@@ -115,10 +129,12 @@ export async function serveSurvivable(request: FastifyRequest, reply: FastifyRep
         const body = Buffer.from(JSON.stringify(g.nextRequest(promptText)));
         if (continuing) {
           init.onContinue?.({ id: ids.id, attempt: g.attempts, confirmedTokens: attemptStart, reason: lastCut });
+          init.onRequest?.({ phase: 'continued', id: ids.id, attempt: g.attempts, confirmedTokens: attemptStart, reason: lastCut });
           request.log.info({ id: ids.id, attempt: g.attempts, confirmedTokens: attemptStart, after: lastCut }, 'continuing the request on the mesh as it is now');
         }
         await generate(init.agent, up, body, client.signal, (event) => {
           const text = g.take(event);
+          if (firstTokenAt === null && g.completionTokens > 0) firstTokenAt = Date.now();
           if (!plan.stream) return;
           if (!streaming) startStream();
           if (text !== '') emit(openaiChunk(plan, ids, text, null));
@@ -156,6 +172,23 @@ export async function serveSurvivable(request: FastifyRequest, reply: FastifyRep
     return reply;
   } finally {
     raw.off('close', onClose);
+    if (init.onRequest !== undefined) {
+      const end = Date.now();
+      const n = g.completionTokens;
+      const outcome = failure !== null ? 'failed' : g.finish !== null ? String(g.finish) : client.signal.aborted ? 'abandoned' : 'failed';
+      init.onRequest({
+        phase: 'finished',
+        ...started,
+        outcome,
+        promptTokens: g.promptTokens,
+        completionTokens: n,
+        durationMs: end - started.startedAt,
+        firstTokenMs: firstTokenAt === null ? null : firstTokenAt - started.startedAt,
+        tokensPerSecond: firstTokenAt !== null && n >= 2 && end > firstTokenAt ? Math.round(((n - 1) / ((end - firstTokenAt) / 1000)) * 10) / 10 : null,
+        continuations: Math.max(0, g.attempts - 1),
+        error: failure ?? (outcome === 'failed' && lastCut !== '' ? lastCut : null),
+      });
+    }
   }
 }
 
