@@ -89,6 +89,7 @@ async function main(): Promise<void> {
     out(`  data port: TCP ${node.dataPort} (direct TLS between nodes that reach each other${forward})`);
   }
   out(`  API: ${node.apiUrl}  (OpenAI-compatible: POST /v1/chat/completions, /v1/completions; GET /api/status)`);
+  out(`  console: ${node.apiUrl}/  (open it in a browser: nodes, links, plan, machines, requests, live; feed: GET /api/events)`);
 
   let signals = 0;
   const onSignal = (sig: NodeJS.Signals) => {

@@ -160,6 +160,8 @@ export async function runDemo(): Promise<void> {
   say('the mesh working (a real layer split across three processes), not to chat.');
   say();
   say(`API: ${api}   (every node serves one; this is ${first.name}'s)`);
+  say(`Console: ${api}/   (open it in a browser: the three nodes, the layer split, each machine's state and`);
+  say('         the requests with their tokens/s, live; its feed is GET /api/events)');
   say('Try:');
   say(`  curl ${api}/v1/chat/completions -H 'content-type: application/json' \\`);
   say(`       -d '{"messages":[{"role":"user","content":"hi"}],"max_tokens":32}'`);
