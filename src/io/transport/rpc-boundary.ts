@@ -16,6 +16,8 @@ export class RpcBoundaryScanner {
   private cmd = -1;
   /** Off: not RPC (or a version we do not know); every chunk is urgent. */
   off = false;
+  /** Messages ended so far that someone waits for: requests that get a reply, or replies. */
+  answered = 0;
 
   constructor(private readonly direction: 'requests' | 'replies') {}
 
@@ -56,12 +58,14 @@ export class RpcBoundaryScanner {
   /** A message ended: urgent unless it is a request that gets no reply. */
   private complete(): boolean {
     this.headerFill = 0;
-    return this.direction === 'replies' || !RPC_FIRE_AND_FORGET.has(this.cmd);
+    const waited = this.direction === 'replies' || !RPC_FIRE_AND_FORGET.has(this.cmd);
+    if (waited) this.answered++;
+    return waited;
   }
 }
 
-/** RPC protocol 6 commands (FIELD-FACTS.md): 0..17. */
-const RPC_COMMANDS_KNOWN = new Set(Array.from({ length: 18 }, (_, i) => i));
+/** RPC protocol 6 commands (FIELD-FACTS.md): 0..17, and our patch's SET_TENSOR_GGUF (18, answered: native/patches/0001). */
+const RPC_COMMANDS_KNOWN = new Set(Array.from({ length: 19 }, (_, i) => i));
 /** FREE_BUFFER, BUFFER_CLEAR, SET_TENSOR, GRAPH_COMPUTE, INIT_TENSOR, GRAPH_RECOMPUTE, MEMSET_TENSOR: no reply. */
 const RPC_FIRE_AND_FORGET = new Set([4, 5, 6, 10, 12, 16, 17]);
 /** The longest fire-and-forget bytes wait for a command that needs a reply. */

@@ -6,7 +6,7 @@ import type { EndpointId } from '../../machines/mesh-types.ts';
 import type { TunnelKind } from '../../machines/tunnel-policy.ts';
 import { RPC_HOLD_MS, RpcBoundaryScanner } from './rpc-boundary.ts';
 import { FrameDecoder, FrameEncoder, TUNNEL_TCP_FAILED, TunnelProtocolError, type TunnelCodec } from './tunnel-codec.ts';
-import { firstLine, shortId, type MeshStream } from './transport.ts';
+import { ConnectionClosedError, firstLine, shortId, type MeshStream } from './transport.ts';
 
 /** Counters shared by a service's pipes (plain increments on the hot path). */
 export interface Counters {
@@ -40,6 +40,8 @@ export class Pipe {
   readonly bytes = { bytesOut: 0, bytesIn: 0 };
   /** `opened`: our local client's connection; `accepted`: a peer's stream to our local target. */
   readonly side: 'opened' | 'accepted';
+  /** Set when the pipe ended because the QUIC connection under it failed (not a reset, not our own close). */
+  connectionLost: string | null = null;
 
   /**
    * `side` `opened`: our local client's connection (we wrote the stream's header); `accepted`: a peer's stream
@@ -124,7 +126,10 @@ export class Pipe {
           }
           this.flush();
         },
-        (err: unknown) => this.fail(`quic write: ${firstLine(err)}`, TUNNEL_TCP_FAILED),
+        (err: unknown) => {
+          this.noteConnectionLost(err);
+          this.fail(`quic write: ${firstLine(err)}`, TUNNEL_TCP_FAILED);
+        },
       );
       return;
     }
@@ -159,6 +164,7 @@ export class Pipe {
       if (this.decoder?.midFrame) throw new TunnelProtocolError('the stream ended inside a frame');
     } catch (err) {
       if (err instanceof TunnelProtocolError) this.log.warn({ peer: shortId(this.peer), kind: this.kind, err: err.message }, 'bad tunnel stream');
+      this.noteConnectionLost(err);
       this.fail(`quic read: ${firstLine(err)}`, TUNNEL_TCP_FAILED);
       return;
     }
@@ -197,6 +203,10 @@ export class Pipe {
     this.done = true;
     this.socket.destroySoon();
     this.onEnd(this);
+  }
+
+  private noteConnectionLost(err: unknown): void {
+    if (!this.done && err instanceof ConnectionClosedError) this.connectionLost = firstLine(err);
   }
 
   /** Aborts both sides at once; idempotent. */

@@ -22,81 +22,14 @@ import {
   type TunnelCodec,
 } from './tunnel-codec.ts';
 import { Pipe, type Counters } from './tunnel-pipe.ts';
+import { StageWatch } from './tunnel-watch.ts';
 import { TransportError, describeTarget, firstLine, shortId, targetAddress, type MeshConnection, type MeshEndpoint, type MeshStream } from './transport.ts';
 
 export type { TunnelKind, TunnelTarget } from '../../machines/tunnel-policy.ts';
 export type { TunnelCodec } from './tunnel-codec.ts';
 
-/**
- * Where an incoming tunnel from `remoteId` goes, or why it is refused (logged on both sides). `planId`: the
- * plan id the opener sent with an rpc stream or rpc offer (null: none; always null for http).
- */
-export type TunnelPolicy = (remoteId: EndpointId, kind: TunnelKind, planId: string | null) => TunnelDecision;
-
-export interface TunnelInit {
-  readonly allow: TunnelPolicy;
-  /** How tunnels that this node opens carry bytes; default `deflate`. Incoming ones use the opener's choice. */
-  readonly codec?: TunnelCodec;
-  /** TCP bytes held while a QUIC write is pending before the socket is paused. Default 1 MiB. */
-  readonly highWaterBytes?: number;
-  /** How long connecting to a local target may take. Default 5 s. */
-  readonly connectTimeoutMs?: number;
-  /** Send each llama.cpp RPC message as one QUIC write (RpcBoundaryScanner). Default true. */
-  readonly batchRpc?: boolean;
-  /**
-   * `auto`: each tunnel connection this node opens tries the direct TCP + TLS path first and falls back to an
-   * iroh stream; `quic`: iroh streams only. Default `quic` (the composition passes the user's choice).
-   */
-  readonly dataPath?: 'auto' | 'quic';
-  /** How long the direct attempt may take before the fallback. Default 1 s. */
-  readonly directTimeoutMs?: number;
-  /** How long an incoming stream may take to send its header (codec, plan id) before it is reset. Default 5 s. */
-  readonly headerTimeoutMs?: number;
-}
-
-export interface TunnelComponents {
-  readonly endpoint: MeshEndpoint;
-  readonly log?: Logger;
-  /** This node's data port, which answers peers' direct offers; none: every offer is refused. */
-  readonly direct?: DirectPathServer | null;
-}
-
-/** One live tunnel connection, as /api/status shows it. */
-export interface TunnelInfo {
-  readonly peer: EndpointId;
-  readonly kind: TunnelKind;
-  /** `opened`: our local client reaches the peer; `accepted`: the peer reaches our local target. */
-  readonly side: 'opened' | 'accepted';
-  readonly path: 'direct' | 'quic';
-  /** Bytes from our local socket towards the peer, and back. */
-  readonly bytesOut: number;
-  readonly bytesIn: number;
-}
-
-export interface TunnelListener {
-  readonly peer: EndpointId;
-  readonly kind: TunnelKind;
-  /** rpc: the plan id every connection of this listener carries to the peer (null: none). */
-  readonly planId: string | null;
-  readonly host: string;
-  readonly port: number;
-  close(): Promise<void>;
-}
-
-export interface TunnelStats {
-  readonly pipes: number;
-  readonly listeners: number;
-  /** QUIC writes and bytes written (after the codec), over all pipes ever: what a message costs. */
-  readonly quicWrites: number;
-  readonly quicBytesOut: number;
-  /** TCP bytes taken from local sockets (before the codec). */
-  readonly tcpBytesIn: number;
-  /** QUIC reads (chunks received). */
-  readonly quicReads: number;
-  /** Connections ever carried by the direct path, and those that fell back to QUIC after trying it. */
-  readonly directOpened: number;
-  readonly directFallbacks: number;
-}
+export type { TunnelComponents, TunnelInfo, TunnelInit, TunnelListener, TunnelPolicy, TunnelReports, TunnelStats } from './tunnel-types.ts';
+import type { TunnelComponents, TunnelInfo, TunnelInit, TunnelListener, TunnelPolicy, TunnelReports, TunnelStats } from './tunnel-types.ts';
 
 /** A tunnel connection this node opened on the direct path. */
 interface DirectRelay {
@@ -137,6 +70,8 @@ export class TunnelService {
   /** The address our last direct connection to each peer reached ("ip:port"). */
   private readonly lastDirectAddr = new Map<EndpointId, string>();
   private started = false;
+  private readonly report: TunnelReports;
+  private readonly watch: StageWatch | null;
 
   constructor(init: TunnelInit, components: TunnelComponents) {
     this.endpoint = components.endpoint;
@@ -150,6 +85,9 @@ export class TunnelService {
     this.directTimeoutMs = init.directTimeoutMs ?? 1_000;
     this.headerTimeoutMs = init.headerTimeoutMs ?? 5_000;
     this.direct = components.direct ?? null;
+    this.report = components.report ?? {};
+    const stall = this.report.stall?.bind(this.report);
+    this.watch = stall === undefined ? null : new StageWatch(init.stallWatch ?? {}, stall);
   }
 
   /** Takes the rpc and http stream kinds on the endpoint. */
@@ -282,6 +220,7 @@ export class TunnelService {
     for (const h of this.heading) h.stream.reset(TUNNEL_CLOSED);
     this.heading.clear();
     for (const l of [...this.listeners]) await this.closeListener(l);
+    this.watch?.close();
   }
 
   private async closeListener(entry: { server: Server; sockets: Set<Socket> }): Promise<void> {
@@ -296,6 +235,7 @@ export class TunnelService {
 
   private readonly ended = (p: Pipe): void => {
     this.pipes.delete(p);
+    if (p.connectionLost !== null) this.report.evidence?.(p.peer, 'quic', p.connectionLost);
   };
 
   private async outgoing(peer: EndpointId, kind: TunnelKind, planId: string | null, socket: Socket): Promise<void> {
@@ -309,6 +249,7 @@ export class TunnelService {
     }
     // Bytes the local client sends before the stream is open wait in the socket (paused).
     socket.pause();
+    if (kind === 'rpc') this.watch?.attach(peer, planId, socket);
     if (this.dataPath === 'auto' && (await this.tryDirect(peer, kind, planId, conn, socket))) return;
     if (socket.destroyed) return;
     let stream: MeshStream | undefined;
@@ -355,10 +296,21 @@ export class TunnelService {
     const entry: DirectRelay = { peer, kind, counters, close: () => stop() };
     this.relays.add(entry);
     // A reset here says nothing about the peer's health: heartbeats on the control stream decide that.
+    let ours = false;
     const stop = relay(socket, tls, counters, (why) => {
+      ours = true;
       this.relays.delete(entry);
       this.log.debug({ peer: shortId(peer), kind, why }, 'direct tunnel closed');
     });
+    // The peer's side ended or reset it while ours did not: weak evidence (the peer machine weighs it).
+    const farEnd = (why: string) => () => {
+      if (!ours) this.report.evidence?.(peer, 'direct', why);
+    };
+    // Our local client ending first (llama-server closing it) makes the far end's close an answer, not news.
+    socket.once('end', () => (ours = true));
+    socket.once('close', () => (ours = true));
+    tls.once('end', farEnd('ended by the peer'));
+    tls.once('error', (err) => farEnd(firstLine(err))());
     return true;
   }
 
