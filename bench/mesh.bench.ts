@@ -23,6 +23,8 @@ import { describeMachine, machineInfo } from './machine.ts';
 import { cacheDir } from '../src/demo.ts';
 import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
 import { readModelIdentity } from '../src/io/gguf/gguf-identity.ts';
+import { readModelShape } from '../src/io/gguf/gguf-shape.ts';
+import { DEFAULT_SERVE, kvCacheBytes } from '../src/machines/kv-cache.ts';
 import { findLlamaBinaries } from '../src/io/llama/llama-binaries.ts';
 import { launchLlamaServer, type LlamaServerProcess } from '../src/io/llama/llama-server-process.ts';
 import { stopAll } from '../src/io/llama/processes.ts';
@@ -77,8 +79,10 @@ async function benchModel(): Promise<E2eModel> {
     }
   }
   const { bytes } = await readModelIdentity(path);
+  // A plan needs 1.1 x the model + the host's KV cache (at the nodes' $MESH_INFERENCE_CTX): shares are of both.
+  const kvBytes = kvCacheBytes(await readModelShape(path), { ...DEFAULT_SERVE, ctxSize: 4096 });
   const dir = await mkdtemp(join(tmpdir(), 'mesh-bench-'));
-  return { path, bytes, dir, vram: (share) => String(Math.floor(bytes * share)), remove: () => rm(dir, { recursive: true, force: true }) };
+  return { path, bytes, dir, kvBytes, vram: (share) => String(Math.floor((bytes + kvBytes) * share)), remove: () => rm(dir, { recursive: true, force: true }) };
 }
 
 interface Timings {

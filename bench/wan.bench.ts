@@ -22,6 +22,8 @@ import { plotTokensVsRtt, type PlotPoint } from './wan-plot.ts';
 import { cacheDir } from '../src/demo.ts';
 import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
 import { readModelIdentity } from '../src/io/gguf/gguf-identity.ts';
+import { readModelShape } from '../src/io/gguf/gguf-shape.ts';
+import { DEFAULT_SERVE, kvCacheBytes } from '../src/machines/kv-cache.ts';
 import { diffRpcSnapshots, type RpcTrafficSnapshot } from '../src/io/llama/rpc-traffic.ts';
 import { stopAll } from '../src/io/llama/processes.ts';
 import { hostServing, stopAllNodes, type E2eModel, type E2eNode } from '../test/e2e-support.ts';
@@ -63,8 +65,10 @@ async function benchModel(): Promise<E2eModel> {
     await generateLlamaGguf(path, s);
   }
   const { bytes } = await readModelIdentity(path);
+  // A plan needs 1.1 x the model + the host's KV cache (at the nodes' $MESH_INFERENCE_CTX): shares are of both.
+  const kvBytes = kvCacheBytes(await readModelShape(path), { ...DEFAULT_SERVE, ctxSize: 2048 });
   const tmp = await mkdtemp(join(tmpdir(), 'mesh-wan-'));
-  return { path, bytes, dir: tmp, vram: (share) => String(Math.floor(bytes * share)), remove: () => rm(tmp, { recursive: true, force: true }) };
+  return { path, bytes, dir: tmp, kvBytes, vram: (share) => String(Math.floor((bytes + kvBytes) * share)), remove: () => rm(tmp, { recursive: true, force: true }) };
 }
 
 interface Generation {

@@ -52,6 +52,17 @@ async function main(): Promise<void> {
       process.exit(1);
     }
   }
+  if (parsed.kind === 'plan') {
+    try {
+      const { planPreview, formatPlanReport } = await import('./node/plan-preview.ts');
+      const report = await planPreview(parsed.options, parsed.waitMs, { bindHost: process.env[BIND_HOST_ENV] || undefined });
+      process.stdout.write(parsed.json ? `${JSON.stringify(report, null, 2)}\n` : formatPlanReport(report));
+      process.exit(0);
+    } catch (err) {
+      process.stderr.write(`mesh-inference plan: ${(err as Error).message.split('\n')[0]}\n`);
+      process.exit(1);
+    }
+  }
   const options = parsed.options;
   const threads = positiveIntEnv(THREADS_ENV);
   let node: NodeHandle;

@@ -9,13 +9,18 @@ import { fileURLToPath } from 'node:url';
 import { DEFAULT_API_PORT } from './io/host/cli-args.ts';
 import { generateLlamaGguf, planLlamaModel, type LlamaModelSpec } from './io/gguf/gguf-writer.ts';
 import { readModelIdentity } from './io/gguf/gguf-identity.ts';
+import { readModelShape } from './io/gguf/gguf-shape.ts';
+import { DEFAULT_SERVE, kvCacheBytes } from './machines/kv-cache.ts';
 import { findLlamaBinaries, LlamaBinariesError } from './io/llama/llama-binaries.ts';
 import { spawnManaged, type ManagedProcess } from './io/llama/processes.ts';
 import { formatBytes } from './io/host/vram.ts';
 
 /** The demo's model: small enough to generate in seconds and answer fast on two cores. */
 export const DEMO_MODEL: LlamaModelSpec = { layers: 8, embd: 256, ff: 768, type: 'f16', seed: 7, name: 'mesh-inference-demo (random weights)' };
-/** Each node offers this share of the model's bytes: any two hold 0.85 x, all three 1.2 x (>= 1.1 x needed). */
+/**
+ * Each node offers this share of the model's bytes plus its KV cache (default settings: ctx 4096, f16): any two
+ * hold 0.85 x, all three 1.2 x, and a plan needs 1.1 x the model + the KV cache, so it takes all three.
+ */
 export const DEMO_VRAM_SHARES = [0.45, 0.4, 0.35] as const;
 export const DEMO_PORT_ENV = 'MESH_INFERENCE_DEMO_PORT';
 
@@ -61,6 +66,7 @@ export async function runDemo(): Promise<void> {
   }
   const model = await ensureDemoModel(say);
   const identity = await readModelIdentity(model);
+  const kvBytes = kvCacheBytes(await readModelShape(model), DEFAULT_SERVE);
   const port = Number(process.env[DEMO_PORT_ENV] ?? DEFAULT_API_PORT);
   const keys = await mkdtemp(join(tmpdir(), 'mesh-demo-'));
   const nodes: DemoNode[] = [];
@@ -83,7 +89,7 @@ export async function runDemo(): Promise<void> {
 
   const start = (i: number, token: string | null): DemoNode => {
     const name = `demo-${i + 1}`;
-    const vram = Math.floor(identity.bytes * DEMO_VRAM_SHARES[i]!);
+    const vram = Math.floor((identity.bytes + kvBytes) * DEMO_VRAM_SHARES[i]!);
     const args = [
       BIN,
       '--model', model,
@@ -123,7 +129,7 @@ export async function runDemo(): Promise<void> {
       void stopAllNodes(1);
     });
     nodes.push(node);
-    say(`started ${name}: offers ${formatBytes(vram)} of the ${formatBytes(identity.bytes)} model`);
+    say(`started ${name}: offers ${formatBytes(vram)} for the ${formatBytes(identity.bytes)} model and its ${formatBytes(kvBytes)} KV cache`);
     return node;
   };
 

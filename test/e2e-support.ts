@@ -8,6 +8,8 @@ import { fileURLToPath } from 'node:url';
 import OpenAI from 'openai';
 import { generateLlamaGguf, type LlamaModelSpec } from '../src/io/gguf/gguf-writer.ts';
 import { readModelIdentity } from '../src/io/gguf/gguf-identity.ts';
+import { readModelShape } from '../src/io/gguf/gguf-shape.ts';
+import { DEFAULT_SERVE, kvCacheBytes } from '../src/machines/kv-cache.ts';
 import { locateLlamaBinaries } from '../src/io/llama/llama-binaries.ts';
 import { spawnManaged, type ManagedProcess } from '../src/io/llama/processes.ts';
 import type { NodeStatus } from '../src/node.ts';
@@ -26,6 +28,9 @@ export function e2eBinDir(): string {
 // test/helpers/llama.ts (the reference servers) reads the same variable.
 process.env['MESH_LLAMA_BIN_DIR'] = e2eBinDir();
 
+/** The nodes' --ctx-size default ($MESH_INFERENCE_CTX). */
+export const E2E_CTX = 1024;
+
 /** 8 layers of width 128: ~20 MB, fast on two cores, wide enough that greedy output varies. */
 export const E2E_MODEL: LlamaModelSpec = { layers: 8, embd: 128, ff: 384, type: 'f16', seed: 11 };
 
@@ -33,7 +38,12 @@ export interface E2eModel {
   readonly path: string;
   readonly bytes: number;
   readonly dir: string;
-  /** `share` of the model's bytes, as a --max-vram value. */
+  /** Its KV cache at the tests' context ($MESH_INFERENCE_CTX 1024, one slot, f16). */
+  readonly kvBytes: number;
+  /**
+   * `share` of the model's bytes plus its KV cache, as a --max-vram value: a plan needs 1.1 x the model + the
+   * KV cache, so shares summing to 1.1 still hold one (the tests' splits were chosen before the KV term).
+   */
   vram(share: number): string;
   remove(): Promise<void>;
 }
@@ -43,11 +53,13 @@ export async function makeE2eModel(spec: LlamaModelSpec = E2E_MODEL): Promise<E2
   const path = join(dir, 'model.gguf');
   await generateLlamaGguf(path, spec);
   const { bytes } = await readModelIdentity(path);
+  const kvBytes = kvCacheBytes(await readModelShape(path), { ...DEFAULT_SERVE, ctxSize: E2E_CTX });
   return {
     path,
     bytes,
+    kvBytes,
     dir,
-    vram: (share) => String(Math.max(1024 ** 2, Math.floor(bytes * share))),
+    vram: (share) => String(Math.max(1024 ** 2, Math.floor((bytes + kvBytes) * share))),
     remove: () => rm(dir, { recursive: true, force: true }),
   };
 }
@@ -125,7 +137,7 @@ export async function startE2eNode(o: NodeOptions): Promise<E2eNode> {
       MESH_INFERENCE_BIND_HOST: '127.0.0.1',
       MESH_INFERENCE_THREADS: '1',
       MESH_INFERENCE_COUNT_RPC: '1',
-      MESH_INFERENCE_CTX: '1024',
+      MESH_INFERENCE_CTX: String(E2E_CTX),
       ...o.env,
     },
     tailLines: 400,

@@ -27,6 +27,7 @@ import { announcementAuthority } from '../io/wire/announcement-signature.ts';
 import type { KvSizing } from '../machines/kv-cache.ts';
 import { PROTOCOL_VERSION, type Announcement, type EndpointId, type ModelIdentity } from '../machines/mesh-types.ts';
 import { nodeMachine, runningRole } from '../machines/node.machine.ts';
+import { previewPlan } from '../machines/plan-explain.ts';
 import { DisposalStack } from './disposal.ts';
 import { MeshEventHub, readMeshState, type LoadProgress } from './event-hub.ts';
 import { logMeshChoice, MeshKeyBox, rememberMesh, rotateMesh } from './membership.ts';
@@ -296,6 +297,8 @@ function assemble(
       system: inspect === undefined ? undefined : { rootId: actor.sessionId, inspect },
     }),
     status,
+    // What elect gives on this node's view now, explained (src/machines/plan-explain.ts).
+    plan: () => previewPlan(actor.getSnapshot().context.view),
     apiKey: config.apiKey,
     allowedHosts: allowedHostNames(config.apiHost, config.allowedHosts),
     logger: componentLogger(logger, 'api'),

@@ -161,7 +161,8 @@ function parsePlanCommand(argv: readonly string[], env: NodeJS.ProcessEnv): CliP
   if (values.help) return { kind: 'help', text: HELP_TEXT };
   if (values.model === undefined) throw new CliUsageError('plan: --model FILE is required (the model this machine would serve)');
   if (values.client || values.role === 'client') throw new CliUsageError('plan: a lite client takes no layers; preview a node with --model');
-  const { json, wait, ...rest } = values;
+  // Its own output is the report: the observer's logs only from warnings up unless asked.
+  const { json, wait, ...rest } = { ...values, 'log-level': values['log-level'] ?? 'warn' };
   const waitMs = wait === undefined ? 20_000 : parseDuration('--wait', wait);
   return { kind: 'plan', options: runOptions(rest as RunValues, env), json: json ?? false, waitMs };
 }

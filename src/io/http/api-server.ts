@@ -23,6 +23,8 @@ export interface ApiServerInit {
   readonly upstream: UpstreamResolver;
   /** GET /api/status: the mesh view, roles, the plan, each machine's state (any JSON value). */
   readonly status: () => unknown;
+  /** GET /api/plan: which node would get which layers and why others are left out (src/machines/plan-explain.ts); absent: no route. */
+  readonly plan?: () => unknown;
   /** Bearer key required on every route but /health; null/undefined = open. */
   readonly apiKey?: string | null;
   readonly logger?: Logger;
@@ -81,6 +83,7 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
   });
 
   app.get('/api/status', async () => init.status());
+  if (init.plan !== undefined) app.get('/api/plan', async () => init.plan!());
   if (init.console !== undefined) installConsoleRoutes(app, init.console);
   if (init.admin !== undefined) installAdminRoutes(app, init.admin);
 
