@@ -52,6 +52,12 @@ async function main(): Promise<void> {
       process.exit(1);
     }
   }
+  if (parsed.kind === 'inspector') {
+    const { runInspectorRelay } = await import('./io/host/inspector-command.ts');
+    const relay = runInspectorRelay(parsed.port, (line) => process.stdout.write(`${line}\n`));
+    for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => (relay.stop(), process.exit(0)));
+    return;
+  }
   if (parsed.kind === 'plan') {
     try {
       const { planPreview, formatPlanReport } = await import('./node/plan-preview.ts');

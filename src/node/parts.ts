@@ -119,16 +119,38 @@ export function llamaServeArgs(serve: ServeSettings): { ctxSize: number; paralle
   };
 }
 
+/** What a WebSocket error event says (an ErrorEvent's message or error, else its type), never "[object Object]". */
+export function inspectorError(e: unknown): string {
+  const ev = e as { message?: unknown; error?: { message?: unknown; code?: unknown }; type?: unknown } | null;
+  const message = typeof ev?.message === 'string' && ev.message !== '' ? ev.message : typeof ev?.error?.message === 'string' ? ev.error.message : null;
+  if (message !== null) return message;
+  if (e instanceof Error) return e.message;
+  return typeof ev?.type === 'string' ? `a WebSocket ${ev.type} event without details` : String(e);
+}
+
 /** `--inspect`: opens the connection to the Stately inspector or a WebSocket one; null without the flag. */
 export function openInspector(target: CliOptions['inspect'], logger: Logger): NodeInspector | null {
   if (target === null) return null;
   const log = componentLogger(logger, 'node');
   // The first actors start before the socket is open: keep their events until it is (default: 200).
   const inspectorOptions = { sanitizeContext: sanitizeForInspector, sanitizeEvent: sanitizeForInspector as never, maxDeferredEvents: 10_000 };
+  // Stately's socket retries forever and reports each failure: the first one is worth a warning, the rest not.
+  let failures = 0;
+  const onSkyError = (e: unknown) => {
+    const err = inspectorError(e);
+    if (failures++ === 0) {
+      log.warn({ err }, `inspector connection failed: cannot reach stately.ai's inspector service (${err}), so there is no link; it keeps retrying. Offline, use a local inspector: run \`mesh-inference inspector\` and start with --inspect ws://127.0.0.1:8080 (docs/node.md)`);
+    } else {
+      log.debug({ err, failures }, 'inspector connection failed again');
+    }
+  };
   const inspector =
     target.kind === 'sky'
-      ? createSkyInspector({ ...inspectorOptions, onerror: (e: unknown) => log.warn({ err: String(e) }, 'inspector connection failed') })
+      ? createSkyInspector({ ...inspectorOptions, onerror: onSkyError })
       : createWebSocketInspector({ ...inspectorOptions, url: target.url });
-  log.info({ target: target.kind === 'sky' ? 'stately.ai (link printed above)' : target.url }, 'sending the live actors to the inspector');
+  log.info(
+    { target: target.kind === 'sky' ? 'stately.ai' : target.url },
+    target.kind === 'sky' ? 'sending the live actors to the Stately inspector (online: its link prints once connected)' : `sending the live actors to the WebSocket inspector at ${target.url}`,
+  );
   return { inspect: inspector.inspect, stop: () => inspector.stop() };
 }

@@ -85,6 +85,8 @@ export type CliParse =
    * joined (src/node/plan-preview.ts); with --join it looks at the mesh as an observer that is never a candidate.
    */
   | { readonly kind: 'plan'; readonly options: CliOptions; readonly json: boolean; readonly waitMs: number }
+  /** `mesh-inference inspector [--port N]`: a local relay for `--inspect ws://127.0.0.1:N` (src/io/host/inspector-command.ts). */
+  | { readonly kind: 'inspector'; readonly port: number }
   /** No arguments at all: the composition root runs the local demo mesh. */
   | { readonly kind: 'demo' }
   | { readonly kind: 'help'; readonly text: string }
@@ -138,6 +140,7 @@ function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse
   if (argv[0] === 'invite') return parseInviteCommand(argv.slice(1));
   if (argv[0] === 'rotate') return parseRotateCommand(argv.slice(1), env);
   if (argv[0] === 'plan') return parsePlanCommand(argv.slice(1), env);
+  if (argv[0] === 'inspector') return parseInspectorCommand(argv.slice(1));
   let values: ReturnType<typeof parseArgs<{ options: typeof OPTIONS; strict: true; allowPositionals: false }>>['values'];
   try {
     ({ values } = parseArgs({ args: withInspectValue(argv), options: OPTIONS, strict: true, allowPositionals: false }));
@@ -146,6 +149,17 @@ function parseOrThrow(argv: readonly string[], env: NodeJS.ProcessEnv): CliParse
   }
   if (values.help) return { kind: 'help', text: HELP_TEXT };
   return { kind: 'run', options: runOptions(values, env) };
+}
+
+function parseInspectorCommand(argv: readonly string[]): CliParse {
+  let values: { port?: string; help?: boolean };
+  try {
+    ({ values } = parseArgs({ args: [...argv], options: { port: { type: 'string' }, help: { type: 'boolean', short: 'h' } }, strict: true, allowPositionals: false }));
+  } catch (err) {
+    throw new CliUsageError(`inspector: ${describeParseArgsError(err)} (it takes --port N)`);
+  }
+  if (values.help) return { kind: 'help', text: HELP_TEXT };
+  return { kind: 'inspector', port: values.port === undefined ? 8080 : parsePort('--port', values.port, 1) };
 }
 
 type RunValues = ReturnType<typeof parseArgs<{ options: typeof OPTIONS; strict: true; allowPositionals: false }>>['values'];
