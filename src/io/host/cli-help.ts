@@ -11,6 +11,8 @@ export const HELP_TEXT = `mesh-inference: pool the GPUs (or CPUs) of several mac
 Usage: mesh-inference [options]
        mesh-inference invite [--ttl 24h] [--key-file PATH]
        mesh-inference rotate [--remove ID|NAME]... [--key-file PATH] [--port N]
+       mesh-inference plan --model PATH [--join TOKEN] [--max-vram SIZE] [--ctx-size N] ... [--json]
+       mesh-inference inspector [--port 8080]
 
   --model PATH          GGUF model file on this machine (every serving node needs its own copy)
   --join TOKEN          join the mesh of this invite token (repeatable; also $${JOIN_ENV},
@@ -35,6 +37,13 @@ Usage: mesh-inference [options]
   --data-path MODE      auto (default: a direct TCP + TLS connection between two nodes where one can
                         reach the other, else QUIC) | quic (never use TCP)
   --max-vram SIZE       memory this node offers to the mesh, e.g. 8G, 512MiB, 24GB (default: detected)
+  --ctx-size N          tokens of context per request when this node hosts (default 4096, or
+                        $MESH_INFERENCE_CTX; 32k works); a plan must hold 1.1 x the model plus the
+                        host's KV cache: layers x KV heads x head dims x ctx x slots x bytes of the type
+  --parallel N          requests served at once (slots), each with --ctx-size tokens (default 1)
+  --flash-attn MODE     off (default: split output equals solo output on CPUs) | on | auto
+  --cache-type TYPE     KV cache type, K and V: f16 (default), f32, bf16, q8_0, q5_1, q5_0, q4_1,
+                        q4_0, iq4_nl (quantized types need --flash-attn on)
   --name NAME           name shown to the other nodes (default: the host name)
   --relay MODE          default (iroh's public relays) | none (LAN and tests) | a relay URL
   --stun HOST:PORT      STUN server for the public address (repeatable; "none" to skip)
@@ -43,8 +52,9 @@ Usage: mesh-inference [options]
                         same command line rejoins it after a restart
   --new-mesh            start a fresh mesh instead of rejoining the remembered one
   --log-level LEVEL     ${LOG_LEVELS.join(' | ')} (default info)
-  --inspect [URL]       send the live state machines to the Stately inspector (online), or to the
-                        WebSocket inspector at URL (ws://...)
+  --inspect [URL]       send the live state machines to the Stately inspector (online: its link is
+                        printed once connected), or to the WebSocket inspector at URL (ws://...);
+                        offline: run \`mesh-inference inspector\` and pass --inspect ws://127.0.0.1:8080
   -h, --help            this text
 
 \`mesh-inference invite\` prints an expiring invite (mi2) for the mesh this key file's node belongs to
@@ -55,6 +65,11 @@ Usage: mesh-inference [options]
 give the mesh a new secret, sent to every live member; --remove (repeatable: an id, an id prefix or a
 name) also closes those members out for good. Every token and invite made before stops admitting.
 
+\`mesh-inference plan\` shows which node would get which layers if this machine joined with --model and
+--max-vram (and the serving flags above), the host, and why a node is left out or why the mesh waits,
+computed by the election itself. With --join it looks at the running mesh as an observer that is never a
+candidate (nothing restarts); without, at this machine alone. A running node answers GET /api/plan.
+
 With no arguments at all it runs a demo: a 3-node mesh on loopback with a generated model whose
 weights are random (so its answers are gibberish), serving the API on port ${DEFAULT_API_PORT}.
 
@@ -64,6 +79,8 @@ Examples:
   mesh-inference --model ~/models/glm.gguf --join mi2...    # add this machine's GPU to it
   mesh-inference --client --join mi1...                     # use it from a laptop without the model
   mesh-inference --model m.gguf --max-vram 6G --role worker # lend 6 GiB, never host
+  mesh-inference plan --model m.gguf --max-vram 6G --join mi2...   # what would change if it joined
+  mesh-inference --model m.gguf --ctx-size 32k --flash-attn on --cache-type q8_0  # long contexts
   curl localhost:${DEFAULT_API_PORT}/v1/chat/completions -H 'content-type: application/json' \\
        -d '{"messages":[{"role":"user","content":"hi"}]}'
 `;
