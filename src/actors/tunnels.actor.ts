@@ -15,7 +15,12 @@ import type { MeshEndpoint } from '../io/transport/transport.ts';
 import type { EndpointId } from '../machines/mesh-types.ts';
 import { runningRole, type NodeContext, type RpcTunnelPolicy } from '../machines/node.machine.ts';
 import { remoteWorkers } from '../machines/node-plan.ts';
+import type { PeerEvidence } from '../machines/peer.machine.ts';
+import type { StageHungEvent } from '../machines/stage-health.ts';
 import { tunnelDecision, type TunnelTarget } from '../machines/tunnel-policy.ts';
+
+/** What the tunnels tell the node machine (reportTo): a hung stage, evidence about a peer. */
+export type TunnelsReport = StageHungEvent | PeerEvidence;
 
 /** The patched rpc-server's extra command, for the counting proxy (native/patches/0001). */
 const MESH_RPC_COMMANDS = { 18: { name: 'SET_TENSOR_GGUF', reply: true } } as const;
@@ -82,6 +87,9 @@ export class NodeTunnels {
   private readonly llamaDirect = new Map<EndpointId, string>();
   /** The data port (`auto`), listening once listenData() resolved. */
   private readonly direct: DirectPathServer | null;
+  /** Where reports go (the node actor); none until reportTo(). */
+  private sink: ((event: TunnelsReport) => void) | null = null;
+  private lastQuarantined: readonly EndpointId[] = [];
 
   constructor(init: NodeTunnelsInit, components: NodeTunnelsComponents) {
     this.log = components.log;
@@ -92,7 +100,18 @@ export class NodeTunnels {
       this.dataPath === 'auto'
         ? new DirectPathServer({ host: init.dataHost ?? '127.0.0.1', port: init.dataPort ?? 0 }, { allow, advertise: components.advertise ?? (() => [init.dataHost ?? '127.0.0.1']), log: components.log })
         : null;
-    this.service = new TunnelService({ allow, dataPath: this.dataPath }, { endpoint: components.endpoint, log: components.log, direct: this.direct });
+    const report = {
+      // Only the host's own llama-server connections are watched (the rpc listeners): a hung stage.
+      stall: (s: { peer: EndpointId; planId: string | null; waitedMs: number; boundMs: number; p99Ms: number | null }) => {
+        this.log.warn({ peer: s.peer.slice(0, 10), plan: s.planId, waitedMs: s.waitedMs, boundMs: s.boundMs, p99Ms: s.p99Ms }, 'hung stage: an rpc request got no reply byte within the bound');
+        this.sink?.({ type: 'stage.hung', id: s.peer, planId: s.planId, waitedMs: s.waitedMs, boundMs: s.boundMs });
+      },
+      evidence: (peer: EndpointId, path: 'quic' | 'direct', why: string) => {
+        this.log.debug({ peer: peer.slice(0, 10), path, why }, 'a tunnel ended from the far side');
+        this.sink?.({ type: 'peer.evidence', id: peer, path, why });
+      },
+    };
+    this.service = new TunnelService({ allow, dataPath: this.dataPath }, { endpoint: components.endpoint, log: components.log, direct: this.direct, report });
     this.service.start();
   }
 
@@ -108,9 +127,19 @@ export class NodeTunnels {
     this.meshApi = target;
   }
 
+  /** Reports (a hung stage, evidence about a peer) go to `send`: the node actor. */
+  reportTo(send: (event: TunnelsReport) => void): void {
+    this.sink = send;
+  }
+
   /** Every snapshot of the node: the hand-off, dead links, listeners of workers that are no longer stages. */
   follow(c: NodeContext): void {
     this.context = c;
+    if (c.quarantined !== this.lastQuarantined) {
+      for (const id of c.quarantined) if (!this.lastQuarantined.includes(id)) this.log.warn({ peer: id.slice(0, 10) }, 'stage quarantined: it stayed silent after a restart; plans leave it out for a while');
+      for (const id of this.lastQuarantined) if (!c.quarantined.includes(id)) this.log.info({ peer: id.slice(0, 10) }, 'stage quarantine over: plans may take it again');
+      this.lastQuarantined = c.quarantined;
+    }
     const last = this.lastPolicy;
     // Hand-off: the moment the policy leaves a host, nothing of that host may reach our rpc-server.
     if (last !== null && (c.rpcTunnelPolicy === null || c.rpcTunnelPolicy.host !== last.host || c.rpcTunnelPolicy.planId !== last.planId)) {

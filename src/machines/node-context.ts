@@ -67,6 +67,10 @@ export interface NodeContext {
   readonly rpcReadySent: string | null;
   /** What the tunnel layer enforces: see the file header. */
   readonly rpcTunnelPolicy: RpcTunnelPolicy | null;
+  /** Host: workers whose rpc tunnel hung once, with the plan it hung in (stage-health.ts). */
+  readonly suspects: Readonly<Record<string, string>>;
+  /** Host: workers left out of `connectedTo` (so out of every plan) for a while, after hanging twice. */
+  readonly quarantined: readonly EndpointId[];
   readonly stopReason: string | null;
 }
 
@@ -94,6 +98,8 @@ export function initialNodeContext(input: NodeInput): NodeContext {
     rpcReady: {},
     rpcReadySent: null,
     rpcTunnelPolicy: null,
+    suspects: {},
+    quarantined: [],
     stopReason: null,
   };
 }
@@ -111,7 +117,8 @@ export function viewMessage(context: Pick<NodeContext, 'self' | 'view'>, to: End
  * facts from expiring elsewhere) asks for a new seq anyway.
  */
 export function nextSelf(context: NodeContext, refresh = false): { self: Announcement; view: View } | null {
-  const connectedTo = context.links.filter((id) => context.direct[id] === true);
+  // A quarantined stage (stage-health.ts) is not announced: no plan of ours takes it meanwhile.
+  const connectedTo = context.links.filter((id) => context.direct[id] === true && !context.quarantined.includes(id));
   const serving = isServing(context);
   if (!refresh && serving === context.self.serving && sameIds(connectedTo, context.self.connectedTo)) return null;
   const { sig: _, ...unsigned } = context.self;

@@ -15,10 +15,11 @@ import {
   type RpcTunnelPolicy,
  hasWorkToDrain } from './node-context.ts';
 import { needsRpcServer, remoteWorkers, withId, withoutId } from './node-plan.ts';
-import { peerMachine, type PeerNotice } from './peer.machine.ts';
+import { peerMachine, type PeerEvidence, type PeerNotice } from './peer.machine.ts';
 import { unprovidedCallback } from './process-slot.ts';
 import type { MeshMessage, NetworkCommand, NetworkEvent } from './protocol.ts';
 import { rpcServerMachine, type RpcServerCommand, type RpcServerNotice } from './rpc-server.machine.ts';
+import { hungVerdict, QUARANTINE_MS, suspectsOfRunningPlan, type QuarantineOverEvent, type StageHungEvent } from './stage-health.ts';
 
 export type NodeEvent =
   | NetworkEvent
@@ -27,6 +28,10 @@ export type NodeEvent =
   | RpcServerNotice
   | LlamaServerNotice
   | { readonly type: 'node.stop'; readonly reason: string }
+  // From the tunnels: evidence about a peer (forwarded to its peer machine), a hung stage (stage-health.ts).
+  | PeerEvidence
+  | StageHungEvent
+  | QuarantineOverEvent
   // From the composition root: how many requests this node's APIs are answering now.
   | { readonly type: 'requests.inflight'; readonly count: number }
   // Raised internally: the mesh facts changed (gossip, links, a crash), so the election will settle anew.
@@ -75,8 +80,12 @@ export const nodeSetup = setup({
     leaveTimeout: 10_000,
     /** A planned change (a join, a graceful leave) lets requests in flight finish for at most this long. */
     drainTimeout: DRAIN_TIMEOUT_MS,
+    /** After a leaving host drained, this long before the connections close (the answers' last bytes). */
+    drainLinger: 1_000,
     /** The gossip tick: re-announcement and expiry (see REANNOUNCE_MS). */
     reannounce: REANNOUNCE_MS,
+    /** A stage that hung twice stays out of this host's plans this long (stage-health.ts). */
+    quarantine: QUARANTINE_MS,
   },
   guards: {
     hasNoBootstrap: ({ context }) => context.bootstrap.length === 0,
@@ -306,6 +315,36 @@ export const nodeSetup = setup({
       }
     }),
     noteStopReason: assign((_, params: { reason: string }) => ({ stopReason: params.reason })),
+    // ---- stage health (stage-health.ts) -----------------------------------------------------------------
+    // A hung stage: the 1st strike makes it a suspect, the 2nd quarantines it; either way llama-server stops (the
+    // request in flight ends) and the node re-elects, which starts it again (or plans without the stage).
+    takeHungStage: enqueueActions(({ context, enqueue }, params: { event: StageHungEvent }) => {
+      const verdict = hungVerdict(context, params.event);
+      if (verdict === 'ignore') return;
+      const { id } = params.event;
+      if (verdict === 'suspect') enqueue.assign({ suspects: { ...context.suspects, [id]: context.running!.id } });
+      else quarantine(enqueue, context, [id]);
+      if (context.llama === 'ready' || context.llama === 'starting') {
+        enqueue.assign({ llama: 'stopping' });
+        enqueue.sendTo('llamaServer', { type: 'llama.stop' } satisfies LlamaServerCommand);
+      }
+      enqueue.raise({ type: 'mesh.changed' });
+    }),
+    // llama-server restarted after a strike and did not get ready: the suspects stayed silent.
+    quarantineSuspects: enqueueActions(({ context, enqueue }) => {
+      const ids = suspectsOfRunningPlan(context);
+      if (ids.length > 0) quarantine(enqueue, context, ids);
+    }),
+    // llama-server got ready: every stage answered.
+    clearSuspects: assign({ suspects: {} }),
+    endQuarantine: enqueueActions(({ context, enqueue }, params: { id: EndpointId }) => {
+      if (!context.quarantined.includes(params.id)) return;
+      const { [params.id]: _, ...suspects } = context.suspects;
+      const next = { ...context, quarantined: withoutId(context.quarantined, params.id), suspects };
+      enqueue.assign({ quarantined: next.quarantined, suspects });
+      announceSelf(enqueue, next);
+      enqueue.raise({ type: 'mesh.changed' });
+    }),
     countInFlight: assign((_, params: { count: number }) => ({ inFlight: Math.max(0, params.count) })),
 
     // ---- process notices ------------------------------------------------------------------------------
@@ -323,9 +362,24 @@ export const nodeSetup = setup({
 /** What `enqueueActions` offers that the helpers below use. */
 interface NodeEnqueue {
   assign(update: Partial<NodeContext>): void;
+  raise(event: QuarantineOverEvent, options: { id: string; delay: 'quarantine' }): void;
   stopChild(ref: AnyActorRef): void;
   sendTo(target: 'network', event: NetworkCommand): void;
   sendTo(target: 'election', event: ElectionEvent): void;
+}
+
+/** Leaves `ids` out of this host's announcement (so out of every plan) for `quarantine`, then takes them back. */
+function quarantine(enqueue: NodeEnqueue, context: NodeContext, ids: readonly EndpointId[]): void {
+  let quarantined = context.quarantined;
+  for (const id of ids) quarantined = withId(quarantined, id);
+  const suspects = { ...context.suspects };
+  for (const id of ids) delete suspects[id];
+  const next = { ...context, quarantined, suspects };
+  enqueue.assign({ quarantined, suspects });
+  announceSelf(enqueue, next);
+  for (const id of ids) {
+    enqueue.raise({ type: 'stage.quarantine.over', id } satisfies QuarantineOverEvent, { id: `quarantine:${id}`, delay: 'quarantine' });
+  }
 }
 
 /** Spawns the machine that watches one peer (an assigner for `enqueue.assign`). */

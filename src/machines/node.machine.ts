@@ -103,9 +103,14 @@ export const nodeMachine = nodeSetup.createMachine({
     // A crash is a mesh change like any other. The host's llama-server holds a connection to the rpc-server that
     // is gone (its next request would crash it): it restarts with the new one.
     'rpc.crashed': { actions: ['rpcDown', 'stopLlama', 'refreshSelf', 'raiseMeshChanged'] },
-    'llama.ready': { actions: [{ type: 'llamaUp', params: ({ event }) => ({ port: event.port }) }, 'refreshSelf'] },
+    'llama.ready': { actions: [{ type: 'llamaUp', params: ({ event }) => ({ port: event.port }) }, 'clearSuspects', 'refreshSelf'] },
     'llama.stopped': { actions: ['llamaDown', 'refreshSelf'] },
-    'llama.crashed': { actions: ['llamaDown', 'refreshSelf', 'raiseMeshChanged'] },
+    // After a hung stage's strike, a restart that crashes means the stage stayed silent (stage-health.ts).
+    'llama.crashed': { actions: ['llamaDown', 'quarantineSuspects', 'refreshSelf', 'raiseMeshChanged'] },
+    // The tunnels' word about a peer and its stage.
+    'peer.evidence': { actions: { type: 'forwardToPeer', params: ({ event }) => ({ id: event.id }) } },
+    'stage.hung': { actions: { type: 'takeHungStage', params: ({ event }) => ({ event }) } },
+    'stage.quarantine.over': { actions: { type: 'endQuarantine', params: ({ event }) => ({ id: event.id }) } },
     'requests.inflight': { actions: { type: 'countInFlight', params: ({ event }) => ({ count: event.count }) } },
     'node.stop': {
       target: '.leaving',

@@ -279,6 +279,10 @@ function assemble(
     inspect,
   });
 
+  // Hung stages and evidence about peers, as the tunnels see them (src/machines/stage-health.ts, peer.machine.ts).
+  tunnels.reportTo((event) => {
+    if (actor.getSnapshot().status === 'active') actor.send(event);
+  });
   // GET /api/events and the console: the mesh as this node sees it, one event per change.
   const events = new MeshEventHub({
     read: () => readMeshState({ actor, meshId, connection: (id) => endpoint.connection(id), tunnels: () => tunnels.stats(), load: () => loadProgress?.() ?? null }),
