@@ -112,6 +112,7 @@ export const peerMachine = setup({
     isNotLeaving: (_, params: { message: MeshMessage }) => params.message.type !== 'leaving',
     hasDirectReset: ({ context }) => context.directReset !== null,
     isQuicEvidence: (_, params: { path: 'quic' | 'direct' }) => params.path === 'quic',
+    isDirectEvidence: (_, params: { path: 'quic' | 'direct' }) => params.path === 'direct',
   },
   actions: {
     dial: sendTo(
@@ -268,7 +269,7 @@ export const peerMachine = setup({
             'peer.silence.suspect': 'suspect',
             // A reset direct connection alone proves nothing: remember it until silence (or a message) decides.
             'peer.evidence': {
-              guard: not({ type: 'isQuicEvidence', params: ({ event }) => ({ path: event.path }) }),
+              guard: { type: 'isDirectEvidence', params: ({ event }) => ({ path: event.path }) },
               actions: { type: 'noteDirectReset', params: ({ event }) => ({ why: event.why }) },
             },
             'net.message': {
