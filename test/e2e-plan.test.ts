@@ -68,7 +68,8 @@ describe('plan preview: mesh-inference plan and GET /api/plan', () => {
     expect(out).toMatch(/the plan if this machine joined:\n.*\n\s+host: gamma \(this machine\); 1 stage\(s\)/);
     expect(out).toMatch(/left out: alpha \(\w+\): not needed/);
     expect(out).toMatch(/left out: beta \(\w+\): not needed/);
-    expect(out).not.toMatch(/left out: gamma/);
+    expect(out).not.toMatch(/left out: gamma \(this machine\)/);
+    expect(out).toMatch(/left out: gamma \(plan preview\) \(\w+\): a lite client/);
     // The observer came and went: nothing restarted.
     await new Promise((r) => setTimeout(r, 2_000));
     expect(llamaServerPid(a)).toBe(pid);
