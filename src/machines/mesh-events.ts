@@ -197,6 +197,7 @@ export function diffMeshState(prev: MeshState, next: MeshState): MeshEventBody[]
   for (const p of Object.values(next.peers)) {
     const old = prev.peers[p.id];
     if (old === undefined || old.state !== p.state) out.push({ type: peerEvent(old, p), peer: p });
+    else if (old.name !== p.name || old.lastDown !== p.lastDown) out.push({ type: 'peer.state', peer: p });
     else if (old.link?.kind !== p.link?.kind || rttMoved(old.link?.rttMs ?? null, p.link?.rttMs ?? null)) out.push({ type: 'link.changed', peer: p.id, link: p.link });
   }
   for (const [id, p] of Object.entries(prev.peers)) if (next.peers[id] === undefined) out.push({ type: 'peer.removed', id: p.id });
