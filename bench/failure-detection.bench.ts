@@ -8,11 +8,16 @@
 // line whose links no longer hold the victim; the round also checks that the two survivors re-converged (each
 // linked to the other, and only to it). Prints a markdown table; progress goes to stderr.
 //
-//   npx tsx bench/failure-detection.bench.ts [--rounds 5]
+//   npx tsx bench/failure-detection.bench.ts [--rounds 5] [--false-alarm-s 120] [--only-false-alarm]
+//
+// False alarms: a settled mesh of 3 watched for --false-alarm-s seconds twice, first quiet, then with one busy-loop
+// process per core (at the nodes' own priority), so that every node process competes for the CPU. Nobody dies, so
+// every link a node drops meanwhile is a false alarm; reported per window and per node-hour.
 //
 // The bound is the peer machine's `goneAfter` delay (src/machines/peer.machine.ts), read from the machine.
 // Every child is killed at the end, on error and on SIGINT/SIGTERM too (a stopped one gets SIGCONT first).
-import { loadavg } from 'node:os';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { availableParallelism, loadavg } from 'node:os';
 import { peerMachine } from '../src/machines/peer.machine.ts';
 import { HarnessProc, until } from '../test/harness/proc.ts';
 import { describeMachine, machineInfo } from './machine.ts';
@@ -23,6 +28,9 @@ const opt = (f: string): string | undefined => {
   return i >= 0 ? args[i + 1] : undefined;
 };
 const ROUNDS = Number(opt('--rounds') ?? 5);
+const FALSE_ALARM_S = Number(opt('--false-alarm-s') ?? 120);
+const ONLY_FALSE_ALARM = args.includes('--only-false-alarm');
+if (!(FALSE_ALARM_S >= 0)) throw new Error(`--false-alarm-s must be >= 0, got ${opt('--false-alarm-s')}`);
 if (!Number.isInteger(ROUNDS) || ROUNDS < 1) throw new Error(`--rounds must be a positive integer, got ${opt('--rounds')}`);
 
 const HARNESS = './mesh-node.ts'; // resolved by HarnessProc relative to test/harness/proc.ts
@@ -67,7 +75,13 @@ async function killAll(): Promise<void> {
     }),
   );
 }
+/** The busy loops of the false-alarm window. */
+const busy: ChildProcess[] = [];
+function stopBusy(): void {
+  for (const b of busy.splice(0)) if (b.exitCode === null) b.kill('SIGKILL');
+}
 function killAllSync(): void {
+  stopBusy();
   for (const p of all) {
     if (!p.alive) continue;
     try {
@@ -191,6 +205,47 @@ async function round(c: Case, tag: string): Promise<{ detect: number[]; mesh: nu
   }
 }
 
+interface FalseAlarms {
+  readonly window: 'quiet' | 'busy loop per core';
+  readonly seconds: number;
+  /** Links dropped (a node's state line losing a live peer). */
+  readonly drops: number;
+  readonly load: readonly number[];
+}
+
+/** Watches a settled mesh of 3 for `seconds`: every dropped link is a false alarm (nobody died). */
+async function falseAlarmWindow(window: FalseAlarms['window'], seconds: number): Promise<FalseAlarms> {
+  const nodes = await startMesh(`fa-${window === 'quiet' ? 'quiet' : 'busy'}`);
+  try {
+    await new Promise((r) => setTimeout(r, 2 * HEARTBEAT_MS));
+    if (window !== 'quiet') {
+      for (let i = 0; i < availableParallelism(); i++) busy.push(spawn(process.execPath, ['-e', 'for (;;) {}'], { stdio: 'ignore' }));
+    }
+    const seen = nodes.map((n) => stateLines(n.p).length);
+    await new Promise((r) => setTimeout(r, seconds * 1_000));
+    const load = loadavg();
+    stopBusy();
+    let drops = 0;
+    for (const [i, n] of nodes.entries()) {
+      let prev = latestLinksAt(n.p, seen[i]!);
+      for (const l of stateLines(n.p).slice(seen[i])) {
+        drops += prev.filter((id) => !l.links.includes(id)).length;
+        prev = l.links;
+      }
+    }
+    for (const n of nodes) if (!n.p.alive) throw new Error(`false-alarm window: ${n.id.slice(0, 6)} exited ${JSON.stringify(n.p.exit)}`);
+    return { window, seconds, drops, load };
+  } finally {
+    stopBusy();
+    await killMesh(nodes);
+  }
+}
+
+/** The links of the last state line before index `at`. */
+function latestLinksAt(p: HarnessProc, at: number): string[] {
+  return stateLines(p)[at - 1]?.links ?? [];
+}
+
 async function main(): Promise<void> {
   const started = new Date();
   const loadBefore = loadavg();
@@ -198,7 +253,7 @@ async function main(): Promise<void> {
   log(`${ROUNDS} rounds x ${CASES.length} cases, 3 nodes each; goneAfter ${GONE_AFTER_MS} ms, heartbeat ${HEARTBEAT_MS} ms`);
   const results = new Map<CaseName, Result>(CASES.map((c) => [c.name, { detect: [], mesh: [], failed: 0 }]));
   // Interleave the cases round by round, so a change in the machine's load hits all of them alike.
-  for (let r = 1; r <= ROUNDS; r++) {
+  for (let r = 1; r <= (ONLY_FALSE_ALARM ? 0 : ROUNDS); r++) {
     for (const c of CASES) {
       const tag = `r${r}-${c.name.replace(/\W+/g, '')}`;
       const res = results.get(c.name)!;
@@ -211,6 +266,15 @@ async function main(): Promise<void> {
         res.failed++;
         log(`${tag}: FAILED: ${(err as Error).message}`);
       }
+    }
+  }
+  const alarms: FalseAlarms[] = [];
+  if (FALSE_ALARM_S > 0) {
+    for (const w of ['quiet', 'busy loop per core'] as const) {
+      log(`false alarms: ${w}, ${FALSE_ALARM_S} s`);
+      const fa = await falseAlarmWindow(w, FALSE_ALARM_S);
+      log(`false alarms: ${w}: ${fa.drops} links dropped; load ${fa.load.map((l) => l.toFixed(2)).join(' ')}`);
+      alarms.push(fa);
     }
   }
   const loadAfter = loadavg();
@@ -236,6 +300,18 @@ async function main(): Promise<void> {
       `line without the victim in its links. Re-converged: to the later survivor's first state line linked to the ` +
       `other survivor only. Heartbeat every ${HEARTBEAT_MS} ms; a silent peer is gone ${GONE_AFTER_MS} ms after its last message.`,
   );
+  if (alarms.length > 0) {
+    say();
+    say(`### False alarms: a settled mesh of 3 watched, nobody dies (${availableParallelism()} cores)`);
+    say();
+    say('| window | seconds | links dropped (false alarms) | per node-hour | load average at the end (1/5/15 min) |');
+    say('|---|---|---|---|---|');
+    for (const a of alarms) {
+      say(`| ${a.window} | ${a.seconds} | ${a.drops} | ${((a.drops / (3 * a.seconds)) * 3600).toFixed(1)} | ${a.load.map((l) => l.toFixed(2)).join(' ')} |`);
+    }
+    say();
+    say(`Busy loop per core: ${availableParallelism()} \`node -e 'for (;;) {}'\` processes at the nodes' own priority for the whole window.`);
+  }
   if ([...results.values()].some((r) => r.failed)) process.exitCode = 1;
 }
 

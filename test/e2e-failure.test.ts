@@ -20,10 +20,13 @@ const N_TOKENS = 32;
 /** Generous: detection (heartbeats, ~5 s) + kill + fresh start, on two busy cores. */
 const RECOVERY_BOUND_MS = 60_000;
 
-/** How a stream ended: the chunks it gave, its first finish reason (if any), the error it threw (if any). */
+/**
+ * How a stream ended: the chunks it gave, the finish reason of the last chunk that carried one (llama.cpp sends
+ * null on every chunk but the last), the error it threw (if any).
+ */
 interface InterruptedStream {
   readonly chunks: number;
-  readonly finish: string | null | undefined;
+  readonly finish: string | null;
   readonly error: Error | null;
   /** performance.now() right after `interrupt` ran (0: it never ran). */
   readonly interruptedAt: number;
@@ -39,13 +42,13 @@ async function streamInterruptedAtChunk5(node: E2eNode, interrupt: () => void): 
     stream: true,
   });
   let chunks = 0;
-  let finish: string | null | undefined;
+  let finish: string | null = null;
   let error: Error | null = null;
   let interruptedAt = 0;
   try {
     for await (const chunk of stream) {
       chunks++;
-      finish ??= chunk.choices[0]?.finish_reason;
+      finish = chunk.choices[0]?.finish_reason ?? finish;
       if (chunks === 5) {
         interrupt();
         interruptedAt = performance.now();
@@ -55,6 +58,11 @@ async function streamInterruptedAtChunk5(node: E2eNode, interrupt: () => void): 
     error = err as Error;
   }
   return { chunks, finish, error, interruptedAt };
+}
+
+/** A stream ends with an error or with a real finish reason (length / stop), never silently cut. */
+function expectEndedHonestly(s: InterruptedStream): void {
+  if (s.error === null) expect(s.finish, `the stream ended after ${s.chunks} chunks with no error and no finish reason: silently cut`).toMatch(/^(length|stop)$/);
 }
 
 describe('e2e: a worker and then the host killed', { timeout: 240_000 }, () => {
@@ -87,7 +95,7 @@ describe('e2e: a worker and then the host killed', { timeout: 240_000 }, () => {
     const endedMs = performance.now() - killedAt;
     expect(killedAt).toBeGreaterThan(0);
     // Either a completed answer or a clean error: the stream ended, and did not hang.
-    expect(error !== null || finish !== undefined).toBe(true);
+    expectEndedHonestly({ chunks, finish, error, interruptedAt: killedAt });
     expect(endedMs).toBeLessThan(RECOVERY_BOUND_MS);
     if (error) expect(error.message).toMatch(/mid-answer|closed|stream|connection|terminated|error/i);
     console.log(`worker killed after ${chunks >= 5 ? 5 : chunks} chunks: the stream ended ${error ? `with an error (${error.message.split('\n')[0]})` : `complete (${finish})`} ${endedMs.toFixed(0)} ms later`);
@@ -118,10 +126,11 @@ describe('e2e: a worker and then the host killed', { timeout: 240_000 }, () => {
 
   it('a worker that hangs (SIGSTOP) mid-stream: the stream ends instead of hanging; once it wakes, the mesh serves again', async () => {
     // The node process only: its rpc-server runs on, unreachable, as behind a silent network.
-    const { finish, error, interruptedAt: stoppedAt } = await streamInterruptedAtChunk5(d, () => c.proc.kill('SIGSTOP'));
+    const ended = await streamInterruptedAtChunk5(d, () => c.proc.kill('SIGSTOP'));
+    const { finish, error, interruptedAt: stoppedAt } = ended;
     const endedMs = performance.now() - stoppedAt;
     expect(stoppedAt).toBeGreaterThan(0);
-    expect(error !== null || finish !== undefined).toBe(true);
+    expectEndedHonestly(ended);
     expect(endedMs).toBeLessThan(RECOVERY_BOUND_MS);
     console.log(`worker hung after 5 chunks: the stream ended ${error ? 'with an error' : `complete (${finish})`} ${endedMs.toFixed(0)} ms later`);
     // d alone (.58) cannot hold the model: the plan waits, and the API says why instead of hanging.
