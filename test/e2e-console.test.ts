@@ -158,6 +158,10 @@ describe('the console and /api/events on a real mesh', () => {
       expect(snap.state.plan?.host).toBe(readyPlan(status)!.host);
       expect(snap.state.machines['llamaServer']).toBe(dottedState(status.machines.llamaServer));
       expect(snap.state.machines['node']).toBe(dottedState(status.node.state));
+      // Alpha works for gamma (the test before): its rpc tunnel from gamma, on the data path /api/status gives.
+      const tunnelKeys = (list: readonly { peer: string; kind: string; side: string; path: string }[]) => [...new Set(list.map((t) => `${t.peer} ${t.kind} ${t.side} ${t.path}`))].sort();
+      expect(tunnelKeys(snap.state.tunnels)).toEqual(tunnelKeys(status.tunnels.connections));
+      expect(snap.state.tunnels.some((t) => t.kind === 'rpc' && /^(direct|quic)$/.test(t.path))).toBe(true);
       for (const peer of nodes.slice(1)) {
         expect(snap.state.peers[peer.id]?.state).toBe('up.connected');
         expect(snap.state.peers[peer.id]?.link?.kind).toMatch(/^(direct-tls|quic-direct)$/);
@@ -180,8 +184,6 @@ describe('the console and /api/events on a real mesh', () => {
         expect(types.indexOf('llama.spawning')).toBeGreaterThan(-1);
         expect(types.indexOf('llama.spawning')).toBeLessThan(types.indexOf('llama.ready'));
         for (const e of own.events) if (e.type === 'llama.loading') expect(e.percent === null || (e.percent >= 0 && e.percent <= 100)).toBe(true);
-        // Its tunnels to the workers: a data path chosen for each.
-        await own.next((e) => e.type === 'tunnel.path' && e.tunnel.kind === 'rpc', 30_000, "delta's rpc tunnel.path");
       } finally {
         own.close();
       }
@@ -194,6 +196,8 @@ describe('the console and /api/events on a real mesh', () => {
       expect(finished.request.completionTokens).toBe(answer.usage!.completion_tokens);
       expect(finished.request.outcome).toBe(answer.choices[0]!.finish_reason);
       expect(finished.request.tokensPerSecond).toBeGreaterThan(0);
+      // It went to delta through an http tunnel: the data path chosen for it.
+      await feed.next((e) => e.type === 'tunnel.path' && e.tunnel.kind === 'http' && e.tunnel.peer === delta.id, 10_000, 'an http tunnel.path to delta');
       // Numbered in order, no gaps.
       const seqs = feed.events.slice(1).map((e) => e.seq);
       expect(seqs).toEqual(seqs.map((_, i) => seqs[0]! + i));

@@ -163,8 +163,8 @@ describe('GET /api/events and the console', () => {
     expect(events.map((e) => e.type)).toEqual(['snapshot', 'peer.admitted', 'request.started', 'request.finished', 'peer.suspect']);
     expect(events.slice(1).map((e) => e.seq)).toEqual([1, 2, 3, 4]);
     // A client that connects now gets the state with the request in it.
-    const [snap] = await read(s.url, {}, 1);
-    if (snap!.type !== 'snapshot') throw new Error('no snapshot first');
+    const snap = (await read(s.url, {}, 1))[0]!;
+    if (snap.type !== 'snapshot') throw new Error('no snapshot first');
     expect(snap.state.requests.recent.map((r) => [r.id, r.tokensPerSecond])).toEqual([['r1', 100]]);
     expect(snap.state.peers[B]?.state).toBe('up.suspect');
   });

@@ -120,19 +120,28 @@
 
   const sameTunnel = (a, b) => a.peer === b.peer && a.kind === b.kind && a.side === b.side && a.path === b.path;
 
+  // GET /api/plan (when the node serves it): the election explained, with each stage's layer range.
   let previewFor = null;
+  let preview = null;
   async function fetchPreview() {
     const planId = state?.plan?.id ?? null;
     if (planId === previewFor) return;
     previewFor = planId;
     try {
       const res = await fetch('/api/plan', { headers: headers(), cache: 'no-store' });
-      if (!res.ok) return void ($('preview').hidden = true);
-      $('preview-body').textContent = JSON.stringify(await res.json(), null, 2);
-      $('preview').hidden = false;
+      preview = res.ok ? await res.json() : null;
     } catch {
-      $('preview').hidden = true;
+      preview = null;
     }
+    $('preview').hidden = preview === null;
+    if (preview !== null) $('preview-body').textContent = Array.isArray(preview.lines) ? preview.lines.join('\n') : JSON.stringify(preview, null, 2);
+    schedule();
+  }
+  /** [from, to) of a stage's layers from the preview of the same plan; null without. */
+  function layersOf(planId, id) {
+    if (preview === null || preview.plan?.id !== planId || !Array.isArray(preview.stages)) return null;
+    const st = preview.stages.find((x) => x.id === id);
+    return Array.isArray(st?.layers) ? st.layers : null;
   }
 
   // ---- rendering ----------------------------------------------------------------------------------------
@@ -194,11 +203,13 @@
       bar.replaceChildren(
         ...p.stages.map((st) => {
           const pct = st.share * 100;
+          const layers = layersOf(p.id, st.id);
           const seg = el(
             'div',
             { class: `stage${st.id === p.host ? ' host' : ''}`, 'data-node-id': st.id, 'data-share': String(st.share), title: `${st.name}: ${from.toFixed(1)}–${(from + pct).toFixed(1)}% of the layers${st.id === p.host ? ' (host)' : ''}` },
             el('span', { class: 'stage-name' }, st.name),
             el('span', { class: 'stage-share' }, `${pct.toFixed(0)}%`),
+            ...(layers !== null ? [el('span', { class: 'stage-layers' }, `layers ${layers[0]}–${layers[1] - 1}`)] : []),
             ...(st.id === p.host ? [el('span', { class: 'badge' }, 'host')] : []),
           );
           seg.style.flex = `${st.share} 1 0`;
