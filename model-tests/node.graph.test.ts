@@ -7,7 +7,7 @@ import { createActor, fromCallback, fromPromise, SimulatedClock, type EventObjec
 import { describe, expect, it } from 'vitest';
 import { llamaServerMachine, type LlamaServerProcessInput } from '../src/machines/llama-server.machine.ts';
 import { asEndpointId, type Announcement, type EndpointId, type Plan } from '../src/machines/mesh-types.ts';
-import { ELECTION_QUIET_MS, nodeMachine, type NodeContext } from '../src/machines/node.machine.ts';
+import { DRAIN_TIMEOUT_MS, ELECTION_QUIET_MS, nodeMachine, type NodeContext } from '../src/machines/node.machine.ts';
 import { roleIn } from '../src/machines/node-plan.ts';
 import type { ProcessEvent, ProcessKillCommand } from '../src/machines/process-slot.ts';
 import type { NetworkCommand, NetworkEvent } from '../src/machines/protocol.ts';
@@ -39,12 +39,18 @@ function feasible(snapshot: { value: unknown; context: NodeContext; status: stri
   if (snapshot.status !== 'active') return [];
   const c = snapshot.context;
   const out: Ev[] = [];
-  const leaving = snapshot.value === 'leaving';
+  const value = snapshot.value as string | Record<string, string>;
+  const leaving = typeof value === 'object' && 'leaving' in value;
   if (!leaving) {
     for (const plan of PLANS) if (plan.id !== c.plan?.id) out.push({ type: 'election.planned', plan });
     out.push({ type: 'mesh.changed' });
     out.push({ type: 'node.stop', reason: 'test' });
   }
+  // A request starts or ends on a host's API: a planned change with one in flight drains first.
+  if (c.llama === 'ready') out.push({ type: 'requests.inflight', count: c.inFlight === 0 ? 1 : 0 });
+  if (value === 'draining') out.push({ type: 'xstate.after.drainTimeout.node.draining' });
+  if (leaving && value.leaving === 'draining') out.push({ type: 'xstate.after.drainTimeout.node.leaving.draining' });
+  if (leaving && value.leaving === 'lingering') out.push({ type: 'xstate.after.drainLinger.node.leaving.lingering' });
   if (c.rpc === 'starting') out.push({ type: 'rpc.ready', port: 1 });
   if (c.rpc === 'ready' || c.rpc === 'starting') out.push({ type: 'rpc.crashed', reason: 'x' });
   if (c.rpc === 'stopping') out.push({ type: 'rpc.stopped' });
@@ -55,7 +61,7 @@ function feasible(snapshot: { value: unknown; context: NodeContext; status: stri
     out.push({ type: 'net.message', from: W, message: { type: 'rpc-ready', planId: 'host-with-worker' } });
   }
   if (snapshot.value === 'electing') out.push({ type: 'xstate.after.electionQuiet.node.electing' });
-  if (leaving) out.push({ type: 'xstate.after.leaveTimeout.node.leaving' });
+  if (leaving && value.leaving === 'going') out.push({ type: 'xstate.after.leaveTimeout.node.leaving.going' });
   return out;
 }
 
@@ -73,15 +79,15 @@ describe('node graph', () => {
     events: feasible as never,
     serializeState: (s) => {
       const c = (s as unknown as { context: NodeContext }).context;
-      return JSON.stringify([s.value, s.status, c.plan?.id, c.running?.id, c.rpc, c.llama, c.rpcReady, c.rpcReadySent, c.rpcTunnelPolicy]);
+      return JSON.stringify([s.value, s.status, c.plan?.id, c.running?.id, c.rpc, c.llama, c.rpcReady, c.rpcReadySent, c.rpcTunnelPolicy, c.inFlight]);
     },
   });
 
   it('reaches every state of the node', () => {
     const reached = new Set(paths.map((p) => JSON.stringify(p.state.value)));
-    for (const v of ['joining', 'electing', 'starting', 'serving', 'stopping', 'leaving', 'stopped']) {
+    for (const v of ['joining', 'electing', 'starting', 'serving', 'draining', 'stopping', { leaving: 'draining' }, { leaving: 'lingering' }, { leaving: 'going' }, 'stopped']) {
       if (v === 'joining') continue; // left at once without a bootstrap peer
-      expect(reached, v).toContain(JSON.stringify(v));
+      expect(reached, JSON.stringify(v)).toContain(JSON.stringify(v));
     }
     expect(paths.length).toBeGreaterThan(100); // one per distinct (state, plan, processes, hand-off) combination
   });
@@ -183,8 +189,15 @@ describe('node graph', () => {
           case 'xstate.after.electionQuiet.node.electing':
             clock.increment(ELECTION_QUIET_MS);
             break;
-          case 'xstate.after.leaveTimeout.node.leaving':
+          case 'xstate.after.leaveTimeout.node.leaving.going':
             clock.increment(10_000);
+            break;
+          case 'xstate.after.drainLinger.node.leaving.lingering':
+            clock.increment(1_000);
+            break;
+          case 'xstate.after.drainTimeout.node.draining':
+          case 'xstate.after.drainTimeout.node.leaving.draining':
+            clock.increment(DRAIN_TIMEOUT_MS);
             break;
           default:
             actor.send(e as never);
@@ -217,7 +230,9 @@ describe('node graph', () => {
           expect(c.rpcTunnelPolicy, trail).toEqual(c.rpcReadySent === c.running!.id ? { host: H, planId: c.running!.id } : null);
         }
         if (role !== 'worker' && snap.value !== 'electing') expect(c.rpcTunnelPolicy, trail).toBeNull();
-        if (snap.value === 'stopping' || snap.value === 'leaving') expect(c.rpcTunnelPolicy, trail).toBeNull();
+        if (snap.value === 'stopping' || (typeof snap.value === 'object' && 'leaving' in snap.value && snap.value.leaving === 'going')) expect(c.rpcTunnelPolicy, trail).toBeNull();
+        // Draining keeps what runs now: the processes of the running plan stay up.
+        if (snap.value === 'draining' && role === 'host') expect(live(llamas).length, trail).toBe(1);
         if (snap.status === 'done') {
           expect(live(rpcs), `${trail}: processes outlive the node`).toHaveLength(0);
           expect(live(llamas), `${trail}: processes outlive the node`).toHaveLength(0);

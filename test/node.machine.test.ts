@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest';
 import { SETTLE_MS } from '../src/machines/election.machine.ts';
 import { llamaServerMachine, type LlamaServerProcessInput } from '../src/machines/llama-server.machine.ts';
 import type { Announcement, EndpointId } from '../src/machines/mesh-types.ts';
-import { ELECTION_QUIET_MS, nodeMachine } from '../src/machines/node.machine.ts';
+import { DRAIN_TIMEOUT_MS, ELECTION_QUIET_MS, nodeMachine } from '../src/machines/node.machine.ts';
 import type { MeshMessage, NetworkCommand, NetworkEvent } from '../src/machines/protocol.ts';
 import { rpcServerMachine, type RpcServerProcessInput } from '../src/machines/rpc-server.machine.ts';
 import { announcement, fakeProcess, flush, readyAtOnce, type FakeProcess } from './machine-fakes.ts';
@@ -119,6 +119,72 @@ describe('node machine', () => {
     expect(h.alive(h.rpcRuns)).toHaveLength(0);
     expect(h.llamaRuns).toHaveLength(1); // killed, not restarted
     expect(h.actor.getSnapshot().context.self.serving).toBe(false);
+  });
+
+  it('a planned change with a request in flight drains first (bounded), then kills', async () => {
+    const h = harness(ME);
+    await h.advance(SETTLE_MS + 50);
+    expect(h.alive(h.llamaRuns)).toHaveLength(1);
+    h.actor.send({ type: 'requests.inflight', count: 1 });
+    const bigger = announcement('bigger', 24, { connectedTo: ['me' as EndpointId] });
+    await h.connect(bigger);
+    await h.advance(SETTLE_MS + ELECTION_QUIET_MS + 50);
+    expect(h.state()).toBe('draining');
+    expect(h.alive(h.llamaRuns)).toHaveLength(1); // still answering
+    await h.advance(1_000);
+    expect(h.llamaRuns[0]!.alive).toBe(true);
+    h.actor.send({ type: 'requests.inflight', count: 0 });
+    await h.advance(100);
+    expect(h.llamaRuns[0]!.alive).toBe(false); // drained: the kill -> fresh start goes on
+    // Bounded: a request that never ends holds the change for DRAIN_TIMEOUT_MS at most (the newcomer answers
+    // its heartbeats meanwhile, so the change stays).
+    const h2 = harness(ME);
+    await h2.advance(SETTLE_MS + 50);
+    h2.actor.send({ type: 'requests.inflight', count: 1 });
+    const newcomer = announcement('bigger', 24, { connectedTo: ['me' as EndpointId] });
+    await h2.connect(newcomer);
+    const keepAlive = async (ms: number) => {
+      for (let t = 0; t < ms; t += 250) {
+        for (const hb of h2.sentTo(newcomer.id, 'heartbeat').splice(0)) h2.message(newcomer.id, { type: 'heartbeat-ack', n: (hb.message as { n: number }).n });
+        h2.commands.splice(0);
+        await h2.advance(250);
+      }
+    };
+    await keepAlive(SETTLE_MS + ELECTION_QUIET_MS + 250);
+    expect(h2.state()).toBe('draining');
+    await keepAlive(DRAIN_TIMEOUT_MS - 1_000);
+    expect(h2.llamaRuns[0]!.alive).toBe(true);
+    await keepAlive(1_500);
+    expect(h2.llamaRuns[0]!.alive).toBe(false);
+    // A change that goes away during the drain restarts nothing: the newcomer stops answering and is gone.
+    const h3 = harness(ME);
+    await h3.advance(SETTLE_MS + 50);
+    h3.actor.send({ type: 'requests.inflight', count: 1 });
+    await h3.connect(announcement('bigger', 24, { connectedTo: ['me' as EndpointId] }));
+    await h3.advance(SETTLE_MS + ELECTION_QUIET_MS + 50);
+    expect(h3.state()).toBe('draining');
+    await h3.advance(5_000);
+    expect(h3.state()).toBe('serving');
+    expect(h3.llamaRuns).toHaveLength(1);
+    expect(h3.llamaRuns[0]!.alive).toBe(true);
+  });
+
+  it('a graceful stop of a host with a request in flight lets it finish before saying leaving', async () => {
+    const h = harness(ME);
+    await h.advance(SETTLE_MS + 50);
+    const peer = announcement('peer', 4, { connectedTo: ['me' as EndpointId] });
+    await h.connect(peer);
+    await h.advance(ELECTION_QUIET_MS + 50);
+    h.actor.send({ type: 'requests.inflight', count: 1 });
+    h.actor.send({ type: 'node.stop', reason: 'SIGTERM' });
+    await h.advance(500);
+    expect(h.actor.getSnapshot().value).toEqual({ leaving: 'draining' });
+    expect(h.sentTo(peer.id, 'leaving')).toHaveLength(0);
+    expect(h.alive(h.llamaRuns)).toHaveLength(1);
+    h.actor.send({ type: 'requests.inflight', count: 0 });
+    await h.advance(1_100); // the linger for the answer's last bytes
+    expect(h.sentTo(peer.id, 'leaving')).toHaveLength(1);
+    expect(h.actor.getSnapshot().status).toBe('done');
   });
 
   it('a worker starts its rpc-server, admits only its host, and tells the host rpc-ready for the plan', async () => {

@@ -71,6 +71,8 @@ export interface NodeContext {
   readonly suspects: Readonly<Record<string, string>>;
   /** Host: workers left out of `connectedTo` (so out of every plan) for a while, after hanging twice. */
   readonly quarantined: readonly EndpointId[];
+  /** Requests on this node's APIs that are being answered (the composition root counts them): a planned change drains them. */
+  readonly inFlight: number;
   readonly stopReason: string | null;
 }
 
@@ -100,6 +102,7 @@ export function initialNodeContext(input: NodeInput): NodeContext {
     rpcTunnelPolicy: null,
     suspects: {},
     quarantined: [],
+    inFlight: 0,
     stopReason: null,
   };
 }
@@ -162,3 +165,23 @@ export function isServing(context: NodeContext): boolean {
   }
 }
 
+/**
+ * Whether a change of plan should let what runs now finish first: it is planned (every stage of the running
+ * plan is still linked, so its processes work) and something is in flight here: on the host, requests being
+ * answered; on a worker, its host still serving the running plan (its llama-server has requests of its own to
+ * finish, through this node's rpc-server). A change because a stage died never drains: its llama-server is broken.
+ */
+export function hasWorkToDrain(context: NodeContext): boolean {
+  const plan = context.running;
+  if (plan === null || plan.kind !== 'ready') return false;
+  const intact = plan.stages.every((s) => s.id === context.self.id || context.links.includes(s.id));
+  if (!intact) return false;
+  switch (runningRole(context)) {
+    case 'host':
+      return context.llama === 'ready' && context.inFlight > 0;
+    case 'worker':
+      return context.rpc === 'ready' && context.view.announcements[plan.host]?.serving === true;
+    default:
+      return false;
+  }
+}

@@ -167,6 +167,8 @@ export const nodeMachine = nodeSetup.createMachine({
     draining: {
       always: { guard: 'drained', target: 'stopping' },
       after: { drainTimeout: 'stopping' },
+      // The change went away again (the newcomer left): nothing to restart.
+      on: { 'plan.elected': { guard: not('planDiffersFromRunning'), target: 'starting' } },
     },
     // Kill everything of the old plan, then start the new one from scratch.
     stopping: {
@@ -176,11 +178,18 @@ export const nodeMachine = nodeSetup.createMachine({
     // A graceful stop: a host first lets its requests in flight finish (bounded), then tells the peers, stops
     // the processes, and stops for good.
     leaving: {
-      initial: 'draining',
+      initial: 'checking',
       states: {
+        checking: {
+          always: [{ guard: 'drained', target: 'going' }, { target: 'draining' }],
+        },
         draining: {
-          always: { guard: 'drained', target: 'going' },
+          always: { guard: 'drained', target: 'lingering' },
           after: { drainTimeout: 'going' },
+        },
+        // The last bytes of the answers just finished are still on their way through the tunnels.
+        lingering: {
+          after: { drainLinger: 'going' },
         },
         going: {
           entry: ['sayLeaving', 'stopProcesses'],

@@ -26,7 +26,7 @@ import { encodeExpiringInvite, encodeInviteToken, inviteAddrs } from '../io/wire
 import { announcementAuthority } from '../io/wire/announcement-signature.ts';
 import type { KvSizing } from '../machines/kv-cache.ts';
 import { PROTOCOL_VERSION, type Announcement, type EndpointId, type ModelIdentity } from '../machines/mesh-types.ts';
-import { nodeMachine, runningRole } from '../machines/node.machine.ts';
+import { DRAIN_TIMEOUT_MS, nodeMachine, runningRole } from '../machines/node.machine.ts';
 import { previewPlan } from '../machines/plan-explain.ts';
 import { DisposalStack } from './disposal.ts';
 import { MeshEventHub, readMeshState, type LoadProgress } from './event-hub.ts';
@@ -283,6 +283,12 @@ function assemble(
   tunnels.reportTo((event) => {
     if (actor.getSnapshot().status === 'active') actor.send(event);
   });
+  // Requests being answered on both APIs: the node machine drains them before a planned change.
+  let inFlight = 0;
+  const countInFlight = (delta: 1 | -1) => {
+    inFlight += delta;
+    if (actor.getSnapshot().status === 'active') actor.send({ type: 'requests.inflight', count: inFlight });
+  };
   // GET /api/events and the console: the mesh as this node sees it, one event per change.
   const events = new MeshEventHub({
     read: () => readMeshState({ actor, meshId, connection: (id) => endpoint.connection(id), tunnels: () => tunnels.stats(), load: () => loadProgress?.() ?? null }),
@@ -308,6 +314,7 @@ function assemble(
     logger: componentLogger(logger, 'api'),
     survival: { onRequest: events.request },
     console: { snapshot: () => events.snapshot(), subscribe: (listener) => events.subscribe(listener) },
+    onInFlight: countInFlight,
     // Only a node with a key file has an owner who can sign admin requests (src/io/wire/admin-proof.ts).
     ...(components.memory
       ? { admin: { owner: endpoint.id, rotate: (remove: readonly string[]) => rotateMesh({ network: meshNetwork, actor, meshId, meshFile: components.memory?.path ?? null, flush: parts.flushMeshFile }, remove) } }
@@ -320,6 +327,7 @@ function assemble(
     upstream: meshUpstreamResolver({ node: actor as never, origin: 'mesh', remoteBaseUrl: () => Promise.reject(new Error('a mesh request is never forwarded')) }),
     status,
     llamaRoutes: true,
+    onInFlight: countInFlight,
     logger: componentLogger(logger, 'api-mesh'),
   });
   stack.defer('mesh api', () => meshApi.close());
@@ -374,7 +382,7 @@ function startActor(stack: DisposalStack, parts: Parts, log: Logger, reason: () 
     if (actor.getSnapshot().status === 'active') {
       actor.send({ type: 'node.stop', reason: reason() });
       // leaving -> stopped: peers told, processes stopped (bounded by the machine's leaveTimeout).
-      await waitFor(actor, (s) => s.status !== 'active', { timeout: 15_000 }).catch(() => {});
+      await waitFor(actor, (s) => s.status !== 'active', { timeout: DRAIN_TIMEOUT_MS + 15_000 }).catch(() => {});
     }
     actor.stop();
   });
@@ -427,6 +435,10 @@ function follower(tunnels: NodeTunnels, log: Logger): (snap: SnapshotFrom<typeof
     if (state !== lastState) {
       lastState = state;
       log.debug({ state: snap.value, role: runningRole(c) }, 'node state');
+      if (snap.matches('draining') || snap.matches({ leaving: 'draining' })) {
+        const what = runningRole(c) === 'host' ? `${c.inFlight} request(s) in flight finish` : 'the host finish its requests';
+        log.info({ inFlight: c.inFlight }, `a planned change: letting ${what} first (at most ${DRAIN_TIMEOUT_MS / 1000} s)`);
+      }
     }
     if (c.running !== null && c.running.id !== lastPlanId) {
       lastPlanId = c.running.id;

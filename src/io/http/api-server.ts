@@ -50,6 +50,8 @@ export interface ApiServerInit {
   readonly survival?: Pick<SurvivalInit, 'budgetMs' | 'onContinue' | 'onRequest'>;
   /** GET /api/events and the console at `/` (src/io/http/console-routes.ts); absent: neither (the mesh listener). */
   readonly console?: ConsoleRoutesInit;
+  /** Told +1 when a model request starts and -1 when its answer ends (a planned change drains them). */
+  readonly onInFlight?: (delta: 1 | -1) => void;
 }
 
 /** Builds the app; the caller listens (`app.listen({ host, port })`) and closes it. */
@@ -95,6 +97,11 @@ export function buildApiServer(init: ApiServerInit): FastifyInstance {
 
   for (const route of [...MODEL_ROUTES, ...(init.llamaRoutes ? LLAMA_ROUTES : [])]) {
     app.post(route.path, async (request, reply) => {
+      if (init.onInFlight !== undefined) {
+        const onInFlight = init.onInFlight;
+        onInFlight(1);
+        reply.raw.once('close', () => onInFlight(-1));
+      }
       const body = request.body as ParsedBody | undefined;
       if (body === undefined || body === null) {
         // No content-type at all and no body: fastify leaves the body undefined.

@@ -150,6 +150,7 @@ export async function serveSurvivable(request: FastifyRequest, reply: FastifyRep
         if (err instanceof ContinuationMismatch) return fail(502, `the request could not be continued exactly: ${err.message}`, 'continuation_mismatch');
         const cut = err instanceof Cut ? err : new Cut(describe(err), false);
         lastCut = cut.message;
+        if (g.finish !== null) break; // the last event came before the connection went: the answer is whole
         if (g.exhausted) {
           g.finish = 'length';
           break;
