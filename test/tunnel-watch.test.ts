@@ -192,3 +192,36 @@ describe('evidence from the direct data path', () => {
     expect(m.evidence).toEqual([{ peer: m.b.id, path: 'direct', why: expect.any(String) }]);
   });
 });
+
+describe('evidence from a QUIC tunnel', () => {
+  async function quicPair(network: MemoryNetwork) {
+    const rpc = await fakeRpcServer();
+    const a = network.createEndpoint({ admission: 'open' });
+    const b = network.createEndpoint({ admission: 'open' });
+    cleanups.push(() => a.close(), () => b.close());
+    const evidence: { peer: string; path: string; why: string }[] = [];
+    const acceptor = new TunnelService({ allow: () => ({ host: '127.0.0.1', port: rpc.port }) }, { endpoint: b, log });
+    const opener = new TunnelService({ allow: () => ({ refuse: 'opener only' }), dataPath: 'quic' }, { endpoint: a, log, report: { evidence: (peer, path, why) => evidence.push({ peer, path, why }) } });
+    acceptor.start();
+    opener.start();
+    cleanups.push(() => opener.close(), () => acceptor.close());
+    await a.dial(b.id, b.addrs());
+    const s = await connect((await opener.listen(b.id, 'rpc', { planId: 'p' })).port);
+    await hello(s);
+    return { a, b, evidence };
+  }
+
+  it('a lost connection under a tunnel is quic evidence; a connection closed on purpose is not', async () => {
+    const lossy = new MemoryNetwork({ idleTimeoutMs: 300 });
+    const m = await quicPair(lossy);
+    lossy.kill(m.b.id); // the worker dies silently: the connection is lost after the idle timeout
+    const t0 = performance.now();
+    while (m.evidence.length === 0 && performance.now() - t0 < 5_000) await sleep(10);
+    expect(m.evidence).toEqual([{ peer: m.b.id, path: 'quic', why: expect.stringMatching(/connection closed/) }]);
+
+    const calm = await quicPair(new MemoryNetwork());
+    await calm.b.close(); // an application close (the peer leaving): its own events say so
+    await sleep(300);
+    expect(calm.evidence).toEqual([]);
+  });
+});

@@ -40,7 +40,7 @@ export class Pipe {
   readonly bytes = { bytesOut: 0, bytesIn: 0 };
   /** `opened`: our local client's connection; `accepted`: a peer's stream to our local target. */
   readonly side: 'opened' | 'accepted';
-  /** Set when the pipe ended because the QUIC connection under it failed (not a reset, not our own close). */
+  /** Set when the pipe ended because the QUIC connection under it was lost (not a reset, not an application close). */
   connectionLost: string | null = null;
 
   /**
@@ -205,8 +205,12 @@ export class Pipe {
     this.onEnd(this);
   }
 
+  /**
+   * Only a connection *lost* (CloseInfo code -1: idle timeout, transport failure) is evidence about the peer; an
+   * application close (leaving, a duplicate, a connection replaced by the peer's newer one) has its own events.
+   */
   private noteConnectionLost(err: unknown): void {
-    if (!this.done && err instanceof ConnectionClosedError) this.connectionLost = firstLine(err);
+    if (!this.done && err instanceof ConnectionClosedError && err.info.code === -1) this.connectionLost = firstLine(err);
   }
 
   /** Aborts both sides at once; idempotent. */
