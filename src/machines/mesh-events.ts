@@ -56,7 +56,7 @@ export interface TunnelView {
   readonly peer: EndpointId;
   /** Stream kind: rpc | http. */
   readonly kind: string;
-  /** Whether this node opened it (`dialed`) or the peer did (`accepted`). */
+  /** Whether this node opened it (`opened`), the peer did (`accepted`), or the host's llama-server dials the worker's data port itself (`llama-server`). */
   readonly side: string;
   /** The data path chosen: direct (TCP + TLS to the peer's data port) or quic (a stream of the mesh connection). */
   readonly path: string;

@@ -31,7 +31,7 @@ export interface MeshStateSources {
   readonly actor: Actor<typeof nodeMachine>;
   readonly meshId: string;
   readonly connection: (id: EndpointId) => Pick<MeshConnection, 'isDirect' | 'paths'> | undefined;
-  readonly tunnels: () => Pick<TunnelsStatus, 'connections'>;
+  readonly tunnels: () => Pick<TunnelsStatus, 'connections'> & Partial<Pick<TunnelsStatus, 'llamaDialsDirect'>>;
   readonly load: () => LoadProgress | null;
 }
 
@@ -44,7 +44,9 @@ export function readMeshState(src: MeshStateSources): Omit<MeshState, 'requests'
   const snap = src.actor.getSnapshot();
   const c = snap.context;
   const children = snap.children as Record<string, Snapshotted>;
-  const tunnels = src.tunnels().connections;
+  const stats = src.tunnels();
+  // The host's llama-server dialing a worker's data port itself (TLS, patch 0003): a tunnel of its own kind.
+  const tunnels = [...stats.connections, ...(stats.llamaDialsDirect ?? []).map((d) => ({ peer: d.peer, kind: 'rpc', side: 'llama-server', path: 'direct' }))];
   const name = (id: EndpointId) => c.view.announcements[id]?.name ?? id.slice(0, 10);
   const peers: Record<string, PeerView> = {};
   for (const [key, ref] of Object.entries(c.peers)) {
@@ -115,7 +117,7 @@ function loadView(p: LoadProgress): LoadView {
   return { planId: p.planId, generation: p.generation, phase: p.phase, percent: p.fraction === null ? null : Math.round(p.fraction * 1000) / 10 };
 }
 
-function tunnelViews(connections: TunnelsStatus['connections']): TunnelView[] {
+function tunnelViews(connections: readonly { readonly peer: EndpointId; readonly kind: string; readonly side: string; readonly path: string }[]): TunnelView[] {
   const counts = new Map<string, TunnelView>();
   for (const t of connections) {
     const k = `${t.peer} ${t.kind} ${t.side} ${t.path}`;
