@@ -11,6 +11,8 @@
 // such ends the request with a clean error instead of a third try.
 import { randomBytes } from 'node:crypto';
 import { Agent, request as httpRequest, type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
+import { StringDecoder } from 'node:string_decoder';
+import type { Writable } from 'node:stream';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { ContinuationMismatch, Generation, openaiAnswer, openaiChunk, parseLlamaEvent, usageOf, type AnswerIds, type SurvivalPlan } from '../../machines/continuation.ts';
 import type { RequestFinished, RequestStarted } from '../../machines/mesh-events.ts';
@@ -132,7 +134,7 @@ export async function serveSurvivable(request: FastifyRequest, reply: FastifyRep
           init.onRequest?.({ phase: 'continued', id: ids.id, attempt: g.attempts, confirmedTokens: attemptStart, reason: lastCut });
           request.log.info({ id: ids.id, attempt: g.attempts, confirmedTokens: attemptStart, after: lastCut }, 'continuing the request on the mesh as it is now');
         }
-        await generate(init.agent, up, body, client.signal, (event) => {
+        await generate(init.agent, up, body, client.signal, raw, (event) => {
           const text = g.take(event);
           if (firstTokenAt === null && g.completionTokens > 0) firstTokenAt = Date.now();
           if (!plan.stream) return;
@@ -203,13 +205,29 @@ async function applyTemplate(agent: Agent, up: Extract<Upstream, { kind: 'url' }
   return prompt;
 }
 
-/** One streamed `/completion`: each event to `onEvent`; resolves at the stream's end (a cut throws a Cut). */
-async function generate(agent: Agent, up: Extract<Upstream, { kind: 'url' }>, body: Buffer, signal: AbortSignal, onEvent: Parameters<typeof parseEvents>[1]): Promise<void> {
+/**
+ * One streamed `/completion`: each event to `onEvent`; resolves at the stream's end (a cut throws a Cut). A
+ * client that reads slower than the model writes (`client` needs a drain) slows the read, not our memory.
+ */
+async function generate(
+  agent: Agent,
+  up: Extract<Upstream, { kind: 'url' }>,
+  body: Buffer,
+  signal: AbortSignal,
+  client: Writable,
+  onEvent: Parameters<typeof parseEvents>[1],
+): Promise<void> {
   const res = await post(agent, up, '/completion', body, signal);
   if (res.statusCode !== 200 || !String(res.headers['content-type'] ?? '').includes('text/event-stream')) throw statusFailure(res, await readAll(res).catch(() => Buffer.alloc(0)));
   await new Promise<void>((resolve, reject) => {
     const parse = parseEvents(res, onEvent, reject);
-    res.on('data', parse);
+    res.on('data', (chunk: Buffer) => {
+      parse(chunk);
+      if (client.writableNeedDrain && !client.destroyed) {
+        res.pause();
+        client.once('drain', () => res.resume());
+      }
+    });
     res.on('end', () => (res.complete ? resolve() : reject(new Cut('the model server closed the connection mid-answer', true))));
     res.on('error', (err) => reject(new Cut(`the model server connection failed (${describe(err)})`, true)));
     res.on('aborted', () => reject(new Cut('the model server closed the connection mid-answer', true)));
@@ -221,9 +239,10 @@ function parseEvents(res: IncomingMessage, onEvent: (event: NonNullable<ReturnTy
   let carry = '';
   let failed = false;
   let eventName = '';
+  const utf8 = new StringDecoder('utf8'); // a character split across chunks stays whole
   return (chunk) => {
     if (failed) return;
-    const lines = (carry + chunk.toString('utf8')).split('\n');
+    const lines = (carry + utf8.write(chunk)).split('\n');
     carry = lines.pop() ?? '';
     for (const line of lines) {
       if (line.startsWith('event:')) eventName = line.slice(6).trim();
