@@ -111,7 +111,10 @@ describe('the console and /api/events on a real mesh', () => {
     const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
     const problems: string[] = [];
     page.on('pageerror', (err) => problems.push(String(err)));
-    await page.goto(`${a.api}/`);
+    // The URL the node printed at start.
+    const printed = a.lines().map((l) => /^\s*console: (http:\/\/\S+)/.exec(l)?.[1]).find((u) => u !== undefined);
+    expect(printed).toBe(`${a.api}/`);
+    await page.goto(printed!);
     await page.evaluate(() => ((window as unknown as { __marker: number }).__marker = 42));
 
     const shown = (p: Page) =>

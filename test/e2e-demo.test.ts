@@ -46,6 +46,11 @@ describe('npm start: the demo mesh', () => {
     const api = /API: (http:\/\/\S+)/.exec(text)?.[1];
     expect(api).toBeDefined();
 
+    // It tells where the console is, and the console is there.
+    expect(text).toContain(`Console: ${api}/ `);
+    const page = await fetch(`${api}/`);
+    expect(page.status).toBe(200);
+    expect(await page.text()).toContain('/console/console.js');
     const status = (await (await fetch(`${api}/api/status`)).json()) as NodeStatus;
     expect(status.plan?.kind).toBe('ready');
     if (status.plan?.kind === 'ready') expect(status.plan.stages).toHaveLength(3);
