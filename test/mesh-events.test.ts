@@ -191,5 +191,19 @@ describe('GET /api/events and the console', () => {
       req.end();
     });
     expect(status).toBe(421);
+    // No way past the key through the page's paths.
+    for (const path of ['/console/../api/status', '/console/..%2fapi/status', '/console/%2e%2e/api/events', '/console//api/status']) {
+      const got = await new Promise<{ code: number; body: string }>((resolve, reject) => {
+        const req = request(`${s.url}/`, { path }, (res) => {
+          let body = '';
+          res.on('data', (c) => (body += c));
+          res.on('end', () => resolve({ code: res.statusCode ?? 0, body }));
+        });
+        req.on('error', reject);
+        req.end();
+      });
+      expect(got.code, path).not.toBe(200);
+      expect(got.body, path).not.toContain('snapshot');
+    }
   });
 });
