@@ -49,7 +49,7 @@ async function tryEcho(address: string): Promise<'echoed' | 'closed'> {
 
 /** A worker whose rpc-server (ready at `rpcPort`) serves `host` for `planId`: the context the tunnels follow. */
 function workerContext(self: EndpointId, host: EndpointId, planId: string, rpcPort: number): NodeContext {
-  return { self: { id: self }, running: null, links: [], rpc: 'ready', rpcPort, rpcTunnelPolicy: { host, planId } } as unknown as NodeContext;
+  return { self: { id: self }, running: null, links: [], rpc: 'ready', rpcPort, rpcTunnelPolicy: { host, planId }, quarantined: [] } as unknown as NodeContext;
 }
 
 async function meshOfTwo(make: () => Promise<MeshEndpoint>, dataPath: 'quic' | 'auto') {
