@@ -3,10 +3,10 @@
 // parts of llama.cpp that matter to the mesh: llama-server dials every rpc-server of its plan through the
 // tunnels (which admit what the product's tunnelDecision admits, host and plan id) and dies when one of them
 // vanishes.
-import { fromCallback, type ActorLogic, type PromiseActorLogic, type Snapshot } from 'xstate';
+import { fromCallback, type ActorLogic, type EventObject, type PromiseActorLogic, type Snapshot } from 'xstate';
 import type { LlamaServerProcessInput } from '../../src/machines/llama-server.machine.ts';
 import type { EndpointId, PlanStage } from '../../src/machines/mesh-types.ts';
-import type { ProcessEvent, ProcessKillCommand } from '../../src/machines/process-slot.ts';
+import type { BackoffInput, ProcessEvent, ProcessKillCommand } from '../../src/machines/process-slot.ts';
 import type { RpcServerProcessInput } from '../../src/machines/rpc-server.machine.ts';
 import type { TunnelDecision } from '../../src/machines/tunnel-policy.ts';
 import type { SimScheduler } from './scheduler.ts';
@@ -235,9 +235,16 @@ export function fakeProcessSlots(node: EndpointId, table: ProcessTable, sched: S
       return null;
     });
 
+  // The crash back-off on the simulated timeline (the product's slot holds the wall clock and a log line).
+  const backoff = fromCallback<EventObject, BackoffInput>(({ sendBack, input }) => {
+    sendBack({ type: 'backoff.scheduled', nextAttemptAt: sched.now() + input.delayMs });
+    const timer = sched.setTimeout(() => sendBack({ type: 'backoff.elapsed' }), input.delayMs);
+    return () => sched.clearTimeout(timer);
+  });
+
   return {
-    rpc: { rpcServerProcess: processActor<RpcServerProcessInput>('rpc'), waitRpcServerListening: waitReady(t.rpcListenMs) },
-    llama: { llamaServerProcess: processActor<LlamaServerProcessInput>('llama'), waitLlamaHealthy: waitReady(t.llamaLoadMs) },
+    rpc: { rpcServerProcess: processActor<RpcServerProcessInput>('rpc'), waitRpcServerListening: waitReady(t.rpcListenMs), rpcServerBackoff: backoff },
+    llama: { llamaServerProcess: processActor<LlamaServerProcessInput>('llama'), waitLlamaHealthy: waitReady(t.llamaLoadMs), llamaServerBackoff: backoff },
   };
 }
 

@@ -368,10 +368,15 @@ function buildLifecycle(spec: WideSpec) {
                 crashes: context.crashes,
                 delayMs: backoffDelayMs(context.crashes),
               }),
-              onError: {
-                target: 'idle',
-                actions: { type: 'recordCrash', params: ({ event }) => ({ reason: `${name} back-off failed: ${errorReason(event.error)}` }) },
-              },
+              // No back-off to wait on: a start held meanwhile runs now rather than never.
+              onError: [
+                {
+                  guard: 'hasPendingStart',
+                  target: running,
+                  actions: [{ type: 'recordCrash', params: ({ event }) => ({ reason: `${name} back-off failed: ${errorReason(event.error)}` }) }, 'runPending'],
+                },
+                { target: 'idle', actions: { type: 'recordCrash', params: ({ event }) => ({ reason: `${name} back-off failed: ${errorReason(event.error)}` }) } },
+              ],
             },
             on: {
               'backoff.scheduled': { actions: 'noteNextAttempt' },
