@@ -47,7 +47,7 @@ export interface ApiServerInit {
    * This API owns the plain chat and completion requests it receives and continues them across changes of
    * plan (src/io/http/survival.ts); absent: every request is proxied as it is (the mesh listener).
    */
-  readonly survival?: Pick<SurvivalInit, 'budgetMs' | 'onContinue' | 'onRequest'>;
+  readonly survival?: Pick<SurvivalInit, 'budgetMs' | 'onRequest'>;
   /** GET /api/events and the console at `/` (src/io/http/console-routes.ts); absent: neither (the mesh listener). */
   readonly console?: ConsoleRoutesInit;
   /** Told +1 when a model request starts and -1 when its answer ends (a planned change drains them). */

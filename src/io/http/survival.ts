@@ -25,8 +25,6 @@ export interface SurvivalInit {
   readonly agent: Agent;
   /** Across all cuts, how long the request may wait for the mesh to serve again. */
   readonly budgetMs?: number;
-  /** Called with each continuation (tests, logs, the console's events). */
-  readonly onContinue?: (info: { readonly id: string; readonly attempt: number; readonly confirmedTokens: number; readonly reason: string }) => void;
   /** Each request as it starts, is continued and ends, with its tokens and speed (the node's /api/events). */
   readonly onRequest?: (report: RequestReport) => void;
 }
@@ -130,7 +128,6 @@ export async function serveSurvivable(request: FastifyRequest, reply: FastifyRep
         const continuing = g.attempts > 0;
         const body = Buffer.from(JSON.stringify(g.nextRequest(promptText)));
         if (continuing) {
-          init.onContinue?.({ id: ids.id, attempt: g.attempts, confirmedTokens: attemptStart, reason: lastCut });
           init.onRequest?.({ phase: 'continued', id: ids.id, attempt: g.attempts, confirmedTokens: attemptStart, reason: lastCut });
           request.log.info({ id: ids.id, attempt: g.attempts, confirmedTokens: attemptStart, after: lastCut }, 'continuing the request on the mesh as it is now');
         }
