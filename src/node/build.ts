@@ -8,7 +8,7 @@ import { chmod, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
-import { createActor, waitFor, type Actor, type AnyActorLogic, type InspectionEvent, type Observer, type SnapshotFrom } from 'xstate';
+import { createActor, waitFor, type Actor, type AnyActorLogic, type InspectionEvent, type Observer } from 'xstate';
 import { meshUpstreamResolver } from '../actors/api-server.actor.ts';
 import { createMeshNetworkLogic } from '../actors/mesh-network.actor.ts';
 import { NodeTunnels } from '../actors/tunnels.actor.ts';
@@ -26,12 +26,13 @@ import { encodeExpiringInvite, encodeInviteToken, inviteAddrs } from '../io/wire
 import { announcementAuthority } from '../io/wire/announcement-signature.ts';
 import type { KvSizing } from '../machines/kv-cache.ts';
 import { PROTOCOL_VERSION, type Announcement, type EndpointId, type ModelIdentity } from '../machines/mesh-types.ts';
-import { DRAIN_TIMEOUT_MS, nodeMachine, runningRole } from '../machines/node.machine.ts';
+import { DRAIN_TIMEOUT_MS, nodeMachine } from '../machines/node.machine.ts';
 import { previewPlan } from '../machines/plan-explain.ts';
 import { DisposalStack } from './disposal.ts';
 import { MeshEventHub, readMeshState, type LoadProgress } from './event-hub.ts';
+import { follower } from './follower.ts';
 import { logMeshChoice, MeshKeyBox, rememberMesh, rotateMesh } from './membership.ts';
-import { nameOf, nodeStatus, type NodeStatus } from './status.ts';
+import { nodeStatus, type NodeStatus } from './status.ts';
 
 /** What the node is asked to be: the command line's part of it (`role` as announced), plus where the endpoint binds. */
 export type NodeConfig = Pick<CliOptions, 'name' | 'role' | 'joins' | 'invites' | 'bindPort' | 'dataPort' | 'dataPath' | 'stun' | 'relay' | 'apiHost' | 'port' | 'apiKey'> & {
@@ -422,33 +423,4 @@ export function dataAddresses(bindHost: string, endpointAddrs: readonly string[]
     .map((a) => /^(\d{1,3}(?:\.\d{1,3}){3}):\d+$/.exec(a)?.[1])
     .filter((ip): ip is string => ip !== undefined);
   return [...new Set(ips)];
-}
-
-/** The node's one follower: the tunnels (hand-off, dead links, listeners) and the logs of state and plan. */
-function follower(tunnels: NodeTunnels, log: Logger): (snap: SnapshotFrom<typeof nodeMachine>) => void {
-  let lastState = '';
-  let lastPlanId: string | null = null;
-  return (snap) => {
-    const c = snap.context;
-    tunnels.follow(c);
-    const state = JSON.stringify(snap.value);
-    if (state !== lastState) {
-      lastState = state;
-      log.debug({ state: snap.value, role: runningRole(c) }, 'node state');
-      if (snap.matches('draining') || snap.matches({ leaving: 'draining' })) {
-        const what = runningRole(c) === 'host' ? `${c.inFlight} request(s) in flight finish` : 'the host finish its requests';
-        log.info({ inFlight: c.inFlight }, `a planned change: letting ${what} first (at most ${DRAIN_TIMEOUT_MS / 1000} s)`);
-      }
-    }
-    if (c.running !== null && c.running.id !== lastPlanId) {
-      lastPlanId = c.running.id;
-      const plan = c.running;
-      if (plan.kind === 'ready') {
-        const names = plan.stages.map((s) => `${nameOf(c, s.id)} ${(s.share * 100).toFixed(0)}%`).join(', ');
-        log.info({ plan: plan.id, host: nameOf(c, plan.host), role: runningRole(c) }, `plan: host ${nameOf(c, plan.host)}; layers: ${names}`);
-      } else {
-        log.warn({ plan: plan.id }, `waiting: ${plan.reason}`);
-      }
-    }
-  };
 }
