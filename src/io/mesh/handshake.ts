@@ -119,7 +119,7 @@ export class Handshake {
     return {
       ok: false,
       code: 'REMOVED',
-      reason: `node ${short(id)} was removed from this mesh${by ? ` (by ${short(by)}, key epoch ${this.keys.current?.keyEpoch ?? 0})` : ''}: its members refuse it; it can join another mesh (--new-mesh, or --join with another mesh's token)`,
+      reason: `node ${short(id)} was removed from this mesh${by ? ` (key epoch ${this.keys.current?.keyEpoch ?? 0}, last rotated by ${short(by)})` : ''}: its members refuse it; it can join another mesh (--new-mesh, or --join with another mesh's token)`,
     };
   }
 
