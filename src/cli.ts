@@ -3,7 +3,8 @@
 // cleanly on SIGINT / SIGTERM (children included: none is left behind, however the node ends).
 import { parseCliArgsOrExit } from './io/host/cli-args.ts';
 import { makeInviteFromFiles } from './io/host/invite-command.ts';
-import { rotateThroughApi, type RotateOutcome } from './io/host/rotate-command.ts';
+import { rotateThroughApi } from './io/host/rotate-command.ts';
+import type { RotationAnswer } from './io/wire/admin-proof.ts';
 import { formatBytes } from './io/host/vram.ts';
 import { killAllSync } from './io/llama/processes.ts';
 import { startNode, type NodeHandle } from './node.ts';
@@ -40,7 +41,7 @@ async function main(): Promise<void> {
   if (parsed.kind === 'rotate') {
     try {
       const done = await rotateThroughApi(parsed);
-      const names = (list: RotateOutcome['told']) => list.map((m) => `${m.name} (${m.id.slice(0, 10)})`).join(', ');
+      const names = (list: RotationAnswer['told']) => list.map((m) => `${m.name} (${m.id.slice(0, 10)})`).join(', ');
       process.stdout.write(
         `mesh ${done.meshId.slice(0, 8)}: secret rotated to key epoch ${done.keyEpoch}; sent to ${done.told.length} member(s)${done.told.length > 0 ? `: ${names(done.told)}` : ''}\n` +
           (done.removed.length > 0 ? `removed: ${names(done.removed)} (every member refuses them from now on)\n` : '') +

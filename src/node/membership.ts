@@ -9,6 +9,7 @@ import { AdminRefusal } from '../io/http/api-admin.ts';
 import type { MeshNetwork } from '../io/mesh/mesh-network.ts';
 import { RotationError } from '../io/mesh/rekeying.ts';
 import type { MeshKey } from '../io/wire/rekey.ts';
+import type { RotationAnswer } from '../io/wire/admin-proof.ts';
 import type { EndpointId } from '../machines/mesh-types.ts';
 import type { nodeMachine } from '../machines/node.machine.ts';
 import { DisposalStack } from './disposal.ts';
@@ -105,15 +106,6 @@ export async function rememberMesh(
     await writer.flush();
   });
   return () => writer.flush();
-}
-
-export interface RotationAnswer {
-  readonly meshId: string;
-  readonly keyEpoch: number;
-  readonly told: ReadonlyArray<{ readonly id: EndpointId; readonly name: string }>;
-  readonly removed: ReadonlyArray<{ readonly id: EndpointId; readonly name: string }>;
-  /** The mesh file holding the new secret (make new invites from it), or null for an ephemeral key. */
-  readonly meshFile: string | null;
 }
 
 /**

@@ -2,21 +2,11 @@
 // rotate the mesh secret across the live members and remove the named ones. The request is signed with the
 // node's key file (src/io/wire/admin-proof.ts): only who can read that 0600 file changes the mesh.
 import { ed25519PrivateKey } from '../wire/announcement-signature.ts';
-import { ADMIN_PROOF_HEADER, adminProof } from '../wire/admin-proof.ts';
+import { ADMIN_PROOF_HEADER, adminProof, ROTATE_PATH, type RotationAnswer } from '../wire/admin-proof.ts';
 import { readSecretKey } from './secret-key.ts';
 
 export class RotateCommandError extends Error {
   override name = 'RotateCommandError';
-}
-
-const ROTATE_PATH = '/api/mesh/rotate';
-
-export interface RotateOutcome {
-  readonly meshId: string;
-  readonly keyEpoch: number;
-  readonly told: ReadonlyArray<{ readonly id: string; readonly name: string }>;
-  readonly removed: ReadonlyArray<{ readonly id: string; readonly name: string }>;
-  readonly meshFile: string | null;
 }
 
 export async function rotateThroughApi(init: {
@@ -26,7 +16,7 @@ export async function rotateThroughApi(init: {
   readonly remove: readonly string[];
   readonly env?: NodeJS.ProcessEnv;
   readonly timeoutMs?: number;
-}): Promise<RotateOutcome> {
+}): Promise<RotationAnswer> {
   const key = await readSecretKey({ keyFile: init.keyFile ?? undefined, env: init.env });
   if (key === null) throw new RotateCommandError(`no key file at ${init.keyFile ?? 'the default place'}: name the running node's key with --key-file`);
   const body = Buffer.from(JSON.stringify({ remove: init.remove }), 'utf8');
@@ -53,7 +43,7 @@ export async function rotateThroughApi(init: {
     const message = (json as { error?: { message?: unknown } } | null)?.error?.message;
     throw new RotateCommandError(`the node refused (HTTP ${res.status}): ${typeof message === 'string' ? message : text.slice(0, 200)}`);
   }
-  const out = json as RotateOutcome;
+  const out = json as RotationAnswer;
   if (typeof out?.keyEpoch !== 'number') throw new RotateCommandError(`unexpected answer from the node: ${text.slice(0, 200)}`);
   return out;
 }

@@ -4,16 +4,14 @@
 // port but not read the key cannot change the mesh.
 import type { FastifyInstance } from 'fastify';
 import type { EndpointId } from '../../machines/mesh-types.ts';
-import { ADMIN_PROOF_HEADER, checkAdminProof } from '../wire/admin-proof.ts';
+import { ADMIN_PROOF_HEADER, checkAdminProof, ROTATE_PATH, type RotationAnswer } from '../wire/admin-proof.ts';
 import { apiError, type ParsedBody } from './api-request.ts';
-
-export const ROTATE_PATH = '/api/mesh/rotate';
 
 /** What the node does for an admin request; an AdminRefusal becomes a 4xx with its message. */
 export interface AdminActions {
   /** This node's endpoint id: the key that must sign admin requests. */
   readonly owner: EndpointId;
-  rotate(remove: readonly string[]): Promise<unknown>;
+  rotate(remove: readonly string[]): Promise<RotationAnswer>;
 }
 
 export class AdminRefusal extends Error {

@@ -7,6 +7,17 @@ import type { EndpointId } from '../../machines/mesh-types.ts';
 import { publicKeyOf } from './announcement-signature.ts';
 
 export const ADMIN_PROOF_HEADER = 'x-mesh-admin';
+/** The owner's rotate / remove route, and what it answers (the node serves it, `mesh-inference rotate` asks it). */
+export const ROTATE_PATH = '/api/mesh/rotate';
+
+export interface RotationAnswer {
+  readonly meshId: string;
+  readonly keyEpoch: number;
+  readonly told: ReadonlyArray<{ readonly id: EndpointId; readonly name: string }>;
+  readonly removed: ReadonlyArray<{ readonly id: EndpointId; readonly name: string }>;
+  /** The mesh file holding the new secret (make new invites from it), or null for an ephemeral key. */
+  readonly meshFile: string | null;
+}
 export const ADMIN_PROOF_CONTEXT = 'mesh-inference/admin/v1';
 /** How far the request's timestamp may be from the node's clock (both ends are the same machine). */
 export const ADMIN_PROOF_SKEW_MS = 60_000;
