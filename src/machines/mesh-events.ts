@@ -4,7 +4,7 @@
 // last one and stamps each event with `seq` and `at`). Requests are not read: the API reports them as they
 // start and end (src/io/http/survival.ts) and the hub passes those on as they come. The catalogue is in
 // docs/console.md.
-import type { EndpointId } from './mesh-types.ts';
+import type { Announcement, EndpointId } from './mesh-types.ts';
 
 /** One node of the mesh as the view holds it (its signed announcement). */
 export interface MeshNodeView {
@@ -17,6 +17,11 @@ export interface MeshNodeView {
   readonly serving: boolean;
   /** Peers it has a direct connection to (relayed ones never count). */
   readonly connectedTo: readonly EndpointId[];
+}
+
+/** A node's announcement as the console and /api/status show it. */
+export function meshNodeView(a: Announcement): MeshNodeView {
+  return { id: a.id, name: a.name, role: a.role, vramBytes: a.vramBytes, model: a.model?.name ?? null, serving: a.serving, connectedTo: a.connectedTo };
 }
 
 /** How this node reaches a peer: direct TLS (the data port), QUIC on a direct UDP path, or a relay. */

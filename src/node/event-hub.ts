@@ -11,6 +11,7 @@ import type { LlamaLoadProgress } from '../io/llama/llama-server-output.ts';
 import type { EndpointId, Plan } from '../machines/mesh-types.ts';
 import { runningRole, type nodeMachine } from '../machines/node.machine.ts';
 import {
+  meshNodeView,
   diffMeshState,
   dottedState,
   type LoadView,
@@ -60,15 +61,7 @@ export function readMeshState(src: MeshStateSources): Omit<MeshState, 'requests'
   const progress = src.load();
   return {
     self: { id: c.self.id, name: c.self.name, meshId: src.meshId, role: runningRole(c) },
-    nodes: Object.values(c.view.announcements).map((a) => ({
-      id: a.id,
-      name: a.name,
-      role: a.role,
-      vramBytes: a.vramBytes,
-      model: a.model?.name ?? null,
-      serving: a.serving,
-      connectedTo: a.connectedTo,
-    })),
+    nodes: Object.values(c.view.announcements).map(meshNodeView),
     peers,
     plan: planView(c.plan, name),
     runningPlanId: c.running?.id ?? null,

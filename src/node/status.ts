@@ -5,6 +5,7 @@ import type { TunnelsStatus } from '../actors/tunnels.actor.ts';
 import type { WeightsOverWire } from '../io/llama/llama-server-output.ts';
 import type { RpcTrafficSnapshot } from '../io/llama/rpc-traffic.ts';
 import type { EndpointId, ModelIdentity } from '../machines/mesh-types.ts';
+import { meshNodeView, type MeshNodeView } from '../machines/mesh-events.ts';
 import { runningRole, type NodeContext, type nodeMachine } from '../machines/node.machine.ts';
 import type { LifecycleBackoff } from '../machines/process-lifecycle.machine.ts';
 
@@ -25,15 +26,7 @@ export interface NodeStatus {
   };
   readonly plan: NodeContext['running'];
   readonly electedPlan: NodeContext['plan'];
-  readonly view: readonly {
-    readonly id: EndpointId;
-    readonly name: string;
-    readonly role: string;
-    readonly vramBytes: number;
-    readonly model: string | null;
-    readonly serving: boolean;
-    readonly connectedTo: readonly EndpointId[];
-  }[];
+  readonly view: readonly MeshNodeView[];
   readonly links: readonly EndpointId[];
   readonly machines: {
     readonly node: unknown;
@@ -112,15 +105,7 @@ export function nodeStatus(
     },
     plan: c.running,
     electedPlan: c.plan,
-    view: Object.values(c.view.announcements).map((a) => ({
-      id: a.id,
-      name: a.name,
-      role: a.role,
-      vramBytes: a.vramBytes,
-      model: a.model?.name ?? null,
-      serving: a.serving,
-      connectedTo: a.connectedTo,
-    })),
+    view: Object.values(c.view.announcements).map(meshNodeView),
     links: c.links,
     machines: {
       node: snap.value,
