@@ -85,7 +85,7 @@ export async function proxyHealth(reply: FastifyReply, agent: Agent, up: Upstrea
   }
 }
 
-function upstreamCall(
+export function upstreamCall(
   agent: Agent,
   up: Extract<Upstream, { kind: 'url' }>,
   method: 'GET' | 'POST',
@@ -115,7 +115,7 @@ function upstreamCall(
   return attempt(2);
 }
 
-async function readAll(res: IncomingMessage): Promise<Buffer> {
+export async function readAll(res: IncomingMessage): Promise<Buffer> {
   const chunks: Buffer[] = [];
   for await (const c of res) chunks.push(c as Buffer);
   if (!res.complete) throw new Error('the upstream response was cut off');
@@ -280,7 +280,7 @@ function isConnectError(err: unknown): boolean {
   return code === 'ECONNREFUSED' || code === 'ECONNRESET' || code === 'EHOSTUNREACH' || code === 'ENOTFOUND' || code === 'EPIPE';
 }
 
-function describeNetError(err: unknown): string {
+export function describeNetError(err: unknown): string {
   const e = err as { code?: string; message?: string };
   return e.code ?? String(e.message ?? err).split('\n')[0]!;
 }

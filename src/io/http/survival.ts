@@ -10,13 +10,13 @@
 // host and is cut again before it confirms one new token counts as a crash of its own making, and the second
 // such ends the request with a clean error instead of a third try.
 import { randomBytes } from 'node:crypto';
-import { Agent, request as httpRequest, type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
+import type { Agent, IncomingMessage } from 'node:http';
 import { StringDecoder } from 'node:string_decoder';
 import type { Writable } from 'node:stream';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { ContinuationMismatch, Generation, openaiAnswer, openaiChunk, parseLlamaEvent, usageOf, type AnswerIds, type SurvivalPlan } from '../../machines/continuation.ts';
 import type { RequestFinished, RequestStarted } from '../../machines/mesh-events.ts';
-import { abandon, replyUnavailable, type Upstream } from './api-proxy.ts';
+import { abandon, describeNetError, readAll, replyUnavailable, upstreamCall, type Upstream } from './api-proxy.ts';
 import { apiError } from './api-request.ts';
 
 export interface SurvivalInit {
@@ -147,7 +147,7 @@ export async function serveSurvivable(request: FastifyRequest, reply: FastifyRep
           return fail(502, `the model server refused the continuation (HTTP ${err.status})`, 'continuation_refused');
         }
         if (err instanceof ContinuationMismatch) return fail(502, `the request could not be continued exactly: ${err.message}`, 'continuation_mismatch');
-        const cut = err instanceof Cut ? err : new Cut(describe(err), false);
+        const cut = err instanceof Cut ? err : new Cut(describeNetError(err), false);
         lastCut = cut.message;
         if (g.finish !== null) break; // the last event came before the connection went: the answer is whole
         if (g.exhausted) {
@@ -195,7 +195,7 @@ export async function serveSurvivable(request: FastifyRequest, reply: FastifyRep
 async function applyTemplate(agent: Agent, up: Extract<Upstream, { kind: 'url' }>, plan: SurvivalPlan, signal: AbortSignal): Promise<string> {
   const body = Buffer.from(JSON.stringify({ messages: plan.messages, ...plan.templateFields }));
   const res = await post(agent, up, '/apply-template', body, signal);
-  const data = await readAll(res);
+  const data = await readWhole(res);
   if (res.statusCode !== 200) throw statusFailure(res, data);
   const prompt = (JSON.parse(data.toString('utf8')) as { prompt?: unknown }).prompt;
   if (typeof prompt !== 'string') throw new Refusal(502, Buffer.from(JSON.stringify(apiError('the chat template gave no prompt', 'server_error', 'template_failed'))), 'application/json');
@@ -215,7 +215,7 @@ async function generate(
   onEvent: Parameters<typeof parseEvents>[1],
 ): Promise<void> {
   const res = await post(agent, up, '/completion', body, signal);
-  if (res.statusCode !== 200 || !String(res.headers['content-type'] ?? '').includes('text/event-stream')) throw statusFailure(res, await readAll(res).catch(() => Buffer.alloc(0)));
+  if (res.statusCode !== 200 || !String(res.headers['content-type'] ?? '').includes('text/event-stream')) throw statusFailure(res, await readWhole(res).catch(() => Buffer.alloc(0)));
   await new Promise<void>((resolve, reject) => {
     const parse = parseEvents(res, onEvent, reject);
     res.on('data', (chunk: Buffer) => {
@@ -226,7 +226,7 @@ async function generate(
       }
     });
     res.on('end', () => (res.complete ? resolve() : reject(new Cut('the model server closed the connection mid-answer', true))));
-    res.on('error', (err) => reject(new Cut(`the model server connection failed (${describe(err)})`, true)));
+    res.on('error', (err) => reject(new Cut(`the model server connection failed (${describeNetError(err)})`, true)));
     res.on('aborted', () => reject(new Cut('the model server closed the connection mid-answer', true)));
   });
 }
@@ -265,26 +265,22 @@ function parseEvents(res: IncomingMessage, onEvent: (event: NonNullable<ReturnTy
   };
 }
 
-function post(agent: Agent, up: Extract<Upstream, { kind: 'url' }>, path: string, body: Buffer, signal: AbortSignal): Promise<IncomingMessage> {
-  const url = new URL(path, up.baseUrl.endsWith('/') ? up.baseUrl : `${up.baseUrl}/`);
-  const headers: OutgoingHttpHeaders = { ...up.headers, accept: '*/*', 'content-type': 'application/json', 'content-length': body.length };
-  return new Promise((resolve, reject) => {
-    const req = httpRequest(url, { method: 'POST', headers, agent, signal });
-    req.once('response', resolve);
-    req.once('error', (err) => reject(new Cut(`the model server is not reachable (${describe(err)})`, false)));
-    req.end(body);
-  });
+/** The proxy's upstream call; a failure to reach the host is a cut before anything reached it. */
+async function post(agent: Agent, up: Extract<Upstream, { kind: 'url' }>, path: string, body: Buffer, signal: AbortSignal): Promise<IncomingMessage> {
+  try {
+    return await upstreamCall(agent, up, 'POST', path, body, signal);
+  } catch (err) {
+    throw new Cut(`the model server is not reachable (${describeNetError(err)})`, false);
+  }
 }
 
-async function readAll(res: IncomingMessage): Promise<Buffer> {
-  const chunks: Buffer[] = [];
+/** The proxy's whole-body read; an answer cut short is a cut after the host was reached. */
+async function readWhole(res: IncomingMessage): Promise<Buffer> {
   try {
-    for await (const c of res) chunks.push(c as Buffer);
+    return await readAll(res);
   } catch (err) {
-    throw new Cut(`the model server failed mid-answer (${describe(err)})`, true);
+    throw new Cut(`the model server failed mid-answer (${describeNetError(err)})`, true);
   }
-  if (!res.complete) throw new Cut('the model server answer was cut off', true);
-  return Buffer.concat(chunks);
 }
 
 /** 4xx: the request's own problem, passed on; 5xx: the mesh's (restarting, crashed), continued after. */
@@ -301,7 +297,3 @@ function pause(ms: number, signal: AbortSignal): Promise<void> {
   });
 }
 
-function describe(err: unknown): string {
-  const e = err as { code?: string; message?: string };
-  return e.code ?? String(e.message ?? err).split('\n')[0]!;
-}
