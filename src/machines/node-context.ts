@@ -165,6 +165,11 @@ export function isServing(context: NodeContext): boolean {
   }
 }
 
+/** Whether the elected plan is another than the one this node runs (a kill -> fresh start is due). */
+export function planDiffersFromRunning(context: Pick<NodeContext, 'plan' | 'running'>): boolean {
+  return context.running !== null && context.plan !== null && context.plan.id !== context.running.id;
+}
+
 /**
  * Whether a change of plan should let what runs now finish first: it is planned (every stage of the running
  * plan is still linked, so its processes work) and something is in flight here: on the host, requests being

@@ -13,7 +13,7 @@ import {
   type NodeContext,
   type NodeInput,
   type RpcTunnelPolicy,
- hasWorkToDrain } from './node-context.ts';
+ hasWorkToDrain, planDiffersFromRunning } from './node-context.ts';
 import { needsRpcServer, remoteWorkers, withId, withoutId } from './node-plan.ts';
 import { peerMachine, type PeerEvidence, type PeerNotice } from './peer.machine.ts';
 import { unprovidedCallback } from './process-slot.ts';
@@ -90,8 +90,7 @@ export const nodeSetup = setup({
   guards: {
     hasNoBootstrap: ({ context }) => context.bootstrap.length === 0,
     hasNoPlanYet: ({ context }) => context.plan === null,
-    planDiffersFromRunning: ({ context }) =>
-      context.running !== null && context.plan !== null && context.plan.id !== context.running.id,
+    planDiffersFromRunning: ({ context }) => planDiffersFromRunning(context),
     planIsUp: ({ context }) => planIsUp(context),
     shouldStartRpc: ({ context }) => needsRpcServer(runningRole(context)) && context.rpc === 'down',
     shouldTellHost: ({ context }) =>
@@ -107,8 +106,7 @@ export const nodeSetup = setup({
       return remoteWorkers(plan).every((w) => context.rpcReady[w] === plan.id);
     },
     processesDown: ({ context }) => context.rpc === 'down' && context.llama === 'down',
-    planChangeDrains: ({ context }) =>
-      context.running !== null && context.plan !== null && context.plan.id !== context.running.id && hasWorkToDrain(context),
+    planChangeDrains: ({ context }) => planDiffersFromRunning(context) && hasWorkToDrain(context),
     drained: ({ context }) => !hasWorkToDrain(context),
   },
   actions: {
