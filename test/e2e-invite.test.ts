@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeExpiringInvite } from '../src/io/wire/invite-token.ts';
-import { makeE2eMesh, type E2eMesh, type E2eNode, type MeshNodeOptions } from './e2e-support.ts';
+import { makeE2eMesh, type E2eMesh, type MeshNodeOptions, waitLinked } from './e2e-support.ts';
 
 const BIN = fileURLToPath(new URL('../bin/mesh-inference.js', import.meta.url));
 const run = promisify(execFile);
@@ -51,7 +51,6 @@ describe('e2e: expiring invites', { timeout: 240_000 }, () => {
     await mesh?.cleanup();
   });
 
-  const sees = (n: E2eNode, id: string) => n.waitStatus((s) => s.view.some((v) => v.id === id) && s.links.includes(id as never), 60_000, `a link to ${id.slice(0, 10)}`);
   const meshFile = (name: string) => JSON.parse(readFileSync(join(dir, `${name}.key.mesh.json`), 'utf8')) as { meshId: string; secret: string; selfAddrs?: string[] };
 
   it('invite refuses where there is no key file or no mesh file yet', async () => {
@@ -76,8 +75,8 @@ describe('e2e: expiring invites', { timeout: 240_000 }, () => {
     expect(inv.inviter).toBe(f.id);
     expect(inv.expiresAt - Date.now()).toBeGreaterThan(23 * 3600_000);
     const g = await start({ name: 'g', model: null, join: f.invite, showSecretToken: false });
-    await sees(f, g.id);
-    await sees(g, f.id);
+    await waitLinked(f, g.id);
+    await waitLinked(g, f.id);
     await f.stop();
     await g.stop();
   });
@@ -101,8 +100,8 @@ describe('e2e: expiring invites', { timeout: 240_000 }, () => {
     // B, before the expiry: admitted, welcomed, the mesh secret saved.
     const b = await start({ name: 'b', model: null, join: token });
     expect(b.token).toBe('');
-    await sees(a, b.id);
-    await sees(b, a.id);
+    await waitLinked(a, b.id);
+    await waitLinked(b, a.id);
     expect((await b.status()).node.meshId).toBe(meshId);
     await until(() => existsSync(join(dir, 'b.key.mesh.json')), 10_000, 'mesh file of b', () => b.lines().slice(-20).join('\n'));
     const bFile = meshFile('b');
@@ -129,8 +128,8 @@ describe('e2e: expiring invites', { timeout: 240_000 }, () => {
     const b2 = await start({ name: 'b', model: null, join: token });
     expect(b2.id).toBe(b.id);
     expect(b2.token).toMatch(/^mi1/); // it holds the secret from the start now
-    await sees(b2, a.id);
-    await sees(a, b2.id);
+    await waitLinked(b2, a.id);
+    await waitLinked(a, b2.id);
     for (const lines of [a.lines().slice(aBefore), b2.lines()]) expect(lines.join('\n')).not.toMatch(/wrong mesh secret|invite expired|refus/);
   });
 });

@@ -5,7 +5,7 @@ import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { decodeInviteToken } from '../src/io/wire/invite-token.ts';
-import { makeE2eMesh, type E2eMesh, type E2eNode, type MeshNodeOptions } from './e2e-support.ts';
+import { makeE2eMesh, type E2eMesh, type MeshNodeOptions, waitLinked } from './e2e-support.ts';
 
 describe('e2e: the founder restarts and its mesh stays one', { timeout: 240_000 }, () => {
   // Key files, and so mesh files, live in the mesh's model dir.
@@ -21,7 +21,6 @@ describe('e2e: the founder restarts and its mesh stays one', { timeout: 240_000 
     await mesh?.cleanup();
   });
 
-  const sees = (n: E2eNode, id: string) => n.waitStatus((s) => s.view.some((v) => v.id === id) && s.links.includes(id as never), 60_000, `a link to ${id.slice(0, 10)}`);
 
   it('rejoins after a restart, --new-mesh starts afresh, another mesh\'s --join switches', async () => {
     const founderArgs = { name: 'a', vram: 2 } as const;
@@ -29,8 +28,8 @@ describe('e2e: the founder restarts and its mesh stays one', { timeout: 240_000 
     const meshId = (await a1.status()).node.meshId;
     expect(decodeInviteToken(a1.token).meshId).toBe(meshId);
     const b = await start({ name: 'b', model: null, join: a1.token });
-    await sees(a1, b.id);
-    await sees(b, a1.id);
+    await waitLinked(a1, b.id);
+    await waitLinked(b, a1.id);
 
     await a1.stop();
     const file = join(dir, 'a.key.mesh.json');
@@ -44,8 +43,8 @@ describe('e2e: the founder restarts and its mesh stays one', { timeout: 240_000 
     expect(a2.id).toBe(a1.id);
     expect((await a2.status()).node.meshId).toBe(meshId);
     expect(decodeInviteToken(a2.token).meshId).toBe(meshId);
-    await sees(a2, b.id);
-    await sees(b, a2.id);
+    await waitLinked(a2, b.id);
+    await waitLinked(b, a2.id);
     expect((await b.status()).node.meshId).toBe(meshId);
     expect(a2.lines().join('\n')).toMatch(/rejoining the remembered mesh/);
     for (const n of [a1, a2, b]) expect(n.lines().join('\n')).not.toMatch(/wrong mesh secret/);
@@ -63,6 +62,6 @@ describe('e2e: the founder restarts and its mesh stays one', { timeout: 240_000 
     const b2 = await start({ name: 'b', model: null, join: a3.token });
     expect((await b2.status()).node.meshId).toBe(fresh);
     expect(b2.lines().join('\n')).toMatch(new RegExp(`switching mesh: the --join token is for mesh ${fresh.slice(0, 8)}; leaving the remembered mesh ${meshId.slice(0, 8)}`));
-    await sees(b2, a3.id);
+    await waitLinked(b2, a3.id);
   });
 });

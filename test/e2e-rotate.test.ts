@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeE2eMesh, type E2eMesh, type E2eNode } from './e2e-support.ts';
+import { makeE2eMesh, type E2eMesh, type E2eNode, waitLinked } from './e2e-support.ts';
 
 const BIN = fileURLToPath(new URL('../bin/mesh-inference.js', import.meta.url));
 const run = promisify(execFile);
@@ -46,7 +46,6 @@ describe('e2e: rotating the mesh secret and removing a member', { timeout: 240_0
     await mesh?.cleanup();
   });
 
-  const linked = (n: E2eNode, id: string) => n.waitStatus((s) => s.view.some((v) => v.id === id) && s.links.includes(id as never), 60_000, `a link to ${id.slice(0, 10)}`);
   const meshFile = (name: string) =>
     JSON.parse(readFileSync(join(dir, `${name}.key.mesh.json`), 'utf8')) as { secret: string; keyEpoch: number; removed: string[]; retired: string[]; peers: { id: string }[] };
 
@@ -54,9 +53,9 @@ describe('e2e: rotating the mesh secret and removing a member', { timeout: 240_0
     const a = await mesh.start({ name: 'a', vram: 2 });
     const b = await mesh.start({ name: 'b', model: null, join: a.token });
     const c = await mesh.start({ name: 'c', model: null, join: a.token });
-    await linked(a, b.id);
-    await linked(a, c.id);
-    await linked(b, c.id);
+    await waitLinked(a, b.id);
+    await waitLinked(a, c.id);
+    await waitLinked(b, c.id);
     const port = new URL(a.api).port;
     const before = meshFile('a').secret;
 
@@ -104,8 +103,8 @@ describe('e2e: rotating the mesh secret and removing a member', { timeout: 240_0
     const invite = await cli(['invite', '--key-file', join(dir, 'a.key'), '--ttl', '5m']);
     expect(invite.code, invite.stderr).toBe(0);
     const e = await mesh.start({ name: 'e', model: null, join: invite.stdout.trim() });
-    await linked(a, e.id);
-    await linked(e, b.id);
+    await waitLinked(a, e.id);
+    await waitLinked(e, b.id);
     expect((await e.status()).node.keyEpoch).toBe(1);
   });
 });

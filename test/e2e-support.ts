@@ -200,6 +200,11 @@ export async function startE2eNode(o: NodeOptions): Promise<E2eNode> {
   return node;
 }
 
+/** Waits until `n` has `id` in its view and a live link to it (60 s). */
+export function waitLinked(n: E2eNode, id: string): Promise<NodeStatus> {
+  return n.waitStatus((s) => s.view.some((v) => v.id === id) && s.links.includes(id as never), 60_000, `a link to ${id.slice(0, 10)}`);
+}
+
 /** The parts of a status worth printing when a wait fails. */
 export function summary(s: NodeStatus | null): unknown {
   if (s === null) return null;

@@ -86,27 +86,28 @@ describe('e2e: a request survives the death of a worker and of the host', { time
     expect(reference.ids.size).toBe(1);
   });
 
-  it('a worker SIGKILLed mid-stream: the answer continues to exactly the reference text', async () => {
+  /**
+   * Streams through C and kills `victim` at the 20th chunk: the kill landed mid-stream (no finish yet), C sent a
+   * continuation, and the answer is whole: no error, one finish_reason, one id, exactly the reference text.
+   */
+  async function expectSurvivesKillOf(victim: E2eNode): Promise<void> {
     const before = continuations(c);
-    const got = await stream(c, 20, () => b.kill());
+    const got = await stream(c, 20, () => victim.kill());
     expect(got.atInterrupt).toEqual({ chunks: 20, finished: false });
     expect(got.error).toBeNull();
     expect(continuations(c)).toBeGreaterThan(before);
     expect(got.finishes).toEqual(['length']);
     expect(got.ids.size).toBe(1);
     expect(got.text).toBe(reference.text);
+  }
+
+  it('a worker SIGKILLed mid-stream: the answer continues to exactly the reference text', async () => {
+    await expectSurvivesKillOf(b);
   });
 
   it('the host SIGKILLed mid-stream: the answer continues on the new host to exactly the reference text', async () => {
     await a.waitStatus((s) => hostServesPlan([d.id, a.id])(s), 120_000, 'a hosting with d');
     await c.waitStatus((s) => s.plan?.kind === 'ready' && s.plan.host === a.id, 60_000, 'c routed to a again');
-    const before = continuations(c);
-    const got = await stream(c, 20, () => a.kill());
-    expect(got.atInterrupt).toEqual({ chunks: 20, finished: false });
-    expect(got.error).toBeNull();
-    expect(continuations(c)).toBeGreaterThan(before);
-    expect(got.finishes).toEqual(['length']);
-    expect(got.ids.size).toBe(1);
-    expect(got.text).toBe(reference.text);
+    await expectSurvivesKillOf(a);
   });
 });
